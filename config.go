@@ -1,0 +1,311 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the daemon's configuration: defaults, then renderd.yaml (-c), then flags.
+// Every key of renderd.yaml is a field here; unknown keys are rejected.
+type Config struct {
+	MapProxyConfig    string   `yaml:"mapproxy_config"`
+	Socket            string   `yaml:"socket"`
+	SocketMode        string   `yaml:"socket_mode"`
+	SocketGroup       string   `yaml:"socket_group"`
+	HTTP              *string  `yaml:"http"` // nil: from globals.renderd.address; "": no TCP listener
+	AllowRemoteHTTP   bool     `yaml:"allow_remote_http"`
+	Renderers         int      `yaml:"renderers"`
+	MaxSeedRenderers  *int     `yaml:"max_seed_renderers"` // nil: same as renderers (no reservation)
+	SeedPriorityBelow int      `yaml:"seed_priority_below"`
+	RendererCommand   []string `yaml:"renderer_command"`
+	RenderTimeout     Duration `yaml:"render_timeout"`
+	StartTimeout      Duration `yaml:"start_timeout"`
+	RecycleAfter      int      `yaml:"recycle_after"`
+	MaxQueued         int      `yaml:"max_queued"`
+	MaxLineBytes      int      `yaml:"max_line_bytes"`
+	MaxConnections    int      `yaml:"max_connections"`
+	MaxInFlight       int      `yaml:"max_in_flight_per_connection"`
+	AllowedUIDs       []int    `yaml:"allowed_uids"`
+	AllowedGIDs       []int    `yaml:"allowed_gids"`
+	LogLevel          string   `yaml:"log_level"`
+	StopTimeout       Duration `yaml:"stop_timeout"`
+
+	// Derived by resolve; not part of the file.
+	socketMode  os.FileMode
+	httpAddr    string // "" = no TCP listener
+	maxSeed     int
+	mapproxyURL string // globals.renderd.address, for logs
+}
+
+// Duration is a time.Duration written as "60s", "1m30s" or a number of seconds in YAML.
+type Duration time.Duration
+
+// UnmarshalYAML accepts Go duration strings and plain numbers of seconds.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return errors.New("want a duration such as 60s")
+	}
+	if secs, err := strconv.ParseFloat(n.Value, 64); err == nil {
+		*d = Duration(secs * float64(time.Second))
+		return nil
+	}
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("want a duration such as 60s, got %q", n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+const (
+	defaultSocket       = "/run/mapproxy-renderd.sock"
+	defaultMaxLineBytes = 1 << 20
+)
+
+// defaultConfig returns the configuration used when no file says otherwise.
+func defaultConfig() Config {
+	return Config{
+		Socket:            defaultSocket,
+		SocketMode:        "0660",
+		Renderers:         runtime.NumCPU(),
+		SeedPriorityBelow: 50,
+		RenderTimeout:     Duration(60 * time.Second),
+		StartTimeout:      Duration(60 * time.Second),
+		MaxQueued:         1_000_000,
+		MaxLineBytes:      defaultMaxLineBytes,
+		MaxConnections:    4096,
+		MaxInFlight:       100_000,
+		LogLevel:          "info",
+		StopTimeout:       Duration(60 * time.Second),
+	}
+}
+
+// parseConfig reads renderd.yaml from r on top of c. Unknown keys are errors that name the key.
+func parseConfig(c *Config, r io.Reader) error {
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("renderd config: %w", err)
+	}
+	return nil
+}
+
+// Validate checks every key and fills the derived fields. Errors name the key.
+func (c *Config) Validate() error {
+	if c.Renderers < 1 || c.Renderers > 1024 {
+		return fmt.Errorf("renderers: want 1..1024, got %d", c.Renderers)
+	}
+	c.maxSeed = c.Renderers
+	if c.MaxSeedRenderers != nil {
+		if *c.MaxSeedRenderers < 0 || *c.MaxSeedRenderers > c.Renderers {
+			return fmt.Errorf("max_seed_renderers: want 0..renderers (%d), got %d", c.Renderers, *c.MaxSeedRenderers)
+		}
+		c.maxSeed = *c.MaxSeedRenderers
+	}
+	if c.SeedPriorityBelow < 0 || c.SeedPriorityBelow > maxPriority+1 {
+		return fmt.Errorf("seed_priority_below: want 0..%d, got %d", maxPriority+1, c.SeedPriorityBelow)
+	}
+	if c.RenderTimeout <= 0 {
+		return fmt.Errorf("render_timeout: must be positive, got %s", c.RenderTimeout)
+	}
+	if c.StartTimeout <= 0 {
+		return fmt.Errorf("start_timeout: must be positive, got %s", c.StartTimeout)
+	}
+	if c.StopTimeout < 0 {
+		return fmt.Errorf("stop_timeout: must not be negative, got %s", c.StopTimeout)
+	}
+	if c.RecycleAfter < 0 {
+		return fmt.Errorf("recycle_after: must not be negative, got %d", c.RecycleAfter)
+	}
+	if c.MaxQueued < 1 {
+		return fmt.Errorf("max_queued: must be at least 1, got %d", c.MaxQueued)
+	}
+	if c.MaxLineBytes < 1024 || c.MaxLineBytes > 64<<20 {
+		return fmt.Errorf("max_line_bytes: want 1024..%d, got %d", 64<<20, c.MaxLineBytes)
+	}
+	if c.MaxConnections < 1 {
+		return fmt.Errorf("max_connections: must be at least 1, got %d", c.MaxConnections)
+	}
+	if c.MaxInFlight < 1 {
+		return fmt.Errorf("max_in_flight_per_connection: must be at least 1, got %d", c.MaxInFlight)
+	}
+	if _, err := parseLogLevel(c.LogLevel); err != nil {
+		return fmt.Errorf("log_level: %w", err)
+	}
+	mode, err := strconv.ParseUint(c.SocketMode, 8, 32)
+	if err != nil || mode > 0o777 {
+		return fmt.Errorf("socket_mode: want an octal mode such as \"0660\", got %q", c.SocketMode)
+	}
+	c.socketMode = os.FileMode(mode)
+	if c.Socket != "" && strings.ContainsRune(c.Socket, 0) {
+		return errors.New("socket: contains a NUL byte")
+	}
+	for i, a := range c.RendererCommand {
+		if a == "" && i == 0 {
+			return errors.New("renderer_command: the program (first element) is empty")
+		}
+	}
+	if len(c.RendererCommand) == 0 && c.MapProxyConfig == "" {
+		return errors.New("mapproxy_config: required (-f) when renderer_command is not set")
+	}
+	if c.HTTP != nil {
+		c.httpAddr = *c.HTTP
+	}
+	if c.httpAddr != "" {
+		if err := checkTCPAddr(c.httpAddr, c.AllowRemoteHTTP); err != nil {
+			return fmt.Errorf("http: %w", err)
+		}
+	}
+	return nil
+}
+
+// checkTCPAddr accepts host:port; the host must be a loopback address unless remote is allowed.
+func checkTCPAddr(addr string, allowRemote bool) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("want host:port, got %q", addr)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("bad port in %q", addr)
+	}
+	if allowRemote {
+		return nil
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("%q is not a loopback address (set allow_remote_http: true to listen elsewhere)", addr)
+	}
+	return nil
+}
+
+// applyMapProxyConfig takes what the daemon needs from mapproxy.yaml: globals.renderd.address
+// decides where MapProxy will POST, so it is where we listen unless renderd.yaml says otherwise.
+func (c *Config) applyMapProxyConfig(socketSet bool) error {
+	if c.MapProxyConfig == "" {
+		return nil
+	}
+	data, err := os.ReadFile(c.MapProxyConfig)
+	if err != nil {
+		return fmt.Errorf("mapproxy_config: %w", err)
+	}
+	var doc struct {
+		Globals struct {
+			Renderd struct {
+				Address string `yaml:"address"`
+			} `yaml:"renderd"`
+		} `yaml:"globals"`
+	}
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return fmt.Errorf("mapproxy_config %s: %w", c.MapProxyConfig, err)
+	}
+	addr := doc.Globals.Renderd.Address
+	if addr == "" {
+		return nil
+	}
+	c.mapproxyURL = addr
+	network, where, err := parseRenderdAddress(addr)
+	if err != nil {
+		return fmt.Errorf("mapproxy_config %s: globals.renderd.address: %w", c.MapProxyConfig, err)
+	}
+	switch network {
+	case "tcp":
+		if c.HTTP == nil {
+			c.httpAddr = where
+		}
+	case "unix":
+		if !socketSet {
+			c.Socket = where
+		}
+	}
+	return nil
+}
+
+// parseRenderdAddress understands the two forms MapProxy 1.15 can POST to:
+// http://host:port/path (TCP) and http+unix://<percent-encoded socket path>/ (Unix socket).
+func parseRenderdAddress(addr string) (network, where string, err error) {
+	if rest, ok := strings.CutPrefix(addr, "http+unix://"); ok {
+		// requests-unixsocket puts the percent-encoded socket path where the host goes,
+		// which net/url refuses to parse.
+		host, _, _ := strings.Cut(rest, "/")
+		p, err := url.PathUnescape(host)
+		if err != nil || !strings.HasPrefix(p, "/") {
+			return "", "", fmt.Errorf("want http+unix://%%2Fpath%%2Fto.sock/, got %q", addr)
+		}
+		return "unix", p, nil
+	}
+	u, err := url.Parse(addr)
+	if err != nil {
+		return "", "", err
+	}
+	switch u.Scheme {
+	case "http":
+		host := u.Host
+		if u.Port() == "" {
+			host = net.JoinHostPort(u.Hostname(), "80")
+		}
+		return "tcp", host, nil
+	default:
+		return "", "", fmt.Errorf("unsupported scheme %q (want http:// or http+unix://)", u.Scheme)
+	}
+}
+
+// loadConfig builds the configuration from the -f, -c and override flags.
+func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int) (Config, error) {
+	c := defaultConfig()
+	socketSet := false
+	if renderdPath != "" {
+		data, err := os.ReadFile(renderdPath)
+		if err != nil {
+			return c, err
+		}
+		if err := parseConfig(&c, bytes.NewReader(data)); err != nil {
+			return c, fmt.Errorf("%s: %w", renderdPath, err)
+		}
+		var keys map[string]any
+		if yaml.Unmarshal(data, &keys) == nil {
+			_, socketSet = keys["socket"]
+		}
+	}
+	if mapproxyPath != "" {
+		c.MapProxyConfig = mapproxyPath
+	}
+	if renderers > 0 {
+		c.Renderers = renderers
+	}
+	if maxSeed >= 0 {
+		c.MaxSeedRenderers = &maxSeed
+	}
+	if err := c.applyMapProxyConfig(socketSet); err != nil {
+		return c, err
+	}
+	if err := c.Validate(); err != nil {
+		if renderdPath != "" {
+			return c, fmt.Errorf("%s: %w", renderdPath, err)
+		}
+		return c, err
+	}
+	return c, nil
+}

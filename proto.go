@@ -1,0 +1,258 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"unicode/utf8"
+)
+
+// Status values of a reply (DESIGN §2).
+const (
+	statusOK           = "ok"
+	statusError        = "error"
+	statusQueued       = "queued"
+	statusBusy         = "busy"
+	statusExpired      = "expired"
+	statusShuttingDown = "shutting_down"
+)
+
+const (
+	minPriority     = 0
+	maxPriority     = 1000
+	defaultPriority = 50
+	maxCacheIDBytes = 256
+	maxCoordinate   = 1<<31 - 1
+	maxZoom         = 255
+	maxTilesPerReq  = 4096
+)
+
+// tileCoord is a MapProxy-internal grid coordinate.
+type tileCoord struct{ X, Y, Z int32 }
+
+// Request is one parsed client request.
+type Request struct {
+	Command         string
+	ID              *string
+	CacheIdentifier string
+	Tiles           []tileCoord
+	Priority        int
+	Background      bool
+}
+
+// Reply is the one final answer to a request.
+type Reply struct {
+	ID           *string         `json:"id,omitempty"`
+	Status       string          `json:"status"`
+	ErrorMessage string          `json:"error_message,omitempty"`
+	QueuedMS     *float64        `json:"queued_ms,omitempty"`
+	RenderMS     *float64        `json:"render_ms,omitempty"`
+	Merged       bool            `json:"merged,omitempty"`
+	Stats        json.RawMessage `json:"stats,omitempty"`
+}
+
+// requestError is a request that cannot be served; id is echoed when it was parsed.
+type requestError struct {
+	id  *string
+	msg string
+}
+
+func (e *requestError) Error() string { return e.msg }
+
+// wireRequest keeps every field raw so that each gets its own clear error message.
+type wireRequest struct {
+	Command         json.RawMessage `json:"command"`
+	ID              json.RawMessage `json:"id"`
+	CacheIdentifier json.RawMessage `json:"cache_identifier"`
+	Tiles           json.RawMessage `json:"tiles"`
+	Priority        json.RawMessage `json:"priority"`
+	Background      json.RawMessage `json:"background"`
+}
+
+var errEmptyLine = errors.New("empty line")
+
+// parseRequest parses and validates one NDJSON line (or one HTTP body).
+// It never panics; every error is a *requestError carrying the id when the line had a usable one.
+func parseRequest(line []byte) (Request, error) {
+	var req Request
+	line = bytes.TrimSpace(line)
+	if len(line) == 0 {
+		return req, errEmptyLine
+	}
+	if !utf8.Valid(line) {
+		return req, &requestError{msg: "invalid request: not UTF-8"}
+	}
+	var w wireRequest
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(&w)
+	if err == nil {
+		if _, terr := dec.Token(); terr != io.EOF {
+			err = errors.New("trailing data after the JSON object")
+		}
+	}
+	// The id is worth echoing even when another field is bad.
+	if len(w.ID) > 0 && string(w.ID) != "null" {
+		var id string
+		if json.Unmarshal(w.ID, &id) != nil {
+			return req, &requestError{msg: "invalid request: id must be a string"}
+		}
+		req.ID = &id
+	}
+	if err != nil {
+		return req, &requestError{id: req.ID, msg: "invalid request: " + jsonErrorText(err)}
+	}
+	if len(w.Command) == 0 {
+		return req, &requestError{id: req.ID, msg: "invalid request: missing command"}
+	}
+	if json.Unmarshal(w.Command, &req.Command) != nil {
+		return req, &requestError{id: req.ID, msg: "invalid request: command must be a string"}
+	}
+	switch req.Command {
+	case "ping", "status":
+		return req, nil
+	case "tile":
+	default:
+		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status or ping)", truncate(req.Command, 64))}
+	}
+	if err := parseTileFields(&req, &w); err != nil {
+		return req, &requestError{id: req.ID, msg: "invalid request: " + err.Error()}
+	}
+	return req, nil
+}
+
+func parseTileFields(req *Request, w *wireRequest) error {
+	if len(w.CacheIdentifier) == 0 {
+		return errors.New("missing cache_identifier")
+	}
+	if json.Unmarshal(w.CacheIdentifier, &req.CacheIdentifier) != nil {
+		return errors.New("cache_identifier must be a string")
+	}
+	if err := validateCacheIdentifier(req.CacheIdentifier); err != nil {
+		return err
+	}
+	tiles, err := parseTiles(w.Tiles)
+	if err != nil {
+		return err
+	}
+	req.Tiles = tiles
+	req.Priority = defaultPriority
+	if len(w.Priority) > 0 && string(w.Priority) != "null" {
+		p, err := parseInt(w.Priority)
+		if err != nil || p < minPriority || p > maxPriority {
+			return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
+		}
+		req.Priority = int(p)
+	}
+	if len(w.Background) > 0 && string(w.Background) != "null" {
+		if json.Unmarshal(w.Background, &req.Background) != nil {
+			return errors.New("background must be true or false")
+		}
+	}
+	return nil
+}
+
+// validateCacheIdentifier enforces DESIGN §2: non-empty, at most 256 bytes, no '/', no control characters.
+func validateCacheIdentifier(s string) error {
+	if s == "" {
+		return errors.New("cache_identifier must not be empty")
+	}
+	if len(s) > maxCacheIDBytes {
+		return fmt.Errorf("cache_identifier longer than %d bytes", maxCacheIDBytes)
+	}
+	for _, r := range s {
+		if r == '/' || r < 0x20 || r == 0x7f {
+			return fmt.Errorf("cache_identifier %q contains '/' or a control character", truncate(s, 64))
+		}
+	}
+	return nil
+}
+
+func parseTiles(raw json.RawMessage) ([]tileCoord, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, errors.New("missing tiles (want [[x, y, z], ...])")
+	}
+	var list []json.RawMessage
+	if json.Unmarshal(raw, &list) != nil {
+		return nil, errors.New("tiles must be a list of [x, y, z]")
+	}
+	if len(list) == 0 {
+		return nil, errors.New("tiles must not be empty")
+	}
+	if len(list) > maxTilesPerReq {
+		return nil, fmt.Errorf("too many tiles (%d, at most %d)", len(list), maxTilesPerReq)
+	}
+	tiles := make([]tileCoord, 0, len(list))
+	for i, t := range list {
+		var nums []json.RawMessage
+		if json.Unmarshal(t, &nums) != nil || len(nums) != 3 {
+			return nil, fmt.Errorf("tiles[%d] must be [x, y, z], got %s", i, truncate(string(t), 64))
+		}
+		var v [3]int64
+		for j, n := range nums {
+			x, err := parseInt(n)
+			if err != nil || x < 0 || x > maxCoordinate || (j == 2 && x > maxZoom) {
+				return nil, fmt.Errorf("tiles[%d] must hold non-negative integers (z at most %d), got %s", i, maxZoom, truncate(string(t), 64))
+			}
+			v[j] = x
+		}
+		tiles = append(tiles, tileCoord{int32(v[0]), int32(v[1]), int32(v[2])})
+	}
+	return tiles, nil
+}
+
+// parseInt accepts a JSON number that is an integer (1, 1.0 and 1e2 are fine; 1.5 is not).
+func parseInt(raw json.RawMessage) (int64, error) {
+	s := string(raw)
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		return n, nil
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f != float64(int64(f)) {
+		return 0, errors.New("not an integer")
+	}
+	return int64(f), nil
+}
+
+func jsonErrorText(err error) string {
+	var syn *json.SyntaxError
+	if errors.As(err, &syn) {
+		return fmt.Sprintf("malformed JSON at byte %d: %v", syn.Offset, syn)
+	}
+	var typ *json.UnmarshalTypeError
+	if errors.As(err, &typ) {
+		return fmt.Sprintf("want a JSON object, got %s", typ.Value)
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return "malformed JSON: unexpected end of line"
+	}
+	msg := err.Error()
+	if len(msg) > 5 && msg[:5] == "json:" {
+		msg = msg[6:]
+	}
+	return msg
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// marshalReply encodes a reply as one line, newline included.
+func marshalReply(r Reply) []byte {
+	b, err := json.Marshal(r)
+	if err != nil {
+		// Only Stats could fail, and it is produced by us; say so rather than send nothing.
+		b, _ = json.Marshal(Reply{ID: r.ID, Status: statusError, ErrorMessage: "internal error encoding reply: " + err.Error()})
+	}
+	return append(b, '\n')
+}
+
+func errorReply(id *string, msg string) Reply {
+	return Reply{ID: id, Status: statusError, ErrorMessage: msg}
+}
