@@ -1,0 +1,546 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// maxInternedCaches bounds the cache table when the renderers do not list their caches,
+// so that a client inventing identifiers cannot grow it without end.
+const maxInternedCaches = 10000
+
+// schedMsg is what clients send to the scheduler goroutine. One buffered channel carries
+// them all, so one sender's messages arrive in the order it sent them (a cancel never
+// overtakes its submit).
+type schedMsg struct {
+	submit *pendingRequest
+	cancel *pendingRequest
+	status chan<- statusDoc
+	reload *Config
+	done   chan<- error // reload result
+}
+
+// slotState is the scheduler's view of one renderer.
+type slotState uint8
+
+const (
+	slotStarting slotState = iota // process starting or restarting; no job may be sent
+	slotIdle                      // ready, no job
+	slotBusy                      // a job was sent; waiting for its result
+)
+
+type rendererSlot struct {
+	state    slotState
+	retiring bool // jobs channel closed; it exits after its current job
+	initial  bool // started with the daemon; counts for the startup barrier
+	ready    bool // has been ready at least once
+	job      *job
+	seed     bool // the running job is in the seed class
+}
+
+// scheduler owns the queue, the job table, the renderers' states and the counters.
+// Only its run goroutine touches them; everyone else talks to it through in and events.
+type scheduler struct {
+	log    *slog.Logger
+	epoch  time.Time
+	cfg    Config
+	rcfg   rendererConfig
+	qs     *queueState
+	caches map[string]*cacheInfo
+	// cachesListed is set once any renderer listed its caches; then unknown identifiers are refused.
+	cachesListed bool
+
+	in     chan schedMsg
+	events chan rendererEvent
+	done   chan struct{} // closed when run returns
+
+	slots    map[*renderer]*rendererSlot
+	idle     []*renderer
+	busy     int
+	nextNum  int
+	hardStop chan struct{} // closed when running renders must be killed (stop deadline)
+	stopOnce sync.Once
+	wg       sync.WaitGroup // renderer goroutines
+
+	startup        chan error // one value: nil when every initial renderer is ready, or the first start failure
+	startupPending int
+	stopping       bool
+
+	stats     counters
+	renderRec durationRing
+	connStats func() connCounters
+	onTick    func(summary string) // STATUS= for systemd; may be nil
+	onWatch   func()               // WATCHDOG=1; may be nil
+	watchdog  time.Duration
+}
+
+func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler {
+	return &scheduler{
+		log:       log,
+		epoch:     time.Now(),
+		cfg:       cfg,
+		rcfg:      rcfg,
+		qs:        newQueueState(capacityRule{maxSeed: cfg.maxSeed, seedBelow: cfg.SeedPriorityBelow}, cfg.MaxQueued),
+		caches:    make(map[string]*cacheInfo),
+		in:        make(chan schedMsg, 1024),
+		events:    make(chan rendererEvent, 64),
+		done:      make(chan struct{}),
+		slots:     make(map[*renderer]*rendererSlot),
+		hardStop:  make(chan struct{}),
+		startup:   make(chan error, 1),
+		connStats: func() connCounters { return connCounters{} },
+	}
+}
+
+func (s *scheduler) now() int64 { return int64(time.Since(s.epoch)) }
+
+// run is the scheduler goroutine. It starts the renderers, serves messages until ctx is
+// done, then stops: queued waiters get shutting_down, running jobs finish (until hardStop),
+// renderers exit. It returns when every renderer goroutine has exited.
+func (s *scheduler) run(ctx context.Context) {
+	defer close(s.done)
+	defer s.wg.Wait()
+	for i := 0; i < s.cfg.Renderers; i++ {
+		s.startRenderer(true)
+	}
+	s.startupPending = s.cfg.Renderers
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	var watch <-chan time.Time
+	if s.watchdog > 0 && s.onWatch != nil {
+		t := time.NewTicker(s.watchdog)
+		defer t.Stop()
+		watch = t.C
+		s.onWatch()
+	}
+	lastSummary := ""
+	stop := ctx.Done()
+	for {
+		select {
+		case <-stop:
+			stop = nil
+			s.beginStop()
+		case m := <-s.in:
+			s.handleMsg(m)
+		case ev := <-s.events:
+			s.handleEvent(ev)
+		case <-watch:
+			s.onWatch()
+		case <-tick.C:
+			if s.onTick != nil {
+				if sum := s.summary(); sum != lastSummary {
+					lastSummary = sum
+					s.onTick(sum)
+				}
+			}
+		}
+		if s.stopping && len(s.slots) == 0 {
+			s.drainMessages()
+			return
+		}
+		s.dispatch()
+	}
+}
+
+// drainMessages answers what clients sent after the last renderer exited.
+func (s *scheduler) drainMessages() {
+	for {
+		select {
+		case m := <-s.in:
+			s.handleMsg(m)
+		default:
+			return
+		}
+	}
+}
+
+// killRunning makes renderers kill running renders now (the stop deadline passed).
+func (s *scheduler) killRunning() { s.stopOnce.Do(func() { close(s.hardStop) }) }
+
+// submit hands a request to the scheduler. If the scheduler has stopped, the request is
+// answered shutting_down at once. It never blocks past the scheduler's exit.
+func (s *scheduler) submit(p *pendingRequest) {
+	select {
+	case s.in <- schedMsg{submit: p}:
+	case <-s.done:
+		p.sink.deliver(p, Reply{ID: p.req.ID, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"})
+	}
+}
+
+// cancel says that p's client is gone. Queued jobs nobody else waits for are dropped.
+func (s *scheduler) cancel(p *pendingRequest) {
+	select {
+	case s.in <- schedMsg{cancel: p}:
+	case <-s.done:
+	}
+}
+
+// status returns the status document, or false when the scheduler has stopped.
+func (s *scheduler) status() (statusDoc, bool) {
+	ch := make(chan statusDoc, 1)
+	select {
+	case s.in <- schedMsg{status: ch}:
+	case <-s.done:
+		return statusDoc{}, false
+	}
+	select {
+	case d := <-ch:
+		return d, true
+	case <-s.done:
+		return statusDoc{}, false
+	}
+}
+
+// reload applies a new configuration; see applyConfig.
+func (s *scheduler) reload(cfg Config) error {
+	ch := make(chan error, 1)
+	select {
+	case s.in <- schedMsg{reload: &cfg, done: ch}:
+	case <-s.done:
+		return errors.New("scheduler stopped")
+	}
+	return <-ch
+}
+
+func (s *scheduler) handleMsg(m schedMsg) {
+	switch {
+	case m.submit != nil:
+		s.handleSubmit(m.submit)
+	case m.cancel != nil:
+		s.handleCancel(m.cancel)
+	case m.status != nil:
+		m.status <- s.statusDoc()
+	case m.reload != nil:
+		m.done <- s.applyConfig(*m.reload)
+	}
+}
+
+func (s *scheduler) answer(p *pendingRequest, r Reply) {
+	if p.answered {
+		return
+	}
+	p.answered = true
+	r.ID = p.req.ID
+	p.sink.deliver(p, r)
+}
+
+func (s *scheduler) handleSubmit(p *pendingRequest) {
+	p.received = s.now()
+	if s.stopping {
+		s.answer(p, Reply{Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"})
+		return
+	}
+	c, err := s.cacheFor(p.req.CacheIdentifier)
+	if err != nil {
+		s.stats.invalid++
+		s.answer(p, errorReply(nil, err.Error()))
+		return
+	}
+	keys := make([]jobKey, len(p.req.Tiles))
+	for i, t := range p.req.Tiles {
+		keys[i] = keyFor(c, t)
+	}
+	var waiter *pendingRequest
+	if !p.req.Background {
+		waiter = p
+	}
+	merged, err := s.qs.add(keys, p.req.Priority, p.req.Background, waiter, p.received)
+	if err != nil {
+		s.stats.busyRejected++
+		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", len(s.qs.queue))})
+		return
+	}
+	s.stats.requested++
+	c.requested++
+	s.stats.merged += uint64(merged)
+	p.merged = merged > 0
+	if p.req.Background {
+		s.stats.background++
+		s.answer(p, Reply{Status: statusQueued, Merged: p.merged})
+	}
+}
+
+// cacheFor returns the interned cache of an identifier, refusing unknown ones once the
+// renderers have listed theirs.
+func (s *scheduler) cacheFor(id string) (*cacheInfo, error) {
+	c, ok := s.caches[id]
+	if ok && (c.known || !s.cachesListed) {
+		return c, nil
+	}
+	if s.cachesListed {
+		return nil, fmt.Errorf("unknown cache %q (the renderers know %d caches)", truncate(id, 64), s.knownCaches())
+	}
+	if len(s.caches) >= maxInternedCaches {
+		return nil, fmt.Errorf("too many distinct cache identifiers (%d)", maxInternedCaches)
+	}
+	c = &cacheInfo{id: id}
+	s.caches[id] = c
+	return c, nil
+}
+
+func (s *scheduler) knownCaches() int {
+	n := 0
+	for _, c := range s.caches {
+		if c.known {
+			n++
+		}
+	}
+	return n
+}
+
+func (s *scheduler) handleCancel(p *pendingRequest) {
+	if p.answered {
+		return
+	}
+	p.answered = true // the client is gone: nothing more is sent to it
+	s.stats.cancelled++
+	for _, j := range p.jobs {
+		if j.state == jobDone {
+			continue
+		}
+		if s.qs.removeWaiter(j, p) {
+			s.stats.dropped++
+		}
+	}
+}
+
+// dispatch starts every job the capacity rule allows on idle renderers.
+func (s *scheduler) dispatch() {
+	for len(s.idle) > 0 {
+		j := s.qs.next(s.busy, len(s.idle))
+		if j == nil {
+			return
+		}
+		r := s.idle[len(s.idle)-1]
+		s.idle = s.idle[:len(s.idle)-1]
+		slot := s.slots[r]
+		slot.state = slotBusy
+		slot.job = j
+		slot.seed = s.qs.rule.isSeed(int(j.priority))
+		s.busy++
+		j.started = s.now()
+		r.jobs <- renderJob{
+			job:     j,
+			seq:     j.seq,
+			cache:   j.key.cache.id,
+			tile:    tileCoord{j.key.x, j.key.y, j.key.z},
+			timeout: time.Duration(s.cfg.RenderTimeout),
+			recycle: s.cfg.RecycleAfter,
+		}
+	}
+}
+
+func (s *scheduler) startRenderer(initial bool) {
+	s.nextNum++
+	r := newRenderer(s.nextNum, s.rcfg, s.events, s.hardStop, s.log)
+	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		r.run()
+	}()
+}
+
+// retire closes a renderer's job channel: it finishes its current job and exits.
+func (s *scheduler) retire(r *renderer) {
+	slot := s.slots[r]
+	if slot == nil || slot.retiring {
+		return
+	}
+	slot.retiring = true
+	s.removeIdle(r)
+	close(r.jobs)
+}
+
+func (s *scheduler) removeIdle(r *renderer) {
+	if i := slices.Index(s.idle, r); i >= 0 {
+		s.idle = slices.Delete(s.idle, i, i+1)
+	}
+}
+
+func (s *scheduler) handleEvent(ev rendererEvent) {
+	slot := s.slots[ev.r]
+	if slot == nil {
+		return
+	}
+	switch ev.kind {
+	case evReady:
+		s.learnCaches(ev.caches)
+		if !slot.ready {
+			slot.ready = true
+			if slot.initial && s.startupPending > 0 {
+				s.startupPending--
+				if s.startupPending == 0 {
+					s.startup <- nil
+				}
+			}
+		}
+		if slot.state == slotStarting && !slot.retiring {
+			slot.state = slotIdle
+			s.idle = append(s.idle, ev.r)
+		}
+	case evLost:
+		if slot.state == slotIdle {
+			slot.state = slotStarting
+			s.removeIdle(ev.r)
+		}
+	case evStartFailed:
+		s.stats.rendererFailures++
+		if slot.initial && !slot.ready && s.startupPending > 0 {
+			s.startupPending = 0
+			s.startup <- ev.err
+		}
+	case evDone:
+		s.finishJob(slot, ev)
+		slot.job = nil
+		slot.state = slotStarting
+		if ev.healthy && !slot.retiring {
+			slot.state = slotIdle
+			s.idle = append(s.idle, ev.r)
+		}
+	case evExited:
+		if slot.job != nil { // cannot happen: a renderer reports its job before exiting
+			s.finishJob(slot, rendererEvent{job: slot.job, status: statusError, msg: "renderer exited"})
+		}
+		s.removeIdle(ev.r)
+		delete(s.slots, ev.r)
+	}
+}
+
+func (s *scheduler) learnCaches(caches map[string]metaSize) {
+	if caches == nil {
+		return
+	}
+	s.cachesListed = true
+	for id, m := range caches {
+		c, ok := s.caches[id]
+		if !ok {
+			c = &cacheInfo{id: id}
+			s.caches[id] = c
+		}
+		c.known = true
+		c.metaX, c.metaY = m[0], m[1]
+	}
+}
+
+func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
+	j := ev.job
+	s.busy--
+	s.qs.finish(j)
+	now := s.now()
+	renderNS := now - j.started
+	queuedNS := j.started - j.enqueued
+	c := j.key.cache
+	if ev.status == statusOK {
+		s.stats.rendered++
+		c.rendered++
+		s.renderRec.add(renderNS)
+	} else {
+		s.stats.failed++
+		c.failed++
+		if ev.timedOut {
+			s.stats.timedOut++
+		}
+		s.log.Warn("render failed", "job", j.seq, "cache", c.id, "z", j.key.z, "x", j.key.x, "y", j.key.y, "error", ev.msg)
+	}
+	for _, w := range j.waiters {
+		if w.answered {
+			continue
+		}
+		w.jobsLeft--
+		w.queuedNS = max(w.queuedNS, queuedNS)
+		w.renderNS = max(w.renderNS, renderNS)
+		if ev.status != statusOK && w.errMsg == "" {
+			w.errMsg = ev.msg
+		}
+		if w.jobsLeft > 0 {
+			continue
+		}
+		q, r := durationMS(w.queuedNS), durationMS(w.renderNS)
+		reply := Reply{Status: statusOK, QueuedMS: &q, RenderMS: &r, Merged: w.merged}
+		if w.errMsg != "" {
+			reply.Status = statusError
+			reply.ErrorMessage = w.errMsg
+		}
+		s.answer(w, reply)
+	}
+	j.waiters = nil
+}
+
+// beginStop answers every queued waiter shutting_down, drops the queue and retires
+// every renderer; running jobs finish (until hardStop).
+func (s *scheduler) beginStop() {
+	s.stopping = true
+	for _, j := range s.qs.drain() {
+		for _, w := range j.waiters {
+			s.answer(w, Reply{Status: statusShuttingDown, ErrorMessage: "daemon is shutting down; the job was not started"})
+		}
+		s.stats.shutdownDropped++
+	}
+	for r := range s.slots {
+		s.retire(r)
+	}
+}
+
+// applyConfig takes a reloaded configuration: the capacity rule, limits and timeouts at once;
+// renderers are replaced (after their current job) only when their command or environment
+// changed, and added or retired to match the new count.
+func (s *scheduler) applyConfig(cfg Config) error {
+	if s.stopping {
+		return errors.New("shutting down")
+	}
+	old := s.rcfg
+	s.cfg = cfg
+	s.qs.rule = capacityRule{maxSeed: cfg.maxSeed, seedBelow: cfg.SeedPriorityBelow}
+	s.qs.max = cfg.MaxQueued
+	newR := rendererConfigFrom(cfg, old.workerScript)
+	s.rcfg = newR
+	if !slices.Equal(old.argv, newR.argv) || !slices.Equal(old.env, newR.env) {
+		s.log.Info("renderer command changed: replacing renderers after their current job")
+		for r, slot := range s.slots {
+			if !slot.retiring {
+				s.retire(r)
+			}
+		}
+	}
+	active := 0
+	for _, slot := range s.slots {
+		if !slot.retiring {
+			active++
+		}
+	}
+	for ; active < cfg.Renderers; active++ {
+		s.startRenderer(false)
+	}
+	// Retire the extras: idle ones first, then starting, then busy ones (after their job).
+	for _, want := range []slotState{slotIdle, slotStarting, slotBusy} {
+		for r, slot := range s.slots {
+			if active <= cfg.Renderers {
+				break
+			}
+			if !slot.retiring && slot.state == want {
+				s.retire(r)
+				active--
+			}
+		}
+	}
+	return nil
+}
+
+func (s *scheduler) summary() string {
+	ready := 0
+	for _, slot := range s.slots {
+		if slot.state != slotStarting {
+			ready++
+		}
+	}
+	return "renderers " + strconv.Itoa(s.busy) + "/" + strconv.Itoa(len(s.slots)) + " busy (" + strconv.Itoa(ready) +
+		" ready), " + strconv.Itoa(len(s.qs.queue)) + " queued, " + strconv.FormatUint(s.stats.rendered, 10) + " rendered, " +
+		strconv.FormatUint(s.stats.failed, 10) + " failed"
+}

@@ -1,0 +1,188 @@
+package main
+
+import (
+	"slices"
+	"sort"
+	"strconv"
+	"time"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// counters are the scheduler's running totals (owned by the scheduler goroutine).
+type counters struct {
+	requested        uint64 // tile requests accepted (background included)
+	background       uint64
+	merged           uint64 // tiles of requests that joined an existing job
+	rendered         uint64
+	failed           uint64
+	timedOut         uint64
+	expired          uint64
+	dropped          uint64 // queued jobs dropped because every waiter left
+	cancelled        uint64 // requests whose client left before the answer
+	busyRejected     uint64
+	invalid          uint64 // tile requests refused by the scheduler (unknown cache, …)
+	shutdownDropped  uint64 // queued jobs answered shutting_down
+	rendererFailures uint64 // renderer processes that failed to start
+}
+
+// connCounters come from the listeners (atomics there, copied here).
+type connCounters struct {
+	Open     int64  `json:"open"`
+	Accepted uint64 `json:"accepted"`
+	Refused  uint64 `json:"refused"`
+	Invalid  uint64 `json:"invalid_requests"`
+}
+
+// durationRing keeps the last render durations for percentiles.
+type durationRing struct {
+	buf  [4096]int64
+	n    int
+	next int
+}
+
+func (d *durationRing) add(ns int64) {
+	d.buf[d.next] = ns
+	d.next = (d.next + 1) % len(d.buf)
+	if d.n < len(d.buf) {
+		d.n++
+	}
+}
+
+// percentiles returns p50, p90, p99 and max in milliseconds over the kept durations.
+func (d *durationRing) percentiles() map[string]float64 {
+	if d.n == 0 {
+		return map[string]float64{}
+	}
+	v := slices.Clone(d.buf[:d.n])
+	slices.Sort(v)
+	at := func(p float64) float64 { return durationMS(v[int(p*float64(len(v)-1))]) }
+	return map[string]float64{"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": durationMS(v[len(v)-1]), "samples": float64(d.n)}
+}
+
+// statusDoc is the document served by `status` and GET /status (DESIGN §9).
+type statusDoc struct {
+	Version   string                       `json:"version"`
+	UptimeS   float64                      `json:"uptime_s"`
+	Stopping  bool                         `json:"stopping"`
+	Renderers rendererStats                `json:"renderers"`
+	Queue     queueStats                   `json:"queue"`
+	Counters  map[string]uint64            `json:"counters"`
+	RenderMS  map[string]float64           `json:"render_ms"`
+	Caches    map[string]map[string]uint64 `json:"caches"`
+	Conns     connCounters                 `json:"connections"`
+	Config    map[string]any               `json:"config"`
+}
+
+type rendererStats struct {
+	Total    int `json:"total"`
+	Ready    int `json:"ready"`
+	Busy     int `json:"busy"`
+	BusySeed int `json:"busy_seed"`
+	BusyLive int `json:"busy_live"`
+	Starting int `json:"starting"`
+	Retiring int `json:"retiring"`
+}
+
+type queueStats struct {
+	Length       int            `json:"length"`
+	Running      int            `json:"running"`
+	ByPriority   map[string]int `json:"by_priority"`
+	OldestAgeMS  float64        `json:"oldest_age_ms"`
+	MaxQueued    int            `json:"max_queued"`
+	SeedQueued   int            `json:"seed"`
+	LiveQueued   int            `json:"live"`
+	TrackedJobs  int            `json:"jobs"`
+	WaitingTotal int            `json:"waiting_requests"`
+}
+
+func (s *scheduler) statusDoc() statusDoc {
+	now := s.now()
+	d := statusDoc{
+		Version:  version,
+		UptimeS:  float64(time.Duration(now)/time.Millisecond) / 1000,
+		Stopping: s.stopping,
+		Counters: map[string]uint64{
+			"requested":         s.stats.requested,
+			"background":        s.stats.background,
+			"merged":            s.stats.merged,
+			"rendered":          s.stats.rendered,
+			"failed":            s.stats.failed,
+			"timed_out":         s.stats.timedOut,
+			"expired":           s.stats.expired,
+			"dropped":           s.stats.dropped,
+			"cancelled":         s.stats.cancelled,
+			"busy_rejected":     s.stats.busyRejected,
+			"invalid":           s.stats.invalid,
+			"shutdown_dropped":  s.stats.shutdownDropped,
+			"renderer_failures": s.stats.rendererFailures,
+		},
+		RenderMS: s.renderRec.percentiles(),
+		Caches:   make(map[string]map[string]uint64),
+		Conns:    s.connStats(),
+		Config: map[string]any{
+			"renderers":           s.cfg.Renderers,
+			"max_seed_renderers":  s.cfg.maxSeed,
+			"seed_priority_below": s.cfg.SeedPriorityBelow,
+			"render_timeout":      s.cfg.RenderTimeout.String(),
+		},
+	}
+	for _, slot := range s.slots {
+		d.Renderers.Total++
+		switch {
+		case slot.retiring:
+			d.Renderers.Retiring++
+		}
+		switch slot.state {
+		case slotStarting:
+			d.Renderers.Starting++
+		case slotIdle:
+			d.Renderers.Ready++
+		case slotBusy:
+			d.Renderers.Ready++
+			d.Renderers.Busy++
+			if slot.seed {
+				d.Renderers.BusySeed++
+			} else {
+				d.Renderers.BusyLive++
+			}
+		}
+	}
+	q := &d.Queue
+	q.Length = len(s.qs.queue)
+	q.Running = s.busy
+	q.MaxQueued = s.qs.max
+	q.TrackedJobs = len(s.qs.jobs)
+	q.ByPriority = make(map[string]int)
+	oldest := int64(-1)
+	for _, j := range s.qs.queue {
+		q.ByPriority[strconv.Itoa(int(j.priority))]++
+		if s.qs.rule.isSeed(int(j.priority)) {
+			q.SeedQueued++
+		} else {
+			q.LiveQueued++
+		}
+		if oldest < 0 || j.enqueued < oldest {
+			oldest = j.enqueued
+		}
+		q.WaitingTotal += len(j.waiters)
+	}
+	if oldest >= 0 {
+		q.OldestAgeMS = durationMS(now - oldest)
+	}
+	ids := make([]string, 0, len(s.caches))
+	for id := range s.caches {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		c := s.caches[id]
+		if c.requested == 0 && !c.known {
+			continue
+		}
+		d.Caches[id] = map[string]uint64{"requested": c.requested, "rendered": c.rendered, "failed": c.failed,
+			"meta_x": uint64(max(c.metaX, 1)), "meta_y": uint64(max(c.metaY, 1))}
+	}
+	return d
+}
