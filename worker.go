@@ -1,0 +1,557 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+const (
+	// killGrace is how long a renderer gets between SIGTERM (or closed stdin) and SIGKILL.
+	killGrace = 5 * time.Second
+	// maxRendererLine bounds one line from a renderer; longer is garbage.
+	maxRendererLine = 1 << 20
+	// healthyRun is how long a process must live for its exit not to count toward backoff.
+	healthyRun = 10 * time.Second
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 30 * time.Second
+)
+
+// rendererConfig is how renderers are started; it is fixed for a renderer's life.
+type rendererConfig struct {
+	argv         []string
+	env          []string // added to the daemon's environment
+	startTimeout time.Duration
+	workerScript string // path of the bundled worker, when it was written out
+}
+
+// metaSize is a cache's metatile size from a renderer's ready line.
+type metaSize [2]int32
+
+// renderJob is what the scheduler sends to a renderer. job is an opaque token handed back
+// in the result; the renderer reads only the copied fields.
+type renderJob struct {
+	job     *job
+	seq     uint64
+	cache   string
+	tile    tileCoord
+	timeout time.Duration
+	recycle int
+}
+
+type eventKind uint8
+
+const (
+	evReady       eventKind = iota // a process is ready for jobs (caches listed, maybe)
+	evLost                         // the idle process died; a replacement is starting
+	evStartFailed                  // a process failed to start or to become ready
+	evDone                         // a job finished (status, msg); healthy says whether the process lives on
+	evExited                       // the renderer goroutine ends (retired)
+)
+
+// rendererEvent is what a renderer tells the scheduler.
+type rendererEvent struct {
+	r        *renderer
+	kind     eventKind
+	caches   map[string]metaSize
+	err      error
+	job      *job
+	status   string
+	msg      string
+	healthy  bool
+	timedOut bool
+}
+
+// renderer owns one render subprocess at a time and replaces it when it dies, with backoff.
+// It gets jobs on jobs (capacity 1; the scheduler sends only when it knows the renderer is
+// idle) and reports on events. Closing jobs retires it: it finishes a job it holds, asks the
+// process to exit (closes stdin), and returns. Closing hardStop kills a running render.
+type renderer struct {
+	num      int
+	cfg      rendererConfig
+	jobs     chan renderJob
+	events   chan<- rendererEvent
+	hardStop <-chan struct{}
+	log      *slog.Logger
+}
+
+func newRenderer(num int, cfg rendererConfig, events chan<- rendererEvent, hardStop <-chan struct{}, log *slog.Logger) *renderer {
+	return &renderer{num: num, cfg: cfg, jobs: make(chan renderJob, 1), events: events, hardStop: hardStop,
+		log: log.With("renderer", num)}
+}
+
+func (r *renderer) send(ev rendererEvent) {
+	ev.r = r
+	r.events <- ev
+}
+
+// run is the renderer goroutine. It returns after its jobs channel is closed and its
+// process has exited (or was killed).
+func (r *renderer) run() {
+	defer r.send(rendererEvent{kind: evExited})
+	backoff := time.Duration(0)
+	var held *renderJob // a job that arrived while no process was up
+	for {
+		p, caches, err := startProcess(r.cfg, r.log)
+		if err != nil {
+			r.log.Error("renderer failed to start", "error", err)
+			r.send(rendererEvent{kind: evStartFailed, err: err})
+			backoff = nextBackoff(backoff)
+		} else {
+			r.send(rendererEvent{kind: evReady, caches: caches})
+			retired, lived := r.serve(p, &held)
+			if retired {
+				return
+			}
+			if lived >= healthyRun {
+				backoff = 0
+			} else {
+				backoff = nextBackoff(backoff)
+			}
+		}
+		if backoff > 0 {
+			r.log.Info("restarting renderer after backoff", "backoff", backoff)
+			if !r.wait(backoff, &held) {
+				return
+			}
+		}
+	}
+}
+
+func nextBackoff(b time.Duration) time.Duration {
+	return min(max(2*b, minBackoff), maxBackoff)
+}
+
+// wait waits d before a restart. A job that arrives meanwhile is held for the next process.
+// It returns false if the renderer was retired (and holds no job) or hard-stopped.
+func (r *renderer) wait(d time.Duration, held **renderJob) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		var jobs <-chan renderJob
+		if *held == nil {
+			jobs = r.jobs
+		}
+		select {
+		case <-t.C:
+			return true
+		case <-r.hardStop:
+			if *held != nil {
+				r.send(rendererEvent{kind: evDone, job: (*held).job, status: statusError, msg: "daemon is shutting down; the renderer was restarting"})
+			}
+			return false
+		case j, ok := <-jobs:
+			if !ok {
+				return false
+			}
+			*held = &j
+		}
+	}
+}
+
+// serve hands jobs to a ready process until it dies, is recycled, or the renderer is retired.
+// It reports how long the process lived and whether the renderer was retired.
+func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, lived time.Duration) {
+	defer func() { lived = time.Since(p.started) }()
+	done := 0
+	for {
+		var j renderJob
+		if *held != nil {
+			j, *held = **held, nil
+		} else {
+			select {
+			case jj, ok := <-r.jobs:
+				if !ok {
+					p.stop(r.log)
+					return true, 0
+				}
+				j = jj
+			case <-p.exited:
+				r.log.Warn("renderer exited while idle", "pid", p.pid, "exit", p.exitText())
+				p.kill(r.log)
+				r.send(rendererEvent{kind: evLost})
+				return false, 0
+			case line, ok := <-p.lines:
+				msg := "closed its output"
+				if ok {
+					msg = "wrote while idle: " + truncate(string(line), 200)
+				}
+				r.log.Warn("renderer misbehaved; replacing it", "pid", p.pid, "problem", msg)
+				p.kill(r.log)
+				r.send(rendererEvent{kind: evLost})
+				return false, 0
+			}
+		}
+		status, msg, healthy, timedOut := p.render(j, r.hardStop)
+		if !healthy {
+			p.kill(r.log)
+		} else if done++; j.recycle > 0 && done >= j.recycle {
+			r.log.Info("recycling renderer", "pid", p.pid, "jobs", done)
+			p.stop(r.log)
+			healthy = false
+		}
+		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut})
+		if !healthy {
+			return false, 0
+		}
+	}
+}
+
+// rendererProcess is one running render subprocess and the goroutines that read its output.
+type rendererProcess struct {
+	cmd     *exec.Cmd
+	pid     int
+	started time.Time
+	stdin   *os.File
+	stdout  *os.File
+	stderr  *os.File
+	lines   chan []byte   // stdout lines; closed at EOF, error or an over-long line
+	readers chan struct{} // closed when both output readers have returned
+	quit    chan struct{} // closed to stop the stdout reader
+	exited  chan struct{} // closed when the process has been waited for
+	waitErr error         // written before exited is closed
+	readErr error         // written before lines is closed
+
+	releaseOnce sync.Once
+}
+
+// startProcess starts a renderer and waits for its ready line (bounded by startTimeout).
+func startProcess(cfg rendererConfig, log *slog.Logger) (*rendererProcess, map[string]metaSize, error) {
+	if len(cfg.argv) == 0 {
+		return nil, nil, errors.New("no renderer command")
+	}
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		return nil, nil, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		outR.Close()
+		outW.Close()
+		return nil, nil, err
+	}
+	cmd := exec.Command(cfg.argv[0], cfg.argv[1:]...)
+	cmd.Env = append(os.Environ(), cfg.env...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
+	// Its own process group, so that a terminal's Ctrl-C reaches the daemon, which then
+	// stops renderers in order instead of having them die under running jobs.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	err = cmd.Start()
+	inR.Close()
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		inW.Close()
+		outR.Close()
+		errR.Close()
+		return nil, nil, fmt.Errorf("start %s: %w", cfg.argv[0], err)
+	}
+	p := &rendererProcess{
+		cmd: cmd, pid: cmd.Process.Pid, started: time.Now(),
+		stdin: inW, stdout: outR, stderr: errR,
+		lines: make(chan []byte, 4), readers: make(chan struct{}), quit: make(chan struct{}), exited: make(chan struct{}),
+	}
+	plog := log.With("pid", p.pid)
+	outDone, errDone := make(chan struct{}), make(chan struct{})
+	go func() { defer close(outDone); p.readLines() }()
+	go func() { defer close(errDone); logStderr(errR, plog) }()
+	go func() { <-outDone; <-errDone; close(p.readers) }()
+	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
+
+	caches, err := p.handshake(cfg.startTimeout)
+	if err != nil {
+		p.kill(plog)
+		return nil, nil, fmt.Errorf("renderer %s (pid %d): %w", cfg.argv[0], p.pid, err)
+	}
+	plog.Info("renderer ready", "caches", len(caches))
+	return p, caches, nil
+}
+
+// readLines sends stdout lines to p.lines until EOF, an error, an over-long line or quit.
+func (p *rendererProcess) readLines() {
+	defer close(p.lines)
+	br := bufio.NewReaderSize(p.stdout, 64<<10)
+	for {
+		line, err := readLimitedLine(br, maxRendererLine)
+		if err != nil {
+			p.readErr = err
+			return
+		}
+		select {
+		case p.lines <- line:
+		case <-p.quit:
+			return
+		}
+	}
+}
+
+// errLineTooLong is returned by readLimitedLine for a line over the limit.
+var errLineTooLong = errors.New("line too long")
+
+// readLimitedLine reads one '\n'-terminated line of at most limit bytes (without the newline).
+// A longer line returns errLineTooLong after the whole line has been consumed, so the stream
+// is in sync again; at EOF without a newline, the partial line comes with io.EOF.
+func readLimitedLine(br *bufio.Reader, limit int) ([]byte, error) {
+	var buf []byte
+	tooLong := false
+	for {
+		frag, err := br.ReadSlice('\n')
+		if !tooLong {
+			if len(buf)+len(frag) > limit+1 {
+				tooLong = true
+				buf = nil
+			} else {
+				buf = append(buf, frag...)
+			}
+		}
+		switch {
+		case err == nil:
+			if tooLong {
+				return nil, errLineTooLong
+			}
+			return buf[:len(buf)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		default:
+			if tooLong {
+				return nil, errLineTooLong
+			}
+			if len(buf) > 0 && errors.Is(err, io.EOF) {
+				return buf, io.EOF
+			}
+			return nil, err
+		}
+	}
+}
+
+func logStderr(r io.Reader, log *slog.Logger) {
+	br := bufio.NewReaderSize(r, 16<<10)
+	for {
+		line, err := readLimitedLine(br, 16<<10)
+		if len(line) > 0 {
+			log.Info("renderer: " + string(bytes.TrimRight(line, "\r")))
+		}
+		if errors.Is(err, errLineTooLong) {
+			log.Warn("renderer: (over-long stderr line dropped)")
+			continue
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *rendererProcess) handshake(timeout time.Duration) (map[string]metaSize, error) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case line, ok := <-p.lines:
+		if !ok {
+			return nil, fmt.Errorf("closed its output before its ready line (%s)", p.exitTextWithin(killGrace))
+		}
+		var ready struct {
+			Ready  *bool `json:"ready"`
+			Caches map[string]struct {
+				MetaSize []int32 `json:"meta_size"`
+			} `json:"caches"`
+		}
+		if err := json.Unmarshal(line, &ready); err != nil || ready.Ready == nil || !*ready.Ready {
+			return nil, fmt.Errorf("want a ready line {\"ready\": true, …}, got %s", truncate(string(line), 200))
+		}
+		if ready.Caches == nil {
+			return nil, nil
+		}
+		caches := make(map[string]metaSize, len(ready.Caches))
+		for id, c := range ready.Caches {
+			m := metaSize{1, 1}
+			if len(c.MetaSize) == 2 && c.MetaSize[0] > 0 && c.MetaSize[1] > 0 {
+				m = metaSize{c.MetaSize[0], c.MetaSize[1]}
+			}
+			caches[id] = m
+		}
+		return caches, nil
+	case <-t.C:
+		return nil, fmt.Errorf("no ready line within start_timeout %s", timeout)
+	}
+}
+
+// jobLine is the renderer protocol's job (DESIGN §5).
+type jobLine struct {
+	ID              string     `json:"id"`
+	Command         string     `json:"command"`
+	CacheIdentifier string     `json:"cache_identifier"`
+	Tiles           [][3]int32 `json:"tiles"`
+	Refresh         bool       `json:"refresh"`
+}
+
+type jobReply struct {
+	ID           *string `json:"id"`
+	Status       string  `json:"status"`
+	ErrorMessage string  `json:"error_message"`
+}
+
+// render sends one job and waits for its reply, at most j.timeout. healthy is false when the
+// process must be replaced: it exited, wrote garbage, timed out, or the daemon is stopping hard.
+func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status, msg string, healthy, timedOut bool) {
+	id := strconv.FormatUint(j.seq, 10)
+	line, _ := json.Marshal(jobLine{ID: id, Command: "tile", CacheIdentifier: j.cache,
+		Tiles: [][3]int32{{j.tile.X, j.tile.Y, j.tile.Z}}, Refresh: true})
+	line = append(line, '\n')
+	p.stdin.SetWriteDeadline(time.Now().Add(j.timeout))
+	if _, err := p.stdin.Write(line); err != nil {
+		return statusError, fmt.Sprintf("renderer (pid %d) did not take the job: %v", p.pid, err), false, false
+	}
+	t := time.NewTimer(j.timeout)
+	defer t.Stop()
+	select {
+	case out, ok := <-p.lines:
+		if !ok {
+			return statusError, fmt.Sprintf("renderer (pid %d) closed its output while rendering (%s)", p.pid, p.exitTextWithin(killGrace)), false, false
+		}
+		return p.parseReply(out, id)
+	case <-p.exited:
+		// A reply written just before exiting still counts.
+		select {
+		case out, ok := <-p.lines:
+			if ok {
+				status, msg, _, _ := p.parseReply(out, id)
+				return status, msg, false, false
+			}
+		case <-time.After(killGrace):
+		}
+		return statusError, fmt.Sprintf("renderer (pid %d) %s while rendering", p.pid, p.exitText()), false, false
+	case <-t.C:
+		return statusError, fmt.Sprintf("render timeout: no answer within %s (renderer pid %d killed)", j.timeout, p.pid), false, true
+	case <-hardStop:
+		return statusError, "daemon is shutting down; the render was interrupted at the stop deadline", false, false
+	}
+}
+
+func (p *rendererProcess) parseReply(out []byte, id string) (status, msg string, healthy, timedOut bool) {
+	var rep jobReply
+	if err := json.Unmarshal(out, &rep); err != nil || rep.ID == nil || rep.Status == "" {
+		return statusError, fmt.Sprintf("renderer (pid %d) wrote an invalid reply: %s", p.pid, truncate(string(out), 200)), false, false
+	}
+	if *rep.ID != id {
+		return statusError, fmt.Sprintf("renderer (pid %d) answered job %q while job %s was running", p.pid, truncate(*rep.ID, 40), id), false, false
+	}
+	switch rep.Status {
+	case statusOK:
+		return statusOK, "", true, false
+	case statusError:
+		m := rep.ErrorMessage
+		if m == "" {
+			m = "renderer reported an error without a message"
+		}
+		return statusError, m, true, false
+	default:
+		return statusError, fmt.Sprintf("renderer (pid %d) answered unknown status %q", p.pid, truncate(rep.Status, 40)), false, false
+	}
+}
+
+// exitTextWithin describes the exit, waiting at most d for it.
+func (p *rendererProcess) exitTextWithin(d time.Duration) string {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-p.exited:
+	case <-t.C:
+	}
+	return p.exitText()
+}
+
+func (p *rendererProcess) exitText() string {
+	select {
+	case <-p.exited:
+	default:
+		return "is running"
+	}
+	if p.waitErr == nil {
+		return "exited with status 0"
+	}
+	var ee *exec.ExitError
+	if errors.As(p.waitErr, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return "was killed by signal " + ws.Signal().String()
+		}
+		return "exited with status " + strconv.Itoa(ee.ExitCode())
+	}
+	return "failed: " + p.waitErr.Error()
+}
+
+// stop asks the process to exit by closing its stdin, then kills it if it has not exited
+// within killGrace.
+func (p *rendererProcess) stop(log *slog.Logger) {
+	p.stdin.Close()
+	t := time.NewTimer(killGrace)
+	defer t.Stop()
+	select {
+	case <-p.exited:
+		p.release()
+	case <-t.C:
+		log.Warn("renderer did not exit after its input closed; killing it", "pid", p.pid)
+		p.kill(log)
+	}
+}
+
+// kill ends the process: SIGTERM, then SIGKILL after killGrace. Every wait is bounded; a
+// process that survives SIGKILL (uninterruptible sleep) is left behind with a log line.
+func (p *rendererProcess) kill(log *slog.Logger) {
+	select {
+	case <-p.exited:
+	default:
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		t := time.NewTimer(killGrace)
+		select {
+		case <-p.exited:
+		case <-t.C:
+			log.Warn("renderer ignored SIGTERM; sending SIGKILL", "pid", p.pid)
+			_ = p.cmd.Process.Kill()
+			t.Reset(killGrace)
+			select {
+			case <-p.exited:
+			case <-t.C:
+				log.Error("renderer survived SIGKILL; abandoning it", "pid", p.pid)
+			}
+		}
+		t.Stop()
+	}
+	p.release()
+}
+
+// release closes our ends of the pipes and waits for the output readers. The process has
+// exited; what it wrote to stderr last (a traceback, say) is still logged, but a grandchild
+// that holds the pipes open cannot keep us waiting: the read ends are closed after killGrace.
+func (p *rendererProcess) release() {
+	p.releaseOnce.Do(func() {
+		p.stdin.Close()
+		close(p.quit)
+		t := time.NewTimer(killGrace)
+		defer t.Stop()
+		select {
+		case <-p.readers:
+		case <-t.C:
+		}
+		p.stdout.Close()
+		p.stderr.Close()
+		<-p.readers
+	})
+}
