@@ -1,0 +1,103 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"net/http"
+)
+
+// ServeHTTP is MapProxy 1.15's renderd protocol (DESIGN §3): a POST of one JSON request on
+// any path, answered 200 application/json. MapProxy reads only status and error_message and
+// treats any status other than "error" and "lock" as success, so every failure is "error"
+// here, with the cause in error_message.
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case r.Method == http.MethodPost:
+		s.servePost(w, r)
+	case r.Method == http.MethodGet || r.Method == http.MethodHead:
+		if r.URL.Path == "/status" || r.URL.Path == "/_status" {
+			rep := statusReply(s.sched, nil)
+			if rep.Status != statusOK {
+				writeJSON(w, http.StatusServiceUnavailable, rep)
+				return
+			}
+			writeBody(w, http.StatusOK, append(rep.Stats, '\n'))
+			return
+		}
+		writeJSON(w, http.StatusNotFound, errorReply(nil, "not found: POST a request to any path, or GET /status"))
+	default:
+		w.Header().Set("Allow", "GET, HEAD, POST")
+		writeJSON(w, http.StatusMethodNotAllowed, errorReply(nil, "method "+r.Method+" not allowed: POST a request, or GET /status"))
+	}
+}
+
+func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(s.maxLine)))
+	if err != nil {
+		s.invalid.Add(1)
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: body longer than max_line_bytes ("+itoa(s.maxLine)+" bytes)"))
+			return
+		}
+		writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: "+err.Error()))
+		return
+	}
+	req, err := parseRequest(body)
+	if err != nil {
+		s.invalid.Add(1)
+		var re *requestError
+		if errors.As(err, &re) {
+			writeJSON(w, http.StatusOK, errorReply(re.id, re.msg))
+		} else {
+			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: "+err.Error()))
+		}
+		return
+	}
+	switch req.Command {
+	case "ping":
+		writeJSON(w, http.StatusOK, Reply{ID: req.ID, Status: statusOK})
+		return
+	case "status":
+		writeJSON(w, http.StatusOK, statusReply(s.sched, req.ID))
+		return
+	}
+	sink := newChanSink()
+	p := &pendingRequest{req: req, sink: sink}
+	s.sched.submit(p)
+	select {
+	case rep := <-sink:
+		writeJSON(w, http.StatusOK, forMapProxy(rep))
+	case <-r.Context().Done():
+		// The client hung up (net/http noticed the closed connection): stop waiting.
+		s.sched.cancel(p)
+	}
+}
+
+// forMapProxy maps statuses MapProxy 1.15 does not know to "error": it would take
+// busy, expired or shutting_down for success and serve a transparent tile.
+func forMapProxy(r Reply) Reply {
+	switch r.Status {
+	case statusOK, statusError, statusQueued:
+		return r
+	case statusBusy:
+		r.ErrorMessage = "renderd busy: " + r.ErrorMessage
+	case statusShuttingDown:
+		r.ErrorMessage = "renderd is shutting down: " + r.ErrorMessage
+	case statusExpired:
+		r.ErrorMessage = "renderd: deadline expired: " + r.ErrorMessage
+	}
+	r.Status = statusError
+	return r
+}
+
+func writeJSON(w http.ResponseWriter, code int, r Reply) {
+	writeBody(w, code, marshalReply(r))
+}
+
+func writeBody(w http.ResponseWriter, code int, b []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", itoa(len(b)))
+	w.WriteHeader(code)
+	_, _ = w.Write(b)
+}

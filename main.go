@@ -1,0 +1,384 @@
+// Command mapproxy-renderd renders map tiles in the background for MapProxy: a priority
+// queue in front of long-lived render subprocesses, speaking MapProxy 1.15's renderd HTTP
+// protocol and a native newline-delimited JSON protocol on the same sockets.
+package main
+
+import (
+	"context"
+	_ "embed"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+//go:embed worker/mapproxy_worker.py
+var bundledWorker []byte
+
+// defaultPython runs the bundled worker: Debian's python3, which has python3-mapproxy
+// (a python3 earlier on PATH, say from pyenv, usually does not).
+const defaultPython = "/usr/bin/python3"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // a second signal kills at once
+	}()
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		var code exitCode
+		if errors.As(err, &code) {
+			os.Exit(int(code))
+		}
+		fmt.Fprintln(os.Stderr, "mapproxy-renderd:", err)
+		os.Exit(1)
+	}
+}
+
+// exitCode is an error that only sets the exit status (the output said everything).
+type exitCode int
+
+func (e exitCode) Error() string { return "exit status " + strconv.Itoa(int(e)) }
+
+const usage = `usage:
+  mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [--renderer N] [--max-seed-renderer M]
+  mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml]
+  mapproxy-renderd request [-s socket | --http host:port | -f … | -c …] [--timeout d] '<json>'
+  mapproxy-renderd status  [-s socket | --http host:port | -f … | -c …]
+  mapproxy-renderd version
+`
+
+// run is the whole program; main only wires signals and exit codes.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cmd := ""
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "":
+		return runDaemon(ctx, args, stderr)
+	case "check-config":
+		return runCheckConfig(args, stdout, stderr)
+	case "request":
+		return runClient(ctx, "request", args, stdout, stderr)
+	case "status":
+		return runClient(ctx, "status", args, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "mapproxy-renderd", version)
+		return nil
+	case "help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	default:
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+}
+
+// configFlags are the flags that select the configuration, shared by every command.
+type configFlags struct {
+	mapproxy, renderd  string
+	renderers, maxSeed int
+}
+
+func (f *configFlags) register(fs *flag.FlagSet, withOverrides bool) {
+	fs.StringVar(&f.mapproxy, "f", "", "MapProxy configuration (mapproxy.yaml)")
+	fs.StringVar(&f.renderd, "c", "", "mapproxy-renderd configuration (renderd.yaml)")
+	f.renderers, f.maxSeed = 0, -1
+	if withOverrides {
+		fs.IntVar(&f.renderers, "renderer", 0, "number of renderer processes (overrides renderers)")
+		fs.IntVar(&f.maxSeed, "max-seed-renderer", -1, "renderers seeding may use (overrides max_seed_renderers)")
+	}
+}
+
+func (f *configFlags) load() (Config, error) {
+	return loadConfig(f.mapproxy, f.renderd, f.renderers, f.maxSeed)
+}
+
+func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage) }
+	return fs
+}
+
+func runCheckConfig(args []string, stdout, stderr io.Writer) error {
+	var cf configFlags
+	fs := newFlagSet("check-config", stderr)
+	cf.register(fs, true)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := cf.load()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "ok: socket %q, http %q, %d renderers (at most %d seeding below priority %d), renderer %q\n",
+		cfg.Socket, cfg.httpAddr, cfg.Renderers, cfg.maxSeed, cfg.SeedPriorityBelow, rendererArgv(cfg, "<bundled MapProxy worker>"))
+	return nil
+}
+
+func rendererArgv(cfg Config, script string) []string {
+	if len(cfg.RendererCommand) > 0 {
+		return cfg.RendererCommand
+	}
+	return []string{defaultPython, script}
+}
+
+func rendererConfigFrom(cfg Config, script string) rendererConfig {
+	rc := rendererConfig{argv: rendererArgv(cfg, script), startTimeout: time.Duration(cfg.StartTimeout), workerScript: script}
+	if cfg.MapProxyConfig != "" {
+		abs, err := filepath.Abs(cfg.MapProxyConfig)
+		if err != nil {
+			abs = cfg.MapProxyConfig
+		}
+		rc.env = []string{"MAPPROXY_CONFIG=" + abs}
+	}
+	return rc
+}
+
+func newLogger(w io.Writer, level *slog.LevelVar) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
+
+func parseLogLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	err := l.UnmarshalText([]byte(s))
+	if err != nil {
+		return l, fmt.Errorf("want debug, info, warn or error, got %q", s)
+	}
+	return l, nil
+}
+
+// runDaemon starts the renderers, serves until ctx is done, and stops in order:
+// listeners closed, queued waiters answered shutting_down, running renders finished (or
+// killed at stop_timeout), renderers stopped, connections flushed and closed.
+func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+	var cf configFlags
+	fs := newFlagSet("mapproxy-renderd", stderr)
+	cf.register(fs, true)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	cfg, err := cf.load()
+	if err != nil {
+		return err
+	}
+	var level slog.LevelVar
+	lvl, _ := parseLogLevel(cfg.LogLevel)
+	level.Set(lvl)
+	log := newLogger(stderr, &level)
+
+	// Read systemd's variables first: renderers must inherit neither them nor the fds.
+	notify, err := newSDNotifierFromEnv()
+	if err != nil {
+		return fmt.Errorf("systemd notify socket: %w", err)
+	}
+	defer notify.Close()
+	inherited, err := listenersFromSystemd()
+	if err != nil {
+		return fmt.Errorf("socket activation: %w", err)
+	}
+
+	script := ""
+	if len(cfg.RendererCommand) == 0 {
+		dir, err := os.MkdirTemp("", "mapproxy-renderd-")
+		if err != nil {
+			return fmt.Errorf("bundled worker: %w", err)
+		}
+		defer os.RemoveAll(dir)
+		script = filepath.Join(dir, "mapproxy_worker.py")
+		if err := os.WriteFile(script, bundledWorker, 0o600); err != nil {
+			return fmt.Errorf("bundled worker: %w", err)
+		}
+	}
+
+	listeners := inherited
+	if listeners != nil {
+		log.Info("socket activation: using inherited listeners; socket and http settings are ignored", "count", len(listeners))
+	} else {
+		listeners, err = bindListeners(cfg, log)
+		if err != nil {
+			return err
+		}
+	}
+	closeAll := func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}
+
+	sched := newScheduler(cfg, log, rendererConfigFrom(cfg, script))
+	sched.onTick = func(sum string) { _ = notify.Notify("STATUS=" + sum) }
+	if wd := notify.WatchdogInterval(); wd > 0 {
+		sched.watchdog = wd
+		sched.onWatch = func() { _ = notify.Notify("WATCHDOG=1") }
+	}
+	schedCtx, stopSched := context.WithCancel(context.Background())
+	defer stopSched()
+	go sched.run(schedCtx)
+	stopScheduler := func(timeout time.Duration) {
+		stopSched()
+		t := time.AfterFunc(timeout, sched.killRunning)
+		defer t.Stop()
+		<-sched.done
+	}
+
+	_ = notify.Notify("STATUS=starting " + strconv.Itoa(cfg.Renderers) + " renderers")
+	select {
+	case err := <-sched.startup:
+		if err != nil {
+			closeAll()
+			stopScheduler(0)
+			return fmt.Errorf("renderers did not start: %w", err)
+		}
+	case <-ctx.Done():
+		closeAll()
+		stopScheduler(0)
+		return nil
+	}
+
+	srv := newServer(cfg, sched, log)
+	srv.start(listeners)
+	addrs := make([]string, 0, len(listeners))
+	for _, l := range listeners {
+		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())
+	}
+	log.Info("ready", "version", version, "listen", strings.Join(addrs, ","), "renderers", cfg.Renderers,
+		"max_seed_renderers", cfg.maxSeed, "renderer", strings.Join(rendererArgv(cfg, script), " "))
+	_ = notify.Notify("READY=1", "STATUS=ready: "+strconv.Itoa(cfg.Renderers)+" renderers")
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for running := true; running; {
+		select {
+		case <-hup:
+			_ = notify.Notify("RELOADING=1", monotonicUsec())
+			reload(cf, cfg, sched, &level, log)
+			_ = notify.Notify("READY=1")
+		case <-ctx.Done():
+			running = false
+		}
+	}
+
+	log.Info("stopping", "stop_timeout", cfg.StopTimeout.String())
+	_ = notify.Notify("STOPPING=1", "STATUS=stopping: finishing running renders")
+	srv.closeListeners()
+	stopScheduler(time.Duration(cfg.StopTimeout))
+	flushCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.shutdown(flushCtx); err != nil {
+		log.Warn("some connections were cut at shutdown", "error", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// reload re-reads the configuration files (SIGHUP). A bad configuration is logged and the
+// running one kept. Listener settings need a restart.
+func reload(cf configFlags, old Config, sched *scheduler, level *slog.LevelVar, log *slog.Logger) {
+	cfg, err := cf.load()
+	if err != nil {
+		log.Error("reload failed; keeping the running configuration", "error", err)
+		return
+	}
+	if cfg.Socket != old.Socket || cfg.httpAddr != old.httpAddr {
+		log.Warn("reload: listener settings (socket, http) change only with a restart")
+	}
+	if err := sched.reload(cfg); err != nil {
+		log.Error("reload failed", "error", err)
+		return
+	}
+	lvl, _ := parseLogLevel(cfg.LogLevel)
+	level.Set(lvl)
+	log.Info("reloaded", "renderers", cfg.Renderers, "max_seed_renderers", cfg.maxSeed)
+}
+
+// bindListeners creates the Unix socket and the TCP listener from the configuration.
+func bindListeners(cfg Config, log *slog.Logger) ([]net.Listener, error) {
+	var ls []net.Listener
+	if cfg.Socket != "" {
+		l, err := listenUnix(cfg.Socket, cfg.socketMode, cfg.SocketGroup)
+		if err != nil {
+			return nil, fmt.Errorf("socket %s: %w", cfg.Socket, err)
+		}
+		ls = append(ls, l)
+	}
+	if cfg.httpAddr != "" {
+		l, err := net.Listen("tcp", cfg.httpAddr)
+		if err != nil {
+			for _, o := range ls {
+				o.Close()
+			}
+			return nil, fmt.Errorf("http %s: %w", cfg.httpAddr, err)
+		}
+		ls = append(ls, l)
+	}
+	if len(ls) == 0 {
+		return nil, errors.New("nothing to listen on: set socket or http")
+	}
+	return ls, nil
+}
+
+// listenUnix binds a Unix socket at path. An existing file there is removed only if it is
+// a socket that nobody answers on (a stale one); then the mode and group are set.
+func listenUnix(path string, mode os.FileMode, group string) (net.Listener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, errors.New("exists and is not a socket; not removing it")
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, errors.New("another process is listening on it")
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing stale socket: %w", err)
+		}
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("chmod: %w", err)
+	}
+	if group != "" {
+		gid, err := lookupGroup(group)
+		if err == nil {
+			err = os.Chown(path, -1, gid)
+		}
+		if err != nil {
+			l.Close()
+			return nil, fmt.Errorf("socket_group %q: %w", group, err)
+		}
+	}
+	return l, nil
+}
+
+func lookupGroup(name string) (int, error) {
+	if gid, err := strconv.Atoi(name); err == nil {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(g.Gid)
+}
