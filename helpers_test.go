@@ -1,0 +1,402 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestMain lets the test binary play two other programs, as os/exec's tests do:
+// "fake-renderer" (a renderer speaking DESIGN §5) and "daemon" (the real daemon, run()).
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "fake-renderer":
+			os.Exit(fakeRenderer(os.Args[2:]))
+		case "daemon":
+			ctx, stop := signalContext()
+			err := run(ctx, os.Args[2:], os.Stdout, os.Stderr)
+			stop()
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "mapproxy-renderd:", err)
+				os.Exit(1)
+			}
+			os.Exit(0)
+		}
+	}
+	os.Exit(m.Run())
+}
+
+// fakeRenderer is a renderer for tests. Behaviour per job is chosen by the tile's x:
+// x == crash → exit 3; x == hang → never answer; x == garbage → write garbage;
+// x == fail → answer error. It logs "pid cache z x y" per job to -log, and with -gate it
+// reads one byte from that FIFO before answering, so tests decide when renders finish.
+func fakeRenderer(args []string) int {
+	fs := flag.NewFlagSet("fake-renderer", flag.ContinueOnError)
+	logPath := fs.String("log", "", "append one line per job")
+	gate := fs.String("gate", "", "FIFO to read one byte from before each answer")
+	delay := fs.Duration("delay", 0, "render time")
+	caches := fs.String("caches", "", "JSON object for the ready line's caches")
+	noReady := fs.Bool("no-ready", false, "exit 2 without a ready line")
+	crash := fs.Int("crash", -1, "x that makes the renderer exit")
+	hang := fs.Int("hang", -1, "x that makes the renderer hang")
+	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
+	fail := fs.Int("fail", -1, "x that makes the renderer answer error")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *noReady {
+		fmt.Fprintln(os.Stderr, "fake renderer: refusing to start")
+		return 2
+	}
+	var gateF *os.File
+	if *gate != "" {
+		f, err := os.OpenFile(*gate, os.O_RDONLY, 0)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "gate:", err)
+			return 2
+		}
+		gateF = f
+	}
+	var logF *os.File
+	if *logPath != "" {
+		f, err := os.OpenFile(*logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			return 2
+		}
+		logF = f
+	}
+	out := bufio.NewWriter(os.Stdout)
+	ready := `{"ready": true}`
+	if *caches != "" {
+		ready = `{"ready": true, "caches": ` + *caches + `}`
+	}
+	fmt.Fprintln(out, ready)
+	out.Flush()
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 64<<10), 4<<20)
+	for in.Scan() {
+		var j struct {
+			ID              string     `json:"id"`
+			CacheIdentifier string     `json:"cache_identifier"`
+			Tiles           [][3]int64 `json:"tiles"`
+		}
+		if err := json.Unmarshal(in.Bytes(), &j); err != nil || len(j.Tiles) != 1 {
+			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "bad job"}`+"\n", j.ID)
+			out.Flush()
+			continue
+		}
+		x, y, z := j.Tiles[0][0], j.Tiles[0][1], j.Tiles[0][2]
+		if logF != nil {
+			fmt.Fprintf(logF, "%d %s %d %d %d\n", os.Getpid(), j.CacheIdentifier, z, x, y)
+		}
+		if gateF != nil {
+			var b [1]byte
+			if _, err := gateF.Read(b[:]); err != nil {
+				return 4
+			}
+		}
+		if *delay > 0 {
+			time.Sleep(*delay) // the simulated render
+		}
+		switch int(x) {
+		case *crash:
+			fmt.Fprintln(os.Stderr, "fake renderer: crashing on purpose")
+			return 3
+		case *hang:
+			select {}
+		case *garbage:
+			fmt.Fprintln(out, "this is not json")
+		case *fail:
+			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "fake failure for x=%d"}`+"\n", j.ID, x)
+		default:
+			fmt.Fprintf(out, `{"id": %q, "status": "ok"}`+"\n", j.ID)
+		}
+		out.Flush()
+	}
+	return 0
+}
+
+// testDaemon is a daemon started with run() in this process.
+type testDaemon struct {
+	t      *testing.T
+	dir    string
+	socket string
+	tcp    string
+	log    string // fake renderer job log
+	gate   *os.File
+	stderr *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+type daemonOpts struct {
+	renderers  int
+	maxSeed    int // -1: no reservation
+	extraYAML  string
+	rendArgs   []string // extra fake renderer flags
+	gate       bool
+	tcp        bool
+	noWaitUp   bool
+	mapproxyFn string
+}
+
+// syncBuffer is an io.Writer safe for concurrent use, for the daemon's log.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// shortTempDir returns a temp dir with a path short enough for a Unix socket.
+func shortTempDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "mrd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func freeTCPAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func (o daemonOpts) rendererCommand(d *testDaemon) []string {
+	cmd := []string{os.Args[0], "fake-renderer", "-log", d.log}
+	if d.gate != nil {
+		cmd = append(cmd, "-gate", d.dir+"/gate")
+	}
+	return append(cmd, o.rendArgs...)
+}
+
+func (o daemonOpts) configYAML(d *testDaemon) string {
+	if o.renderers == 0 {
+		o.renderers = 2
+	}
+	cmd, _ := json.Marshal(o.rendererCommand(d))
+	y := fmt.Sprintf("socket: %s\nhttp: %q\nrenderers: %d\nrenderer_command: %s\nstop_timeout: 20s\n",
+		d.socket, d.tcp, o.renderers, cmd)
+	if o.maxSeed >= 0 {
+		y += fmt.Sprintf("max_seed_renderers: %d\n", o.maxSeed)
+	}
+	return y + o.extraYAML
+}
+
+func newTestDaemon(t *testing.T, o daemonOpts) *testDaemon {
+	t.Helper()
+	dir := shortTempDir(t)
+	d := &testDaemon{t: t, dir: dir, socket: dir + "/s.sock", log: dir + "/jobs.log", stderr: &syncBuffer{}}
+	if o.tcp {
+		d.tcp = freeTCPAddr(t)
+	}
+	if o.gate {
+		if err := syscall.Mkfifo(dir+"/gate", 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// O_RDWR: opening does not block, and the renderers never see EOF while we hold it.
+		g, err := os.OpenFile(dir+"/gate", os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.gate = g
+		t.Cleanup(func() { g.Close() })
+	}
+	cfgPath := filepath.Join(dir, "renderd.yaml")
+	if err := os.WriteFile(cfgPath, []byte(o.configYAML(d)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"-c", cfgPath}
+	if o.mapproxyFn != "" {
+		args = append(args, "-f", o.mapproxyFn)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d.cancel = cancel
+	d.done = make(chan error, 1)
+	go func() { d.done <- run(ctx, args, io.Discard, d.stderr) }()
+	t.Cleanup(func() {
+		d.stop()
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.stderr.String())
+		}
+	})
+	if !o.noWaitUp {
+		d.waitUp()
+	}
+	return d
+}
+
+// waitUp waits until the daemon answers ping, or fails the test at a deadline.
+func (d *testDaemon) waitUp() {
+	d.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		select {
+		case err := <-d.done:
+			d.done <- err
+			d.t.Fatalf("daemon exited during start: %v\n%s", err, d.stderr.String())
+		default:
+		}
+		c, err := net.Dial("unix", d.socket)
+		if err == nil {
+			cl := &client{t: d.t, c: c, r: bufio.NewReader(c)}
+			cl.send(`{"command":"ping","id":"up"}`)
+			if r := cl.read(); r.Status == statusOK {
+				c.Close()
+				return
+			}
+			c.Close()
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("daemon not up within 30s: %v\n%s", err, d.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond) // polling for start-up, bounded by the deadline
+	}
+}
+
+// stop cancels the daemon and waits for run to return.
+func (d *testDaemon) stop() error {
+	d.cancel()
+	select {
+	case err := <-d.done:
+		d.done <- err
+		return err
+	case <-time.After(60 * time.Second):
+		d.t.Errorf("daemon did not stop within 60s")
+		return nil
+	}
+}
+
+// release lets n gated renders finish.
+func (d *testDaemon) release(n int) {
+	d.t.Helper()
+	if _, err := d.gate.Write(make([]byte, n)); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// jobLog returns the fake renderers' job log lines.
+func (d *testDaemon) jobLog() []string {
+	b, err := os.ReadFile(d.log)
+	if err != nil && !os.IsNotExist(err) {
+		d.t.Fatal(err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, "\n")
+}
+
+func (d *testDaemon) dial() *client {
+	d.t.Helper()
+	c, err := net.Dial("unix", d.socket)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(func() { c.Close() })
+	return &client{t: d.t, c: c, r: bufio.NewReaderSize(c, 1<<20)}
+}
+
+// status returns the status document.
+func (d *testDaemon) status() statusDoc {
+	d.t.Helper()
+	cl := d.dial()
+	defer cl.c.Close()
+	cl.send(`{"command":"status","id":"st"}`)
+	r := cl.read()
+	var doc statusDoc
+	if r.Status != statusOK || json.Unmarshal(r.Stats, &doc) != nil {
+		d.t.Fatalf("status: got %+v", r)
+	}
+	return doc
+}
+
+// waitFor polls the status document until cond holds, failing at a deadline.
+func (d *testDaemon) waitFor(what string, cond func(statusDoc) bool) statusDoc {
+	d.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		doc := d.status()
+		if cond(doc) {
+			return doc
+		}
+		if time.Now().After(deadline) {
+			b, _ := json.MarshalIndent(doc, "", " ")
+			d.t.Fatalf("timed out waiting for %s; status:\n%s", what, b)
+		}
+		time.Sleep(5 * time.Millisecond) // polling the daemon's state, bounded by the deadline
+	}
+}
+
+// client is a native-protocol test client.
+type client struct {
+	t *testing.T
+	c net.Conn
+	r *bufio.Reader
+}
+
+func (c *client) send(line string) {
+	c.t.Helper()
+	if _, err := io.WriteString(c.c, line+"\n"); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// read reads one reply, failing the test after 30 s.
+func (c *client) read() Reply {
+	c.t.Helper()
+	c.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	line, err := c.r.ReadBytes('\n')
+	if err != nil {
+		c.t.Fatalf("read reply: %v (got %q)", err, line)
+	}
+	var r Reply
+	if err := json.Unmarshal(line, &r); err != nil {
+		c.t.Fatalf("reply is not JSON: %q", line)
+	}
+	return r
+}
+
+func tileReq(id, cache string, x, y, z, prio int) string {
+	return fmt.Sprintf(`{"command":"tile","id":%q,"cache_identifier":%q,"tiles":[[%d,%d,%d]],"priority":%d}`, id, cache, x, y, z, prio)
+}
+
+func idOf(r Reply) string {
+	if r.ID == nil {
+		return "<nil>"
+	}
+	return *r.ID
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
