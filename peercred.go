@@ -114,7 +114,7 @@ func loopbackTCPOwner(client, server netip.AddrPort) (int, error) {
 	if client.Addr().Is4() {
 		tables = []table{
 			{procNetTCP.v4, client, server},
-			{procNetTCP.v6, mapped(client), mapped(server)},
+			{procNetTCP.v6, ipv4Mapped(client), ipv4Mapped(server)},
 		}
 	} else {
 		tables = []table{{procNetTCP.v6, client, server}}
@@ -131,7 +131,8 @@ func loopbackTCPOwner(client, server netip.AddrPort) (int, error) {
 	return 0, errors.New("no owner found in the kernel's socket table")
 }
 
-func mapped(ap netip.AddrPort) netip.AddrPort {
+// ipv4Mapped returns ap with its IPv4 address in IPv4-mapped IPv6 form.
+func ipv4Mapped(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(netip.AddrFrom16(ap.Addr().As16()), ap.Port())
 }
 

@@ -52,14 +52,14 @@ func listenersFromSystemd() ([]net.Listener, error) {
 	}
 	pid, err := strconv.Atoi(pidStr)
 	if err != nil {
-		return nil, fmt.Errorf("socket activation: invalid LISTEN_PID %q", pidStr)
+		return nil, fmt.Errorf("invalid LISTEN_PID %q", pidStr)
 	}
 	if pid != os.Getpid() {
 		return nil, nil
 	}
 	n, err := strconv.Atoi(fdsStr)
 	if err != nil || n < 0 || n > maxListenFDs {
-		return nil, fmt.Errorf("socket activation: invalid LISTEN_FDS %q", fdsStr)
+		return nil, fmt.Errorf("invalid LISTEN_FDS %q", fdsStr)
 	}
 	if n == 0 {
 		return nil, nil
@@ -87,7 +87,7 @@ func listenersFromSystemd() ([]net.Listener, error) {
 			for _, l := range listeners {
 				l.Close()
 			}
-			return nil, fmt.Errorf("socket activation: %w", err)
+			return nil, err
 		}
 		listeners = append(listeners, l)
 	}
