@@ -167,7 +167,7 @@ func TestRendererFailures(t *testing.T) {
 		x    int
 		want string
 	}{
-		{1, "exited with status 3 while rendering"},
+		{1, "exited with status 3"},
 		{2, "render timeout"},
 		{3, "invalid reply"},
 		{4, "fake failure for x=4"},

@@ -131,7 +131,7 @@ func fakeRenderer(args []string) int {
 
 // testDaemon is a daemon started with run() in this process.
 type testDaemon struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	socket string
 	tcp    string
@@ -172,7 +172,7 @@ func (s *syncBuffer) String() string {
 }
 
 // shortTempDir returns a temp dir with a path short enough for a Unix socket.
-func shortTempDir(t *testing.T) string {
+func shortTempDir(t testing.TB) string {
 	dir, err := os.MkdirTemp("", "mrd")
 	if err != nil {
 		t.Fatal(err)
@@ -181,7 +181,7 @@ func shortTempDir(t *testing.T) string {
 	return dir
 }
 
-func freeTCPAddr(t *testing.T) string {
+func freeTCPAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -211,7 +211,7 @@ func (o daemonOpts) configYAML(d *testDaemon) string {
 	return y + o.extraYAML
 }
 
-func newTestDaemon(t *testing.T, o daemonOpts) *testDaemon {
+func newTestDaemon(t testing.TB, o daemonOpts) *testDaemon {
 	t.Helper()
 	dir := shortTempDir(t)
 	d := &testDaemon{t: t, dir: dir, socket: dir + "/s.sock", log: dir + "/jobs.log", stderr: &syncBuffer{}}
@@ -359,7 +359,7 @@ func (d *testDaemon) waitFor(what string, cond func(statusDoc) bool) statusDoc {
 
 // client is a native-protocol test client.
 type client struct {
-	t *testing.T
+	t testing.TB
 	c net.Conn
 	r *bufio.Reader
 }

@@ -102,7 +102,7 @@ func (r *renderer) run() {
 	backoff := time.Duration(0)
 	var held *renderJob // a job that arrived while no process was up
 	for {
-		p, caches, err := startProcess(r.cfg, r.log)
+		p, caches, err := startProcess(r.cfg, r.hardStop, r.log)
 		if err != nil {
 			r.log.Error("renderer failed to start", "error", err)
 			r.send(rendererEvent{kind: evStartFailed, err: err})
@@ -226,7 +226,7 @@ type rendererProcess struct {
 }
 
 // startProcess starts a renderer and waits for its ready line (bounded by startTimeout).
-func startProcess(cfg rendererConfig, log *slog.Logger) (*rendererProcess, map[string]metaSize, error) {
+func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger) (*rendererProcess, map[string]metaSize, error) {
 	if len(cfg.argv) == 0 {
 		return nil, nil, errors.New("no renderer command")
 	}
@@ -276,7 +276,7 @@ func startProcess(cfg rendererConfig, log *slog.Logger) (*rendererProcess, map[s
 	go func() { <-outDone; <-errDone; close(p.readers) }()
 	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
 
-	caches, err := p.handshake(cfg.startTimeout)
+	caches, err := p.handshake(cfg.startTimeout, hardStop)
 	if err != nil {
 		p.kill(plog)
 		return nil, nil, fmt.Errorf("renderer %s (pid %d): %w", cfg.argv[0], p.pid, err)
@@ -359,7 +359,7 @@ func logStderr(r io.Reader, log *slog.Logger) {
 	}
 }
 
-func (p *rendererProcess) handshake(timeout time.Duration) (map[string]metaSize, error) {
+func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struct{}) (map[string]metaSize, error) {
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
@@ -390,6 +390,8 @@ func (p *rendererProcess) handshake(timeout time.Duration) (map[string]metaSize,
 		return caches, nil
 	case <-t.C:
 		return nil, fmt.Errorf("no ready line within start_timeout %s", timeout)
+	case <-hardStop:
+		return nil, errors.New("daemon stopped before the renderer was ready")
 	}
 }
 
