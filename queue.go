@@ -175,19 +175,17 @@ var errQueueFull = fmt.Errorf("queue full")
 // whole, before anything changes. waiter may be nil (a background request).
 // It returns how many of the keys joined an existing job.
 func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendingRequest, now int64) (merged int, err error) {
+	keys = uniqueKeys(keys)
 	fresh := 0
-	for i, k := range keys {
-		if _, ok := qs.jobs[k]; !ok && !dupKey(keys[:i], k) {
+	for _, k := range keys {
+		if _, ok := qs.jobs[k]; !ok {
 			fresh++
 		}
 	}
 	if fresh > 0 && len(qs.queue)+fresh > qs.max {
 		return 0, errQueueFull
 	}
-	for i, k := range keys {
-		if dupKey(keys[:i], k) {
-			continue
-		}
+	for _, k := range keys {
 		j, ok := qs.jobs[k]
 		if ok {
 			merged++
@@ -213,13 +211,20 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 	return merged, nil
 }
 
-func dupKey(keys []jobKey, k jobKey) bool {
-	for _, o := range keys {
-		if o == k {
-			return true
+// uniqueKeys drops repeated keys (several tiles of one metatile in one request), keeping order.
+func uniqueKeys(keys []jobKey) []jobKey {
+	if len(keys) < 2 {
+		return keys
+	}
+	seen := make(map[jobKey]struct{}, len(keys))
+	out := keys[:0:0]
+	for _, k := range keys {
+		if _, dup := seen[k]; !dup {
+			seen[k] = struct{}{}
+			out = append(out, k)
 		}
 	}
-	return false
+	return out
 }
 
 // next pops the job that may start now with busy renderers busy and free ready, or nil.

@@ -337,3 +337,16 @@ func BenchmarkQueuedJobMemory(b *testing.B) {
 		runtime.KeepAlive(qs)
 	}
 }
+
+func TestQueueOneRequestSeveralTilesOfOneMetatile(t *testing.T) {
+	c := &cacheInfo{id: "c", metaX: 4, metaY: 4}
+	qs := newQueueState(capacityRule{maxSeed: 1, seedBelow: 50}, 10)
+	w := &pendingRequest{}
+	keys := []jobKey{keyFor(c, tileCoord{0, 0, 5}), keyFor(c, tileCoord{1, 1, 5}), keyFor(c, tileCoord{4, 0, 5}), keyFor(c, tileCoord{3, 3, 5})}
+	if _, err := qs.add(keys, 100, false, w, 0); err != nil {
+		t.Fatal(err)
+	}
+	if len(qs.queue) != 2 || w.jobsLeft != 2 {
+		t.Fatalf("got %d jobs, waiter on %d; want 2 and 2", len(qs.queue), w.jobsLeft)
+	}
+}
