@@ -32,6 +32,7 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   reply lists the tiles that are not in the cache as ``"missing": [[x, y, z], ...]``.
   Unknown caches, bad coordinates, malformed lines and unknown commands get
   "error" (echoing the id when the line had one); the process keeps going.
+  Empty lines are not jobs and get no reply.
 * End of stdin: exit 0. SIGINT is ignored (the daemon owns the lifecycle;
   closing stdin or SIGTERM stops the process).
 
@@ -182,7 +183,9 @@ def serve(worker, lines, out):
             continue
         job_id = None
         try:
-            job = json.loads(line)
+            job = json.loads(line.decode('utf-8'))
+        except UnicodeDecodeError:
+            reply = error('invalid JSON: not UTF-8')
         except ValueError as e:
             reply = error('invalid JSON: %s' % e)
         else:
