@@ -73,7 +73,13 @@ func newMapProxyRig(t *testing.T) *mapproxyRig {
 		"req": map[string]any{"url": "http://" + closedPort + "/service", "layers": "x"}}
 	conf["caches"].(map[string]any)["broken_cache"] = map[string]any{"grids": []string{"GLOBAL_WEBMERCATOR"},
 		"sources": []string{"broken_wms"}, "format": "image/png"}
-	conf["layers"] = append(conf["layers"].([]any), map[string]any{"name": "broken", "title": "broken upstream", "sources": []string{"broken_cache"}})
+	sources["seedonly_wms"] = map[string]any{"type": "wms", "supported_srs": []string{"EPSG:3857"}, "seed_only": true,
+		"req": map[string]any{"url": upstream + "service", "layers": "dbg", "transparent": true}}
+	conf["caches"].(map[string]any)["seedonly_cache"] = map[string]any{"grids": []string{"GLOBAL_WEBMERCATOR"},
+		"sources": []string{"seedonly_wms"}, "format": "image/png", "meta_size": []int{4, 4}}
+	conf["layers"] = append(conf["layers"].([]any),
+		map[string]any{"name": "broken", "title": "broken upstream", "sources": []string{"broken_cache"}},
+		map[string]any{"name": "seedonly", "title": "seed_only upstream", "sources": []string{"seedonly_cache"}})
 	r.writeYAML("mapproxy.yaml", conf)
 	conf["globals"].(map[string]any)["renderd"] = map[string]any{"address": "http+unix://" + url.PathEscape(r.socket) + "/"}
 	r.writeYAML("mapproxy-unix.yaml", conf)
@@ -450,6 +456,28 @@ func TestMapProxyEndToEnd(t *testing.T) {
 			t.Errorf("tiles not rewritten by the refresh seed: %d of %d", stale, len(mtimes))
 		}
 		t.Logf("refresh seed rewrote %d of %d existing tiles at levels 0-7", len(mtimes)-stale, len(mtimes))
+	})
+
+	// A seed_only source renders for mapproxy-seed only: a live request gets MapProxy's blank
+	// tile and nothing is stored, while seeding through the daemon fills the cache.
+	t.Run("seed_only sources render for seeding, not for live requests", func(t *testing.T) {
+		r.t = t
+		code, ctype, body, _ := r.get(r.mpTCP + "wmts/seedonly/GLOBAL_WEBMERCATOR/2/1/1.png")
+		if code != 200 || ctype != "image/png" || !isPNG(body) {
+			t.Fatalf("live request: got %d %s", code, ctype)
+		}
+		if files := r.pngFiles("seedonly_cache_EPSG3857"); len(files) != 0 {
+			t.Fatalf("a live request stored %d tiles of a seed_only source, want none", len(files))
+		}
+		r.writeYAML("seed-only.yaml", map[string]any{"seeds": map[string]any{"so": map[string]any{
+			"caches": []string{"seedonly_cache"}, "grids": []string{"GLOBAL_WEBMERCATOR"}, "levels": map[string]int{"from": 0, "to": 2}}}})
+		out, err := exec.Command("mapproxy-seed", "-f", r.dir+"/mapproxy.yaml", "-s", r.dir+"/seed-only.yaml", "--seed", "so", "-c", "2").CombinedOutput()
+		if err != nil {
+			t.Fatalf("mapproxy-seed: %v\n%s", err, tail(string(out), 2000))
+		}
+		if files := r.pngFiles("seedonly_cache_EPSG3857"); len(files) != 1+4+16 {
+			t.Fatalf("seeded tiles of the seed_only cache: got %d, want 21 (levels 0-2)", len(files))
+		}
 	})
 
 	b, _ := json.MarshalIndent(r.status().Counters, "", " ")

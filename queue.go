@@ -34,6 +34,7 @@ type job struct {
 	priority int16
 	state    jobState
 	keep     bool // a background request asked for it: render even if nobody waits
+	seed     bool // a request of the seed class asked for it (the renderer may render it as a seeder would)
 }
 
 // jobQueue is a max-heap of queued jobs: higher priority first, then lower seq (FIFO).
@@ -201,6 +202,9 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 		}
 		if keep {
 			j.keep = true
+		}
+		if qs.rule.isSeed(priority) {
+			j.seed = true
 		}
 		if waiter != nil {
 			j.waiters = append(j.waiters, waiter)

@@ -47,6 +47,7 @@ type renderJob struct {
 	tile    tileCoord
 	timeout time.Duration
 	recycle int
+	seed    bool
 }
 
 type eventKind uint8
@@ -402,6 +403,7 @@ type jobLine struct {
 	CacheIdentifier string     `json:"cache_identifier"`
 	Tiles           [][3]int32 `json:"tiles"`
 	Refresh         bool       `json:"refresh"`
+	Seed            bool       `json:"seed,omitempty"`
 }
 
 type jobReply struct {
@@ -415,7 +417,7 @@ type jobReply struct {
 func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status, msg string, healthy, timedOut bool) {
 	id := strconv.FormatUint(j.seq, 10)
 	line, _ := json.Marshal(jobLine{ID: id, Command: "tile", CacheIdentifier: j.cache,
-		Tiles: [][3]int32{{j.tile.X, j.tile.Y, j.tile.Z}}, Refresh: true})
+		Tiles: [][3]int32{{j.tile.X, j.tile.Y, j.tile.Z}}, Refresh: true, Seed: j.seed})
 	line = append(line, '\n')
 	p.stdin.SetWriteDeadline(time.Now().Add(j.timeout))
 	if _, err := p.stdin.Write(line); err != nil {

@@ -16,13 +16,16 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   z share a metatile. If loading fails the reason goes to stderr and the
   process exits non-zero without a ready line.
 * Job: ``{"id": "...", "command": "tile", "cache_identifier": "...",
-  "tiles": [[x, y, z], ...], "refresh": true}`` with MapProxy-internal grid
+  "tiles": [[x, y, z], ...], "refresh": true, "seed": false}`` with MapProxy-internal grid
   coordinates. For every coordinate the whole metatile containing it is
   rendered and stored. With "refresh" true or absent the render is forced:
   every tile of the metatile is rewritten, cached or not (MapProxy asks when
   any tile is missing or stale, and mapproxy-seed's refresh_before decision
   is not in the request). With "refresh": false a metatile is rendered only
   when one of its tiles is missing or stale by the cache's own rules.
+  With "seed" true (mapproxy-seed asked for the tile) the configuration is the
+  one mapproxy-seed loads (seed_only sources render); otherwise the one
+  MapProxy's web processes load (seed_only sources are blank).
   ``{"id": "...", "command": "ping"}`` is answered ok.
 * Reply: exactly one line per job, after the tiles are stored:
   ``{"id": ..., "status": "ok"}``, or
@@ -63,20 +66,14 @@ def take_stdout():
     return os.fdopen(proto_fd, 'w', encoding='utf-8', newline='\n')
 
 
-class Worker(object):
-    def __init__(self, config_path):
+class Config(object):
+    """One loaded MapProxy configuration and its tile managers by cache identifier."""
+
+    def __init__(self, path, seed):
         from mapproxy.config.loader import load_configuration
 
-        # seed=True: seed_only sources stay real sources. With
-        # globals.renderd.address set, mapproxy-seed hands every tile to
-        # renderd, so this process is the only one that can fill a cache
-        # whose source is seed_only; loaded without seed=True such a source
-        # is a DummySource and a seed run would "succeed" without writing
-        # anything. The price: a live request for a missing tile of such a
-        # cache is rendered from the source too, where plain MapProxy would
-        # answer a blank tile. seed=True changes nothing else in 1.15.
         # renderd=True: we are renderd, render locally instead of POSTing.
-        self.conf = load_configuration(config_path, seed=True, renderd=True)
+        self.conf = load_configuration(path, seed=seed, renderd=True)
         self.managers = {}
         self.defaults = {}
         with self.conf:
@@ -84,6 +81,32 @@ class Worker(object):
                 for _grid, _extent, tm in cache_conf.caches():
                     self.managers[tm.identifier] = tm
                     self.defaults[tm.identifier] = (tm._expire_timestamp, tm._refresh_before)
+
+
+class Worker(object):
+    """Renders jobs with the configuration MapProxy itself would use for them.
+
+    Jobs marked "seed" (a mapproxy-seed request asked for the tile) use the
+    configuration loaded with seed=True, where seed_only sources are real
+    sources; all other jobs use the one loaded as MapProxy's web processes load
+    it (seed_only sources give blank tiles, nothing is stored). With
+    globals.renderd.address set, mapproxy-seed hands every tile to renderd, so
+    this process is the only one that can fill a cache whose source is
+    seed_only. The seed configuration is loaded on the first seed job.
+    """
+
+    def __init__(self, config_path):
+        self.path = config_path
+        self.live = Config(config_path, seed=False)
+        self.seed = None
+        self.managers = self.live.managers
+
+    def config_for(self, seed):
+        if not seed:
+            return self.live
+        if self.seed is None:
+            self.seed = Config(self.path, seed=True)
+        return self.seed
 
     def caches(self):
         result = {}
@@ -102,19 +125,23 @@ class Worker(object):
             return {'status': 'ok'}
         if command != 'tile':
             return error('unknown command %s' % json.dumps(command))
+        seed = job.get('seed', False)
+        if not isinstance(seed, bool):
+            return error('"seed" must be true or false')
         ident = job.get('cache_identifier')
-        tm = self.managers.get(ident) if isinstance(ident, str) else None
-        if tm is None:
+        if not isinstance(ident, str) or ident not in self.managers:
             return error('unknown cache %s' % json.dumps(ident))
+        conf = self.config_for(seed)
+        tm = conf.managers[ident]
         coords, msg = parse_tiles(job.get('tiles'), tm.grid)
         if msg:
             return error(msg)
         refresh = job.get('refresh', True)
         if not isinstance(refresh, bool):
             return error('"refresh" must be true or false')
-        return self.render(tm, coords, refresh)
+        return self.render(conf, tm, coords, refresh)
 
-    def render(self, tm, coords, refresh):
+    def render(self, conf, tm, coords, refresh):
         from mapproxy.cache.tile import Tile
         from mapproxy.config import local_base_config
         from mapproxy.source import SourceError
@@ -124,7 +151,7 @@ class Worker(object):
             # and the cache's own refresh_before must not take precedence.
             tm._expire_timestamp, tm._refresh_before = 2**32, {}
         else:
-            tm._expire_timestamp, tm._refresh_before = self.defaults[tm.identifier]
+            tm._expire_timestamp, tm._refresh_before = conf.defaults[tm.identifier]
 
         # Group coordinates by metatile, keeping order.
         metatiles = {}
@@ -137,7 +164,7 @@ class Worker(object):
 
         missing = []
         try:
-            with local_base_config(self.conf.base_config), tm.session():
+            with local_base_config(conf.conf.base_config), tm.session():
                 creator = tm.creator()
                 for coord, members in metatiles.values():
                     # create_tiles renders the whole metatile containing coord
