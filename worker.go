@@ -48,6 +48,8 @@ type renderJob struct {
 	timeout time.Duration
 	recycle int
 	seed    bool
+	// handedOver counts moves to a replacement process after one that never took the job.
+	handedOver int
 }
 
 type eventKind uint8
@@ -193,7 +195,27 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, li
 				return false, 0
 			}
 		}
+		// A process that died while idle, or whose stdin is already gone, never saw the job:
+		// it goes to the replacement once instead of failing for nothing it did.
+		select {
+		case <-p.exited:
+			if j.handedOver == 0 {
+				j.handedOver++
+				*held = &j
+				r.log.Warn("renderer exited before taking a job; the job goes to its replacement", "pid", p.pid, "exit", p.exitText())
+				p.kill(r.log)
+				return false, 0
+			}
+		default:
+		}
 		status, msg, healthy, timedOut := p.render(j, r.hardStop)
+		if errors.Is(p.writeErr, errNotTaken) && j.handedOver == 0 {
+			j.handedOver++
+			*held = &j
+			r.log.Warn("renderer did not take a job; the job goes to its replacement", "pid", p.pid)
+			p.kill(r.log)
+			return false, 0
+		}
 		if !healthy {
 			p.kill(r.log)
 		} else if done++; j.recycle > 0 && done >= j.recycle {
@@ -210,18 +232,19 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, li
 
 // rendererProcess is one running render subprocess and the goroutines that read its output.
 type rendererProcess struct {
-	cmd     *exec.Cmd
-	pid     int
-	started time.Time
-	stdin   *os.File
-	stdout  *os.File
-	stderr  *os.File
-	lines   chan []byte   // stdout lines; closed at EOF, error or an over-long line
-	readers chan struct{} // closed when both output readers have returned
-	quit    chan struct{} // closed to stop the stdout reader
-	exited  chan struct{} // closed when the process has been waited for
-	waitErr error         // written before exited is closed
-	readErr error         // written before lines is closed
+	cmd      *exec.Cmd
+	pid      int
+	started  time.Time
+	stdin    *os.File
+	stdout   *os.File
+	stderr   *os.File
+	lines    chan []byte   // stdout lines; closed at EOF, error or an over-long line
+	readers  chan struct{} // closed when both output readers have returned
+	quit     chan struct{} // closed to stop the stdout reader
+	exited   chan struct{} // closed when the process has been waited for
+	waitErr  error         // written before exited is closed
+	readErr  error         // written before lines is closed
+	writeErr error         // the last job could not be written (errNotTaken)
 
 	releaseOnce sync.Once
 }
@@ -303,6 +326,9 @@ func (p *rendererProcess) readLines() {
 		}
 	}
 }
+
+// errNotTaken marks a job that could not be written to a renderer's stdin.
+var errNotTaken = errors.New("job not taken")
 
 // errLineTooLong is returned by readLimitedLine for a line over the limit.
 var errLineTooLong = errors.New("line too long")
@@ -421,6 +447,7 @@ func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status,
 	line = append(line, '\n')
 	p.stdin.SetWriteDeadline(time.Now().Add(j.timeout))
 	if _, err := p.stdin.Write(line); err != nil {
+		p.writeErr = fmt.Errorf("%w: %v", errNotTaken, err)
 		return statusError, fmt.Sprintf("renderer (pid %d) did not take the job: %v", p.pid, err), false, false
 	}
 	t := time.NewTimer(j.timeout)
