@@ -85,6 +85,15 @@ func parseRequest(line []byte) (Request, error) {
 	if !utf8.Valid(line) {
 		return req, &requestError{msg: "invalid request: not UTF-8"}
 	}
+	if fast, ok := fastParse(line); ok {
+		return fast, nil
+	}
+	return slowParse(line)
+}
+
+// slowParse is parseRequest with encoding/json: every shape, every error message.
+func slowParse(line []byte) (Request, error) {
+	var req Request
 	var w wireRequest
 	dec := json.NewDecoder(bytes.NewReader(line))
 	dec.DisallowUnknownFields()
@@ -244,14 +253,7 @@ func truncate(s string, n int) string {
 }
 
 // marshalReply encodes a reply as one line, newline included.
-func marshalReply(r Reply) []byte {
-	b, err := json.Marshal(r)
-	if err != nil {
-		// Only Stats could fail, and it is produced by us; say so rather than send nothing.
-		b, _ = json.Marshal(Reply{ID: r.ID, Status: statusError, ErrorMessage: "internal error encoding reply: " + err.Error()})
-	}
-	return append(b, '\n')
-}
+func marshalReply(r Reply) []byte { return appendReply(nil, r) }
 
 func errorReply(id *string, msg string) Reply {
 	return Reply{ID: id, Status: statusError, ErrorMessage: msg}

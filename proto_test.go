@@ -1,12 +1,15 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 func TestParseRequestMapProxyBody(t *testing.T) {
@@ -37,7 +40,17 @@ func FuzzParseRequest(f *testing.F) {
 	f.Add(`{"command":"status"}`)
 	f.Add(`{"command":"tile","tiles":[[1.5,-2,3]]}`)
 	f.Add(`[{"command":"ping"}]`)
+	f.Add(`{"command":"tile","id":null,"cache_identifier":"c","tiles":[[0,0,0],[1,2,3]],"priority":0,"background":false}`)
+	f.Add(`{"command":"tile","cache_identifier":"c","tiles":[[1,2,3]],"priority":01}`)
+	f.Add(`{"command":"tile","cache_identifier":"c","tiles":[[1,2,3]],"command":"ping"}`)
 	f.Fuzz(func(t *testing.T, line string) {
+		// Where the fast path answers, it must agree with encoding/json.
+		if fast, ok := fastParse([]byte(line)); ok {
+			slow, err := slowParse([]byte(line))
+			if err != nil || !sameRequest(fast, slow) {
+				t.Fatalf("fast path %s, slow path %s (%v)", describe(fast), describe(slow), err)
+			}
+		}
 		req, err := parseRequest([]byte(line))
 		if err != nil {
 			if _, ok := err.(*requestError); !ok && err != errEmptyLine {
@@ -133,4 +146,53 @@ func BenchmarkEndToEnd(b *testing.B) {
 	}
 	wg.Wait()
 	b.ReportMetric(float64(per*conns)/time.Since(start).Seconds(), "req/s")
+}
+
+func sameRequest(a, b Request) bool {
+	return a.Command == b.Command && (a.ID == nil) == (b.ID == nil) && (a.ID == nil || *a.ID == *b.ID) &&
+		a.CacheIdentifier == b.CacheIdentifier && slices.Equal(a.Tiles, b.Tiles) &&
+		a.Priority == b.Priority && a.Background == b.Background
+}
+
+func describe(r Request) string {
+	id := "<nil>"
+	if r.ID != nil {
+		id = *r.ID
+	}
+	return fmt.Sprintf("%s id=%q cache=%q tiles=%v prio=%d bg=%v", r.Command, id, r.CacheIdentifier, r.Tiles, r.Priority, r.Background)
+}
+
+// FuzzAppendReply: the hand-written encoder writes what encoding/json writes.
+func FuzzAppendReply(f *testing.F) {
+	f.Add("id-1", "ok", "", int64(12), int64(48311), true, true)
+	f.Add("", "error", "unknown cache \"x\" <&> \u00e9\n", int64(0), int64(0), false, false)
+	f.Fuzz(func(t *testing.T, id, status, msg string, q, r int64, hasID, merged bool) {
+		if !utf8.ValidString(id) || !utf8.ValidString(status) || !utf8.ValidString(msg) {
+			return
+		}
+		qm, rm := durationMS(q*1000), durationMS(r*1000)
+		rep := Reply{Status: status, ErrorMessage: msg, QueuedMS: &qm, RenderMS: &rm, Merged: merged}
+		if hasID {
+			rep.ID = &id
+		}
+		want, _ := json.Marshal(rep)
+		if got := appendReply(nil, rep); string(got) != string(want)+"\n" {
+			t.Fatalf("got  %s\nwant %s", got, want)
+		}
+	})
+}
+
+func TestJobLineIsValidJSON(t *testing.T) {
+	line := appendJobLine(nil, "17", renderJob{cache: `a"b\c`, tile: tileCoord{1, 2, 3}, seed: true})
+	var j struct {
+		ID              string     `json:"id"`
+		Command         string     `json:"command"`
+		CacheIdentifier string     `json:"cache_identifier"`
+		Tiles           [][3]int32 `json:"tiles"`
+		Refresh, Seed   bool
+	}
+	if err := json.Unmarshal(line, &j); err != nil || j.ID != "17" || j.Command != "tile" || j.CacheIdentifier != `a"b\c` ||
+		len(j.Tiles) != 1 || j.Tiles[0] != [3]int32{1, 2, 3} || !j.Refresh || !j.Seed {
+		t.Fatalf("job line %s: %+v %v", line, j, err)
+	}
 }

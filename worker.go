@@ -245,6 +245,7 @@ type rendererProcess struct {
 	waitErr  error         // written before exited is closed
 	readErr  error         // written before lines is closed
 	writeErr error         // the last job could not be written (errNotTaken)
+	lineBuf  []byte        // reused for job lines
 
 	releaseOnce sync.Once
 }
@@ -422,16 +423,6 @@ func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struc
 	}
 }
 
-// jobLine is the renderer protocol's job (DESIGN §5).
-type jobLine struct {
-	ID              string     `json:"id"`
-	Command         string     `json:"command"`
-	CacheIdentifier string     `json:"cache_identifier"`
-	Tiles           [][3]int32 `json:"tiles"`
-	Refresh         bool       `json:"refresh"`
-	Seed            bool       `json:"seed,omitempty"`
-}
-
 type jobReply struct {
 	ID           *string `json:"id"`
 	Status       string  `json:"status"`
@@ -442,9 +433,8 @@ type jobReply struct {
 // process must be replaced: it exited, wrote garbage, timed out, or the daemon is stopping hard.
 func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status, msg string, healthy, timedOut bool) {
 	id := strconv.FormatUint(j.seq, 10)
-	line, _ := json.Marshal(jobLine{ID: id, Command: "tile", CacheIdentifier: j.cache,
-		Tiles: [][3]int32{{j.tile.X, j.tile.Y, j.tile.Z}}, Refresh: true, Seed: j.seed})
-	line = append(line, '\n')
+	line := appendJobLine(p.lineBuf[:0], id, j)
+	p.lineBuf = line
 	p.stdin.SetWriteDeadline(time.Now().Add(j.timeout))
 	if _, err := p.stdin.Write(line); err != nil {
 		p.writeErr = fmt.Errorf("%w: %v", errNotTaken, err)
@@ -477,6 +467,9 @@ func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status,
 }
 
 func (p *rendererProcess) parseReply(out []byte, id string) (status, msg string, healthy, timedOut bool) {
+	if isPlainOK(out, id) {
+		return statusOK, "", true, false
+	}
 	var rep jobReply
 	if err := json.Unmarshal(out, &rep); err != nil || rep.ID == nil || rep.Status == "" {
 		return statusError, fmt.Sprintf("renderer (pid %d) wrote an invalid reply: %s", p.pid, truncate(string(out), 200)), false, false
