@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -43,6 +44,8 @@ func TestMain(m *testing.M) {
 // x == crash → exit 3; x == hang → never answer; x == garbage → write garbage;
 // x == fail → answer error. It logs "pid cache z x y" per job to -log, and with -gate it
 // reads one byte from that FIFO before answering, so tests decide when renders finish.
+// With -ready-gate it reads one byte from that FIFO before its ready line (tests decide when
+// start-up ends), and -env-log appends one JSON line per process start (see writeEnvLog).
 func fakeRenderer(args []string) int {
 	fs := flag.NewFlagSet("fake-renderer", flag.ContinueOnError)
 	logPath := fs.String("log", "", "append one line per job")
@@ -54,7 +57,12 @@ func fakeRenderer(args []string) int {
 	hang := fs.Int("hang", -1, "x that makes the renderer hang")
 	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
 	fail := fs.Int("fail", -1, "x that makes the renderer answer error")
+	readyGate := fs.String("ready-gate", "", "FIFO to read one byte from before the ready line")
+	envLog := fs.String("env-log", "", "append what this process inherited (see writeEnvLog)")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *envLog != "" && writeEnvLog(*envLog) != nil {
 		return 2
 	}
 	if *noReady {
@@ -77,6 +85,17 @@ func fakeRenderer(args []string) int {
 			return 2
 		}
 		logF = f
+	}
+	if *readyGate != "" {
+		f, err := os.OpenFile(*readyGate, os.O_RDONLY, 0)
+		if err == nil {
+			_, err = f.Read(make([]byte, 1))
+			f.Close()
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "ready gate:", err)
+			return 2
+		}
 	}
 	out := bufio.NewWriter(os.Stdout)
 	ready := `{"ready": true}`
@@ -127,6 +146,47 @@ func fakeRenderer(args []string) int {
 		out.Flush()
 	}
 	return 0
+}
+
+// envLogLine is what a fake renderer inherited: the systemd variables that are set, and
+// its open descriptors above stderr that are sockets.
+type envLogLine struct {
+	PID       int               `json:"pid"`
+	Env       map[string]string `json:"env"`
+	SocketFDs []string          `json:"socket_fds"`
+}
+
+// writeEnvLog appends this process's envLogLine to path. It runs first thing, before the
+// renderer opens anything itself.
+func writeEnvLog(path string) error {
+	l := envLogLine{PID: os.Getpid(), Env: map[string]string{}, SocketFDs: []string{}}
+	for _, k := range []string{"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
+		if v, ok := os.LookupEnv(k); ok {
+			l.Env[k] = v
+		}
+	}
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return err
+	}
+	for _, fd := range fds {
+		if n, err := strconv.Atoi(fd.Name()); err != nil || n <= 2 {
+			continue
+		}
+		if target, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && strings.HasPrefix(target, "socket:") {
+			l.SocketFDs = append(l.SocketFDs, fd.Name()+" -> "+target)
+		}
+	}
+	b, _ := json.Marshal(l)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(b, '\n'))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // testDaemon is a daemon started with run() in this process.
