@@ -32,12 +32,13 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(s.maxLine)))
+	maxLine := s.limits.Load().maxLine
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(maxLine)))
 	if err != nil {
 		s.invalid.Add(1)
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: body longer than max_line_bytes ("+itoa(s.maxLine)+" bytes)"))
+			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: body longer than max_line_bytes ("+itoa(maxLine)+" bytes)"))
 			return
 		}
 		writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: "+err.Error()))

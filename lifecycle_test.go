@@ -1178,3 +1178,85 @@ func TestMaxConnections(t *testing.T) {
 		t.Errorf("refused connections counter: got %d (%+v), want 2", s.Conns.Refused, r)
 	}
 }
+
+// TestSighupDuringStartup: a SIGHUP that arrives while renderers are still starting (systemd
+// runs a reload queued during start-up right after READY=1) must not kill the daemon; it
+// is applied once the daemon is ready.
+func TestSighupDuringStartup(t *testing.T) {
+	exe := lcExecutable(t)
+	dir := shortTempDir(t)
+	sock := dir + "/s.sock"
+	gate := lcFIFO(t, dir+"/ready")
+	lcConfig(t, dir+"/renderd.yaml", sock, "", 2,
+		[]string{exe, "fake-renderer", "-ready-gate", dir + "/ready", "-env-log", dir + "/env.log"}, "")
+	p := startLCProc(t, []string{exe, "daemon", "-c", dir + "/renderd.yaml"}, lcEnv(), nil)
+	waitEnvLog(t, dir+"/env.log", 2) // both renderers started, neither ready
+	p.signal(syscall.SIGHUP)
+	if _, err := gate.Write([]byte{1, 1}); err != nil {
+		t.Fatal(err)
+	}
+	p.out.waitFor(t, "msg=reloaded", 1)
+	c := lcDial(t, "unix", sock)
+	c.send(`{"command":"ping","id":"alive"}`)
+	c.expectReply("alive", statusOK)
+	p.signal(syscall.SIGTERM)
+	if err := p.wait(lcDeadline); err != nil {
+		t.Fatalf("daemon exit: %v, want status 0", err)
+	}
+}
+
+// TestReloadConnectionSettings: connection settings (here max_line_bytes) take effect on
+// SIGHUP like the scheduler's.
+func TestReloadConnectionSettings(t *testing.T) {
+	exe := lcExecutable(t)
+	dir := shortTempDir(t)
+	sock := dir + "/s.sock"
+	rend := []string{exe, "fake-renderer"}
+	lcConfig(t, dir+"/renderd.yaml", sock, "", 1, rend, "")
+	p := startLCProc(t, []string{exe, "daemon", "-c", dir + "/renderd.yaml"}, lcEnv(), nil)
+	long := `{"command":"ping","id":"` + strings.Repeat("x", 2000) + `"}`
+	c := lcDial(t, "unix", sock)
+	c.send(long)
+	if r := c.read(); r.Status != statusOK {
+		t.Fatalf("2 kB line with the default max_line_bytes: got %s %q", r.Status, r.ErrorMessage)
+	}
+	lcConfig(t, dir+"/renderd.yaml", sock, "", 1, rend, "max_line_bytes: 1024\n")
+	p.signal(syscall.SIGHUP)
+	p.out.waitFor(t, "msg=reloaded", 1)
+	c2 := lcDial(t, "unix", sock)
+	c2.send(long)
+	if r := c2.read(); r.Status != statusError || !strings.Contains(r.ErrorMessage, "max_line_bytes (1024 bytes)") {
+		t.Fatalf("2 kB line after reloading max_line_bytes 1024: got %s %q, want the line-length error", r.Status, r.ErrorMessage)
+	}
+}
+
+// TestShutdownWithSilentConnection: a client that connected but never sent a full first
+// line does not hold up shutdown.
+func TestShutdownWithSilentConnection(t *testing.T) {
+	noRaceExitSleep(t)
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, tcp: true})
+	silent := d.dial()
+	half, err := net.Dial("tcp", d.tcp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer half.Close()
+	if _, err := io.WriteString(half, "GET /sta"); err != nil {
+		t.Fatal(err)
+	}
+	d.waitFor("3 connections open", func(s statusDoc) bool { return s.Conns.Open >= 3 })
+	d.cancel()
+	select {
+	case err := <-d.done:
+		d.done <- err
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(lcDeadline):
+		t.Fatal("the daemon did not stop while a connection had sent nothing")
+	}
+	silent.c.SetReadDeadline(time.Now().Add(lcDeadline))
+	if _, err := silent.r.ReadByte(); err == nil {
+		t.Error("the silent connection got data, want EOF")
+	}
+}

@@ -179,6 +179,12 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Catch SIGHUP from the start: its default action kills, and systemd runs a reload queued
+	// during start-up right after READY=1. An early one waits here and is applied then.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
 	var level slog.LevelVar
 	lvl, _ := parseLogLevel(cfg.LogLevel)
 	level.Set(lvl)
@@ -263,14 +269,11 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		"max_seed_renderers", cfg.maxSeed, "renderer", strings.Join(rendererArgv(cfg, script), " "))
 	_ = notify.Notify("READY=1", "STATUS=ready: "+strconv.Itoa(cfg.Renderers)+" renderers")
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for running := true; running; {
 		select {
 		case <-hup:
 			_ = notify.Notify("RELOADING=1", monotonicUsec())
-			reload(cf, cfg, sched, &level, log)
+			cfg = reload(cf, cfg, sched, srv, &level, log)
 			_ = notify.Notify("READY=1")
 		case <-ctx.Done():
 			running = false
@@ -290,24 +293,27 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	return nil
 }
 
-// reload re-reads the configuration files (SIGHUP). A bad configuration is logged and the
-// running one kept. Listener settings need a restart.
-func reload(cf configFlags, old Config, sched *scheduler, level *slog.LevelVar, log *slog.Logger) {
+// reload re-reads the configuration files (SIGHUP) and returns the configuration now in
+// force. A bad configuration is logged and the running one kept. Listener settings need a
+// restart; the allow-list and connection limits apply to connections accepted from now on.
+func reload(cf configFlags, old Config, sched *scheduler, srv *server, level *slog.LevelVar, log *slog.Logger) Config {
 	cfg, err := cf.load()
 	if err != nil {
 		log.Error("reload failed; keeping the running configuration", "error", err)
-		return
+		return old
 	}
-	if cfg.Socket != old.Socket || cfg.httpAddr != old.httpAddr {
-		log.Warn("reload: listener settings (socket, http) change only with a restart")
+	if cfg.Socket != old.Socket || cfg.httpAddr != old.httpAddr || cfg.socketMode != old.socketMode || cfg.SocketGroup != old.SocketGroup {
+		log.Warn("reload: listener settings (socket, socket_mode, socket_group, http) change only with a restart")
 	}
 	if err := sched.reload(cfg); err != nil {
 		log.Error("reload failed", "error", err)
-		return
+		return old
 	}
+	srv.setLimits(cfg)
 	lvl, _ := parseLogLevel(cfg.LogLevel)
 	level.Set(lvl)
 	log.Info("reloaded", "renderers", cfg.Renderers, "max_seed_renderers", cfg.maxSeed)
+	return cfg
 }
 
 // bindListeners creates the Unix socket and the TCP listener from the configuration.

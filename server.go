@@ -23,11 +23,7 @@ import (
 type server struct {
 	log    *slog.Logger
 	sched  *scheduler
-	policy accessPolicy
-
-	maxLine     int
-	maxInFlight int
-	slots       chan struct{} // one per open connection (max_connections)
+	limits atomic.Pointer[serverLimits]
 
 	httpSrv   *http.Server
 	httpConns *chanListener
@@ -35,6 +31,7 @@ type server struct {
 	mu        sync.Mutex
 	listeners []net.Listener
 	conns     map[*ndjsonConn]struct{}
+	unsniffed map[net.Conn]struct{} // accepted, first line not seen yet
 	closing   bool
 	wg        sync.WaitGroup // accept loops and NDJSON connection goroutines
 
@@ -47,13 +44,11 @@ type server struct {
 func newServer(cfg Config, sched *scheduler, log *slog.Logger) *server {
 	s := &server{
 		log: log, sched: sched,
-		policy:      newAccessPolicy(cfg.AllowedUIDs, cfg.AllowedGIDs),
-		maxLine:     cfg.MaxLineBytes,
-		maxInFlight: cfg.MaxInFlight,
-		slots:       make(chan struct{}, cfg.MaxConnections),
-		conns:       make(map[*ndjsonConn]struct{}),
-		httpConns:   newChanListener(),
+		conns:     make(map[*ndjsonConn]struct{}),
+		unsniffed: make(map[net.Conn]struct{}),
+		httpConns: newChanListener(),
 	}
+	s.setLimits(cfg)
 	s.httpSrv = &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: 30 * time.Second,
@@ -64,6 +59,28 @@ func newServer(cfg Config, sched *scheduler, log *slog.Logger) *server {
 	sched.connStats = s.counters
 	return s
 }
+
+// serverLimits are the connection settings from the configuration; a reload swaps them
+// whole. The allow-list applies to connections accepted after the swap.
+type serverLimits struct {
+	policy      accessPolicy
+	maxLine     int
+	maxInFlight int
+	maxConns    int
+}
+
+func (s *server) setLimits(cfg Config) {
+	s.limits.Store(&serverLimits{
+		policy:      newAccessPolicy(cfg.AllowedUIDs, cfg.AllowedGIDs),
+		maxLine:     cfg.MaxLineBytes,
+		maxInFlight: cfg.MaxInFlight,
+		maxConns:    cfg.MaxConnections,
+	})
+}
+
+// sniffTimeout bounds the wait for a connection's first line, so that a client that
+// connects and says nothing does not hold a connection slot for ever.
+const sniffTimeout = time.Minute
 
 func (s *server) counters() connCounters {
 	return connCounters{Open: s.open.Load(), Accepted: s.accepted.Load(), Refused: s.refused.Load(), Invalid: s.invalid.Load()}
@@ -105,9 +122,7 @@ func (s *server) acceptLoop(l net.Listener) {
 			continue
 		}
 		delay = 0
-		select {
-		case s.slots <- struct{}{}:
-		default:
+		if !s.takeSlot() {
 			s.refused.Add(1)
 			s.log.Warn("too many connections; refusing one", "remote", c.RemoteAddr().String())
 			_ = c.SetWriteDeadline(time.Now().Add(time.Second))
@@ -116,7 +131,6 @@ func (s *server) acceptLoop(l net.Listener) {
 			continue
 		}
 		s.accepted.Add(1)
-		s.open.Add(1)
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
@@ -125,10 +139,21 @@ func (s *server) acceptLoop(l net.Listener) {
 	}
 }
 
-func (s *server) releaseSlot() {
-	s.open.Add(-1)
-	<-s.slots
+// takeSlot counts a new connection if max_connections allows it.
+func (s *server) takeSlot() bool {
+	limit := int64(s.limits.Load().maxConns)
+	for {
+		n := s.open.Load()
+		if n >= limit {
+			return false
+		}
+		if s.open.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
 }
+
+func (s *server) releaseSlot() { s.open.Add(-1) }
 
 // httpRequestLine matches "METHOD SP target SP HTTP/1.x" (DESIGN §2).
 var httpRequestLine = regexp.MustCompile(`^[A-Z]{1,16} [^ \r\n]+ HTTP/1\.[0-9]\r?\n$`)
@@ -161,7 +186,15 @@ func sniff(br *bufio.Reader) (isHTTP bool, err error) {
 // handle serves one accepted connection until it is done.
 func (s *server) handle(c net.Conn) {
 	br := bufio.NewReaderSize(c, 64<<10)
+	if !s.trackUnsniffed(c) {
+		c.Close()
+		s.releaseSlot()
+		return
+	}
+	_ = c.SetReadDeadline(time.Now().Add(sniffTimeout))
 	isHTTP, err := sniff(br)
+	_ = c.SetReadDeadline(time.Time{})
+	s.untrackUnsniffed(c)
 	if err != nil {
 		c.Close()
 		s.releaseSlot()
@@ -200,7 +233,8 @@ func (s *server) handle(c net.Conn) {
 
 // permit applies the allow-list; who describes the peer for the log.
 func (s *server) permit(c net.Conn) (who string, ok bool) {
-	if !s.policy.enabled() {
+	policy := s.limits.Load().policy
+	if !policy.enabled() {
 		return "", true
 	}
 	cred, err := peerCredentials(c)
@@ -211,7 +245,23 @@ func (s *server) permit(c net.Conn) (who string, ok bool) {
 	if cred.PID > 0 {
 		who += " pid " + itoa(cred.PID)
 	}
-	return who, s.policy.allows(cred)
+	return who, policy.allows(cred)
+}
+
+func (s *server) trackUnsniffed(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.unsniffed[c] = struct{}{}
+	return true
+}
+
+func (s *server) untrackUnsniffed(c net.Conn) {
+	s.mu.Lock()
+	delete(s.unsniffed, c)
+	s.mu.Unlock()
 }
 
 func (s *server) track(nc *ndjsonConn) bool {
@@ -250,6 +300,9 @@ func (s *server) shutdown(ctx context.Context) error {
 	conns := make([]*ndjsonConn, 0, len(s.conns))
 	for nc := range s.conns {
 		conns = append(conns, nc)
+	}
+	for c := range s.unsniffed {
+		_ = c.SetReadDeadline(time.Now()) // its sniff fails now; the connection is closed
 	}
 	s.mu.Unlock()
 	s.httpConns.Close()
@@ -309,7 +362,7 @@ func (nc *ndjsonConn) deliver(p *pendingRequest, r Reply) {
 	if !nc.gone {
 		nc.out = append(nc.out, r)
 	}
-	if len(nc.inflight) < nc.s.maxInFlight {
+	if len(nc.inflight) < nc.s.limits.Load().maxInFlight {
 		notifyChan(nc.space)
 	}
 	nc.mu.Unlock()
@@ -399,10 +452,11 @@ func (nc *ndjsonConn) clientGone() {
 
 func (nc *ndjsonConn) readLoop() error {
 	for {
-		line, err := readLimitedLine(nc.br, nc.s.maxLine)
+		maxLine := nc.s.limits.Load().maxLine
+		line, err := readLimitedLine(nc.br, maxLine)
 		if errors.Is(err, errLineTooLong) {
 			nc.s.invalid.Add(1)
-			nc.push(errorReply(nil, "invalid request: line longer than max_line_bytes ("+itoa(nc.s.maxLine)+" bytes)"))
+			nc.push(errorReply(nil, "invalid request: line longer than max_line_bytes ("+itoa(maxLine)+" bytes)"))
 			continue
 		}
 		if len(line) > 0 {
@@ -431,7 +485,7 @@ func (nc *ndjsonConn) waitForSpace() bool {
 		if gone {
 			return false
 		}
-		if n < nc.s.maxInFlight {
+		if n < nc.s.limits.Load().maxInFlight {
 			return true
 		}
 		<-nc.space
