@@ -191,6 +191,7 @@ func TestRendererFailures(t *testing.T) {
 }
 
 func TestRecycleAfter(t *testing.T) {
+	noRaceExitSleep(t)
 	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, extraYAML: "recycle_after: 2\n"})
 	cl := d.dial()
 	for x := 0; x < 6; x++ {
@@ -571,4 +572,31 @@ func TestStaleSocketHandling(t *testing.T) {
 	if fi.Mode().Perm() != 0o660 {
 		t.Errorf("mode: got %v, want 0660", fi.Mode().Perm())
 	}
+}
+
+// TestRendererExitingWhileIdle: a renderer that exits after every job (while idle) is
+// replaced at once, without backoff, and no request fails for it, also not one sent to a
+// process that was already gone.
+func TestRendererExitingWhileIdle(t *testing.T) {
+	noRaceExitSleep(t)
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, rendArgs: []string{"-exit-after", "1"}})
+	cl := d.dial()
+	const n = 12
+	for x := 0; x < n; x++ {
+		cl.send(tileReq(fmt.Sprint(x), cacheID, x, 0, 6, 100))
+		if r := cl.read(); r.Status != statusOK {
+			t.Fatalf("request %d: got %+v, want ok", x, r)
+		}
+	}
+	pids := map[string]bool{}
+	for _, l := range d.jobLog() {
+		pids[strings.Fields(l)[0]] = true
+	}
+	if len(pids) != n {
+		t.Errorf("renderer processes: got %d, want %d (one per job)", len(pids), n)
+	}
+	if s := d.status(); s.Counters["failed"] != 0 || s.Counters["rendered"] != n {
+		t.Errorf("counters: rendered %d failed %d, want %d and 0", s.Counters["rendered"], s.Counters["failed"], n)
+	}
+	t.Logf("jobs handed to a replacement process: %d", strings.Count(d.stderr.String(), "goes to its replacement"))
 }

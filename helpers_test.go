@@ -57,6 +57,7 @@ func fakeRenderer(args []string) int {
 	hang := fs.Int("hang", -1, "x that makes the renderer hang")
 	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
 	fail := fs.Int("fail", -1, "x that makes the renderer answer error")
+	exitAfter := fs.Int("exit-after", 0, "exit (while idle) after answering this many jobs")
 	readyGate := fs.String("ready-gate", "", "FIFO to read one byte from before the ready line")
 	envLog := fs.String("env-log", "", "append what this process inherited (see writeEnvLog)")
 	if err := fs.Parse(args); err != nil {
@@ -144,6 +145,9 @@ func fakeRenderer(args []string) int {
 			fmt.Fprintf(out, `{"id": %q, "status": "ok"}`+"\n", j.ID)
 		}
 		out.Flush()
+		if *exitAfter--; *exitAfter == 0 {
+			return 0
+		}
 	}
 	return 0
 }

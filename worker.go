@@ -112,11 +112,11 @@ func (r *renderer) run() {
 			backoff = nextBackoff(backoff)
 		} else {
 			r.send(rendererEvent{kind: evReady, caches: caches})
-			retired, lived := r.serve(p, &held)
+			retired, proven := r.serve(p, &held)
 			if retired {
 				return
 			}
-			if lived >= healthyRun {
+			if proven || time.Since(p.started) >= healthyRun {
 				backoff = 0
 			} else {
 				backoff = nextBackoff(backoff)
@@ -163,10 +163,12 @@ func (r *renderer) wait(d time.Duration, held **renderJob) bool {
 }
 
 // serve hands jobs to a ready process until it dies, is recycled, or the renderer is retired.
-// It reports how long the process lived and whether the renderer was retired.
-func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, lived time.Duration) {
-	defer func() { lived = time.Since(p.started) }()
+// It reports whether the renderer was retired, and whether the process proved that it works
+// (it answered a job properly): then its replacement starts without backoff, as after a
+// planned recycle.
+func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven bool) {
 	done := 0
+	defer func() { proven = done > 0 }()
 	for {
 		var j renderJob
 		if *held != nil {
@@ -176,14 +178,14 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, li
 			case jj, ok := <-r.jobs:
 				if !ok {
 					p.stop(r.log)
-					return true, 0
+					return true, false
 				}
 				j = jj
 			case <-p.exited:
 				r.log.Warn("renderer exited while idle", "pid", p.pid, "exit", p.exitText())
 				p.kill(r.log)
 				r.send(rendererEvent{kind: evLost})
-				return false, 0
+				return false, false
 			case line, ok := <-p.lines:
 				msg := "closed its output"
 				if ok {
@@ -192,11 +194,12 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, li
 				r.log.Warn("renderer misbehaved; replacing it", "pid", p.pid, "problem", msg)
 				p.kill(r.log)
 				r.send(rendererEvent{kind: evLost})
-				return false, 0
+				return false, false
 			}
 		}
-		// A process that died while idle, or whose stdin is already gone, never saw the job:
-		// it goes to the replacement once instead of failing for nothing it did.
+		// A process that died while idle, whose stdin is already gone, or that exited cleanly
+		// without answering never saw the job: it goes to the replacement once instead of
+		// failing for nothing it did.
 		select {
 		case <-p.exited:
 			if j.handedOver == 0 {
@@ -204,17 +207,17 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, li
 				*held = &j
 				r.log.Warn("renderer exited before taking a job; the job goes to its replacement", "pid", p.pid, "exit", p.exitText())
 				p.kill(r.log)
-				return false, 0
+				return false, false
 			}
 		default:
 		}
 		status, msg, healthy, timedOut := p.render(j, r.hardStop)
-		if errors.Is(p.writeErr, errNotTaken) && j.handedOver == 0 {
+		if p.notTaken && j.handedOver == 0 {
 			j.handedOver++
 			*held = &j
-			r.log.Warn("renderer did not take a job; the job goes to its replacement", "pid", p.pid)
+			r.log.Warn("renderer exited or closed its input without taking a job; the job goes to its replacement", "pid", p.pid)
 			p.kill(r.log)
-			return false, 0
+			return false, false
 		}
 		if !healthy {
 			p.kill(r.log)
@@ -225,27 +228,30 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired bool, li
 		}
 		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut})
 		if !healthy {
-			return false, 0
+			return false, false
 		}
 	}
 }
 
 // rendererProcess is one running render subprocess and the goroutines that read its output.
 type rendererProcess struct {
-	cmd      *exec.Cmd
-	pid      int
-	started  time.Time
-	stdin    *os.File
-	stdout   *os.File
-	stderr   *os.File
-	lines    chan []byte   // stdout lines; closed at EOF, error or an over-long line
-	readers  chan struct{} // closed when both output readers have returned
-	quit     chan struct{} // closed to stop the stdout reader
-	exited   chan struct{} // closed when the process has been waited for
-	waitErr  error         // written before exited is closed
-	readErr  error         // written before lines is closed
-	writeErr error         // the last job could not be written (errNotTaken)
-	lineBuf  []byte        // reused for job lines
+	cmd     *exec.Cmd
+	pid     int
+	started time.Time
+	stdin   *os.File
+	stdout  *os.File
+	stderr  *os.File
+	lines   chan []byte   // stdout lines; closed at EOF, error or an over-long line
+	readers chan struct{} // closed when both output readers have returned
+	quit    chan struct{} // closed to stop the stdout reader
+	exited  chan struct{} // closed when the process has been waited for
+	waitErr error         // written before exited is closed
+	readErr error         // written before lines is closed
+	// notTaken: the last job never reached the renderer: writing it failed, or the process
+	// exited with status 0 without answering (renderers exit cleanly only between jobs,
+	// e.g. to recycle themselves, so it left before reading the job).
+	notTaken bool
+	lineBuf  []byte // reused for job lines
 
 	releaseOnce sync.Once
 }
@@ -327,9 +333,6 @@ func (p *rendererProcess) readLines() {
 		}
 	}
 }
-
-// errNotTaken marks a job that could not be written to a renderer's stdin.
-var errNotTaken = errors.New("job not taken")
 
 // errLineTooLong is returned by readLimitedLine for a line over the limit.
 var errLineTooLong = errors.New("line too long")
@@ -437,7 +440,7 @@ func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status,
 	p.lineBuf = line
 	p.stdin.SetWriteDeadline(time.Now().Add(j.timeout))
 	if _, err := p.stdin.Write(line); err != nil {
-		p.writeErr = fmt.Errorf("%w: %v", errNotTaken, err)
+		p.notTaken = true
 		return statusError, fmt.Sprintf("renderer (pid %d) did not take the job: %v", p.pid, err), false, false
 	}
 	t := time.NewTimer(j.timeout)
@@ -445,7 +448,9 @@ func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status,
 	select {
 	case out, ok := <-p.lines:
 		if !ok {
-			return statusError, fmt.Sprintf("renderer (pid %d) closed its output while rendering (%s)", p.pid, p.exitTextWithin(killGrace)), false, false
+			exit := p.exitTextWithin(killGrace)
+			p.notTaken = p.exitedCleanly()
+			return statusError, fmt.Sprintf("renderer (pid %d) closed its output while rendering (%s)", p.pid, exit), false, false
 		}
 		return p.parseReply(out, id)
 	case <-p.exited:
@@ -458,6 +463,7 @@ func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status,
 			}
 		case <-time.After(killGrace):
 		}
+		p.notTaken = p.exitedCleanly()
 		return statusError, fmt.Sprintf("renderer (pid %d) %s while rendering", p.pid, p.exitText()), false, false
 	case <-t.C:
 		return statusError, fmt.Sprintf("render timeout: no answer within %s (renderer pid %d killed)", j.timeout, p.pid), false, true
@@ -500,6 +506,16 @@ func (p *rendererProcess) exitTextWithin(d time.Duration) string {
 	case <-t.C:
 	}
 	return p.exitText()
+}
+
+// exitedCleanly reports whether the process has exited with status 0.
+func (p *rendererProcess) exitedCleanly() bool {
+	select {
+	case <-p.exited:
+		return p.waitErr == nil
+	default:
+		return false
+	}
 }
 
 func (p *rendererProcess) exitText() string {
