@@ -33,9 +33,16 @@ type job struct {
 	index    int32 // position in the heap; -1 when not queued
 	priority int16
 	state    jobState
-	keep     bool // a background request asked for it: render even if nobody waits
-	seed     bool // a request of the seed class asked for it (the renderer may render it as a seeder would)
+	flags    jobFlags // packed with state so that a job stays in the 80-byte size class
 }
+
+// jobFlags say who asked for a job besides its waiters.
+type jobFlags uint8
+
+const (
+	keepJob jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
+	seedJob                      // a seed-class request asked for it: render it as mapproxy-seed would
+)
 
 // jobQueue is a max-heap of queued jobs: higher priority first, then lower seq (FIFO).
 // It implements heap.Interface; items keep their own index so that heap.Fix and
@@ -201,10 +208,10 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 			heap.Push(&qs.queue, j)
 		}
 		if keep {
-			j.keep = true
+			j.flags |= keepJob
 		}
 		if qs.rule.isSeed(priority) {
-			j.seed = true
+			j.flags |= seedJob
 		}
 		if waiter != nil {
 			j.waiters = append(j.waiters, waiter)
@@ -262,7 +269,7 @@ func (qs *queueState) removeWaiter(j *job, w *pendingRequest) (dropped bool) {
 			break
 		}
 	}
-	if j.state != jobQueued || len(j.waiters) > 0 || j.keep {
+	if j.state != jobQueued || len(j.waiters) > 0 || j.flags&keepJob != 0 {
 		return false
 	}
 	heap.Remove(&qs.queue, int(j.index))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"testing"
+	"unsafe"
 )
 
 func testCache(id string) *cacheInfo { return &cacheInfo{id: id} }
@@ -348,5 +349,14 @@ func TestQueueOneRequestSeveralTilesOfOneMetatile(t *testing.T) {
 	}
 	if len(qs.queue) != 2 || w.jobsLeft != 2 {
 		t.Fatalf("got %d jobs, waiter on %d; want 2 and 2", len(qs.queue), w.jobsLeft)
+	}
+}
+
+// TestJobStaysSmall guards the memory per queued job (BenchmarkQueuedJobMemory measures the
+// whole, about 173 B with the table entry and heap slot): the job itself fits the 80-byte
+// allocation size class.
+func TestJobStaysSmall(t *testing.T) {
+	if got := unsafe.Sizeof(job{}); got > 80 {
+		t.Errorf("job is %d bytes, want at most 80", got)
 	}
 }

@@ -332,7 +332,7 @@ func (s *scheduler) dispatch() {
 			tile:    tileCoord{j.key.x, j.key.y, j.key.z},
 			timeout: time.Duration(s.cfg.RenderTimeout),
 			recycle: s.cfg.RecycleAfter,
-			seed:    j.seed,
+			seed:    j.flags&seedJob != 0,
 		}
 	}
 }
