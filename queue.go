@@ -18,22 +18,34 @@ const (
 // jobKey identifies a job for deduplication: a cache and one metatile of it
 // (the tile itself when the cache's metatile size is unknown or 1×1).
 type jobKey struct {
-	cache   *cacheInfo
+	cache   int32 // cacheInfo.idx
 	x, y, z int32 // the metatile's origin tile: x//mx*mx, y//my*my
 }
 
 // job is what is queued and rendered once, whoever asked for it.
 // All fields are owned by the scheduler goroutine.
+// Memory per queued job matters (a seed can queue millions): it is 48 bytes, plus its table
+// entry and heap slot. A running job's start time lives in its renderer's slot.
 type job struct {
 	key      jobKey
-	seq      uint64 // FIFO order among equal priority, and the job id sent to the renderer
-	enqueued int64  // ns since the daemon started
-	started  int64  // ns since the daemon started; 0 while queued
-	waiters  []*pendingRequest
-	index    int32 // position in the heap; -1 when not queued
+	seq      uint64     // FIFO order among equal priority, and the job id sent to the renderer
+	enqueued int64      // ns since the daemon started
+	waiters  *waiterSet // nil while nobody waits (background jobs)
+	index    int32      // position in the heap; -1 when not queued
 	priority int16
 	state    jobState
 	flags    jobFlags // packed with state so that a job stays in the 80-byte size class
+}
+
+// waiterSet holds the requests waiting for a job.
+type waiterSet struct{ list []*pendingRequest }
+
+// waiting returns the requests waiting for j.
+func (j *job) waiting() []*pendingRequest {
+	if j.waiters == nil {
+		return nil
+	}
+	return j.waiters.list
 }
 
 // jobFlags say who asked for a job besides its waiters.
@@ -136,6 +148,7 @@ func newChanSink() chanSink { return make(chanSink, 1) }
 // one *cacheInfo per identifier for the life of the daemon.
 type cacheInfo struct {
 	id           string
+	idx          int32 // its number in the scheduler's cache list, used in job keys
 	metaX, metaY int32
 	known        bool // a renderer's ready line listed it
 	requested    uint64
@@ -152,12 +165,12 @@ func keyFor(c *cacheInfo, t tileCoord) jobKey {
 	if my < 1 {
 		my = 1
 	}
-	return jobKey{cache: c, x: t.X / mx * mx, y: t.Y / my * my, z: t.Z}
+	return jobKey{cache: c.idx, x: t.X / mx * mx, y: t.Y / my * my, z: t.Z}
 }
 
 // String names a job in logs and test failures.
 func (j *job) String() string {
-	return fmt.Sprintf("job %d %s %d/%d/%d prio %d", j.seq, j.key.cache.id, j.key.z, j.key.x, j.key.y, j.priority)
+	return fmt.Sprintf("job %d cache #%d %d/%d/%d prio %d", j.seq, j.key.cache, j.key.z, j.key.x, j.key.y, j.priority)
 }
 
 // queueState is the scheduler's queue and job table. Only the scheduler goroutine touches it;
@@ -214,7 +227,10 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 			j.flags |= seedJob
 		}
 		if waiter != nil {
-			j.waiters = append(j.waiters, waiter)
+			if j.waiters == nil {
+				j.waiters = &waiterSet{}
+			}
+			j.waiters.list = append(j.waiters.list, waiter)
 			waiter.jobs = append(waiter.jobs, j)
 			waiter.jobsLeft++
 		}
@@ -260,16 +276,17 @@ func (qs *queueState) finish(j *job) {
 // removeWaiter detaches w from j. A queued job that nobody waits for any more and that no
 // background request asked for is dropped; it reports whether that happened.
 func (qs *queueState) removeWaiter(j *job, w *pendingRequest) (dropped bool) {
-	for i, o := range j.waiters {
+	ws := j.waiting()
+	for i, o := range ws {
 		if o == w {
-			last := len(j.waiters) - 1
-			j.waiters[i] = j.waiters[last]
-			j.waiters[last] = nil
-			j.waiters = j.waiters[:last]
+			last := len(ws) - 1
+			ws[i] = ws[last]
+			ws[last] = nil
+			j.waiters.list = ws[:last]
 			break
 		}
 	}
-	if j.state != jobQueued || len(j.waiters) > 0 || j.flags&keepJob != 0 {
+	if j.state != jobQueued || len(j.waiting()) > 0 || j.flags&keepJob != 0 {
 		return false
 	}
 	heap.Remove(&qs.queue, int(j.index))

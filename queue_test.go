@@ -251,11 +251,11 @@ func TestKeyForMetatile(t *testing.T) {
 		in   tileCoord
 		want jobKey
 	}{
-		{tileCoord{17, 10, 5}, jobKey{c, 16, 10, 5}},
-		{tileCoord{16, 11, 5}, jobKey{c, 16, 10, 5}},
-		{tileCoord{19, 9, 5}, jobKey{c, 16, 8, 5}},
-		{tileCoord{0, 0, 0}, jobKey{c, 0, 0, 0}},
-		{tileCoord{1, 1, 1}, jobKey{c, 0, 0, 1}},
+		{tileCoord{17, 10, 5}, jobKey{c.idx, 16, 10, 5}},
+		{tileCoord{16, 11, 5}, jobKey{c.idx, 16, 10, 5}},
+		{tileCoord{19, 9, 5}, jobKey{c.idx, 16, 8, 5}},
+		{tileCoord{0, 0, 0}, jobKey{c.idx, 0, 0, 0}},
+		{tileCoord{1, 1, 1}, jobKey{c.idx, 0, 0, 1}},
 	}
 	for _, tt := range tests {
 		if got := keyFor(c, tt.in); got != tt.want {
@@ -263,7 +263,7 @@ func TestKeyForMetatile(t *testing.T) {
 		}
 	}
 	plain := &cacheInfo{id: "p"}
-	if got := keyFor(plain, tileCoord{17, 10, 5}); got != (jobKey{plain, 17, 10, 5}) {
+	if got := keyFor(plain, tileCoord{17, 10, 5}); got != (jobKey{plain.idx, 17, 10, 5}) {
 		t.Errorf("no meta size: got %v, want the tile itself", got)
 	}
 }
@@ -353,10 +353,10 @@ func TestQueueOneRequestSeveralTilesOfOneMetatile(t *testing.T) {
 }
 
 // TestJobStaysSmall guards the memory per queued job (BenchmarkQueuedJobMemory measures the
-// whole, about 173 B with the table entry and heap slot): the job itself fits the 80-byte
-// allocation size class.
+// whole, with the table entry and heap slot): the job itself fits the 48-byte allocation
+// size class.
 func TestJobStaysSmall(t *testing.T) {
-	if got := unsafe.Sizeof(job{}); got > 80 {
-		t.Errorf("job is %d bytes, want at most 80", got)
+	if got := unsafe.Sizeof(job{}); got > 48 {
+		t.Errorf("job is %d bytes, want at most 48", got)
 	}
 }

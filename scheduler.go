@@ -41,18 +41,20 @@ type rendererSlot struct {
 	initial  bool // started with the daemon; counts for the startup barrier
 	ready    bool // has been ready at least once
 	job      *job
-	seed     bool // the running job is in the seed class
+	started  int64 // when job started, ns since the daemon started
+	seed     bool  // the running job is in the seed class
 }
 
 // scheduler owns the queue, the job table, the renderers' states and the counters.
 // Only its run goroutine touches them; everyone else talks to it through in and events.
 type scheduler struct {
-	log    *slog.Logger
-	epoch  time.Time
-	cfg    Config
-	rcfg   rendererConfig
-	qs     *queueState
-	caches map[string]*cacheInfo
+	log       *slog.Logger
+	epoch     time.Time
+	cfg       Config
+	rcfg      rendererConfig
+	qs        *queueState
+	caches    map[string]*cacheInfo
+	cacheList []*cacheInfo // by cacheInfo.idx
 	// cachesListed is set once any renderer listed its caches; then unknown identifiers are refused.
 	cachesListed bool
 
@@ -279,9 +281,15 @@ func (s *scheduler) cacheFor(id string) (*cacheInfo, error) {
 	if len(s.caches) >= maxInternedCaches {
 		return nil, fmt.Errorf("too many distinct cache identifiers (%d)", maxInternedCaches)
 	}
-	c = &cacheInfo{id: id}
+	return s.newCache(id), nil
+}
+
+// newCache interns a cache identifier.
+func (s *scheduler) newCache(id string) *cacheInfo {
+	c := &cacheInfo{id: id, idx: int32(len(s.cacheList))}
 	s.caches[id] = c
-	return c, nil
+	s.cacheList = append(s.cacheList, c)
+	return c
 }
 
 func (s *scheduler) knownCaches() int {
@@ -324,11 +332,11 @@ func (s *scheduler) dispatch() {
 		slot.job = j
 		slot.seed = s.qs.rule.isSeed(int(j.priority))
 		s.busy++
-		j.started = s.now()
+		slot.started = s.now()
 		r.jobs <- renderJob{
 			job:     j,
 			seq:     j.seq,
-			cache:   j.key.cache.id,
+			cache:   s.cacheList[j.key.cache].id,
 			tile:    tileCoord{j.key.x, j.key.y, j.key.z},
 			timeout: time.Duration(s.cfg.RenderTimeout),
 			recycle: s.cfg.RecycleAfter,
@@ -422,8 +430,7 @@ func (s *scheduler) learnCaches(caches map[string]metaSize) {
 	for id, m := range caches {
 		c, ok := s.caches[id]
 		if !ok {
-			c = &cacheInfo{id: id}
-			s.caches[id] = c
+			c = s.newCache(id)
 		}
 		c.known = true
 		c.metaX, c.metaY = m[0], m[1]
@@ -435,9 +442,9 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 	s.busy--
 	s.qs.finish(j)
 	now := s.now()
-	renderNS := now - j.started
-	queuedNS := j.started - j.enqueued
-	c := j.key.cache
+	renderNS := now - slot.started
+	queuedNS := slot.started - j.enqueued
+	c := s.cacheList[j.key.cache]
 	if ev.status == statusOK {
 		s.stats.rendered++
 		c.rendered++
@@ -450,7 +457,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		}
 		s.log.Warn("render failed", "job", j.seq, "cache", c.id, "z", j.key.z, "x", j.key.x, "y", j.key.y, "error", ev.msg)
 	}
-	for _, w := range j.waiters {
+	for _, w := range j.waiting() {
 		if w.answered {
 			continue
 		}
@@ -479,7 +486,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 func (s *scheduler) beginStop() {
 	s.stopping = true
 	for _, j := range s.qs.drain() {
-		for _, w := range j.waiters {
+		for _, w := range j.waiting() {
 			s.answer(w, Reply{Status: statusShuttingDown, ErrorMessage: "daemon is shutting down; the job was not started"})
 		}
 		s.stats.shutdownDropped++

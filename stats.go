@@ -166,7 +166,7 @@ func (s *scheduler) statusDoc() statusDoc {
 		if oldest < 0 || j.enqueued < oldest {
 			oldest = j.enqueued
 		}
-		q.WaitingTotal += len(j.waiters)
+		q.WaitingTotal += len(j.waiting())
 	}
 	if oldest >= 0 {
 		q.OldestAgeMS = durationMS(now - oldest)
