@@ -600,3 +600,34 @@ func TestRendererExitingWhileIdle(t *testing.T) {
 	}
 	t.Logf("jobs handed to a replacement process: %d", strings.Count(d.stderr.String(), "goes to its replacement"))
 }
+
+// TestRenderersThatCannotRestart: when every renderer fails to start, requests are answered
+// with the reason instead of waiting for ever; once a renderer starts again, they are served.
+func TestRenderersThatCannotRestart(t *testing.T) {
+	noRaceExitSleep(t)
+	dir := shortTempDir(t)
+	marker := dir + "/started"
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, rendArgs: []string{"-exit-after", "1", "-start-once", marker}})
+	cl := d.dial()
+	cl.send(tileReq("first", cacheID, 1, 0, 6, 100))
+	if r := cl.read(); r.Status != statusOK {
+		t.Fatalf("first: got %+v", r)
+	}
+	cl.send(tileReq("second", cacheID, 2, 0, 6, 100))
+	r := cl.read()
+	if r.Status != statusError || !strings.Contains(r.ErrorMessage, "before its ready line") {
+		t.Fatalf("second, with no renderer able to start: got %s %q, want an error naming the start failure", r.Status, r.ErrorMessage)
+	}
+	os.Remove(marker) // the next restart (after backoff) succeeds
+	deadline := time.Now().Add(lcDeadline)
+	for i := 0; ; i++ {
+		cl.send(tileReq(fmt.Sprint("retry", i), cacheID, 3, 0, 6, 100))
+		if r := cl.read(); r.Status == statusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no renderer came back after the start failure was fixed")
+		}
+		time.Sleep(50 * time.Millisecond) // waiting for the backoff to end, bounded by the deadline
+	}
+}

@@ -58,6 +58,7 @@ func fakeRenderer(args []string) int {
 	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
 	fail := fs.Int("fail", -1, "x that makes the renderer answer error")
 	exitAfter := fs.Int("exit-after", 0, "exit (while idle) after answering this many jobs")
+	startOnce := fs.String("start-once", "", "start only if this file does not exist, and create it")
 	readyGate := fs.String("ready-gate", "", "FIFO to read one byte from before the ready line")
 	envLog := fs.String("env-log", "", "append what this process inherited (see writeEnvLog)")
 	if err := fs.Parse(args); err != nil {
@@ -65,6 +66,14 @@ func fakeRenderer(args []string) int {
 	}
 	if *envLog != "" && writeEnvLog(*envLog) != nil {
 		return 2
+	}
+	if *startOnce != "" {
+		f, err := os.OpenFile(*startOnce, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fake renderer: started before; refusing to start again")
+			return 2
+		}
+		f.Close()
 	}
 	if *noReady {
 		fmt.Fprintln(os.Stderr, "fake renderer: refusing to start")

@@ -43,6 +43,7 @@ type rendererSlot struct {
 	job      *job
 	started  int64 // when job started, ns since the daemon started
 	seed     bool  // the running job is in the seed class
+	failing  bool  // its last start failed; cleared when it is ready
 }
 
 // scheduler owns the queue, the job table, the renderers' states and the counters.
@@ -73,6 +74,7 @@ type scheduler struct {
 	startup        chan error // one value: nil when every initial renderer is ready, or the first start failure
 	startupPending int
 	stopping       bool
+	lastStartErr   string // why the last renderer start failed
 
 	stats     counters
 	renderRec durationRing
@@ -238,6 +240,11 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 		s.answer(p, Reply{Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"})
 		return
 	}
+	if s.allFailing() {
+		s.stats.failed++
+		s.answer(p, errorReply(nil, s.noRendererMsg()))
+		return
+	}
 	c, err := s.cacheFor(p.req.CacheIdentifier)
 	if err != nil {
 		s.stats.invalid++
@@ -380,6 +387,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 	}
 	switch ev.kind {
 	case evReady:
+		slot.failing = false
 		s.learnCaches(ev.caches)
 		if !slot.ready {
 			slot.ready = true
@@ -401,9 +409,14 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 		}
 	case evStartFailed:
 		s.stats.rendererFailures++
+		slot.failing = true
+		s.lastStartErr = ev.err.Error()
 		if slot.initial && !slot.ready && s.startupPending > 0 {
 			s.startupPending = 0
 			s.startup <- ev.err
+		}
+		if s.allFailing() {
+			s.failQueue()
 		}
 	case evDone:
 		s.finishJob(slot, ev)
@@ -479,6 +492,43 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		s.answer(w, reply)
 	}
 	j.waiters = nil
+}
+
+// allFailing reports whether no renderer can render: every one that is not being retired
+// failed its last start. Queued jobs would wait for ever (MapProxy waits without a
+// timeout), so they are failed instead, and so are new requests, until a renderer is ready.
+func (s *scheduler) allFailing() bool {
+	n := 0
+	for _, slot := range s.slots {
+		if slot.retiring {
+			continue
+		}
+		if !slot.failing {
+			return false
+		}
+		n++
+	}
+	return n > 0
+}
+
+func (s *scheduler) noRendererMsg() string {
+	return "no renderer could be started: " + s.lastStartErr
+}
+
+// failQueue answers every queued job's waiters with the start failure and drops the jobs.
+func (s *scheduler) failQueue() {
+	jobs := s.qs.drain()
+	if len(jobs) == 0 {
+		return
+	}
+	s.log.Error("every renderer fails to start; failing the queued jobs", "jobs", len(jobs), "error", s.lastStartErr)
+	for _, j := range jobs {
+		s.stats.failed++
+		s.cacheList[j.key.cache].failed++
+		for _, w := range j.waiting() {
+			s.answer(w, errorReply(nil, s.noRendererMsg()))
+		}
+	}
 }
 
 // beginStop answers every queued waiter shutting_down, drops the queue and retires

@@ -109,6 +109,14 @@ func (r *renderer) run() {
 		if err != nil {
 			r.log.Error("renderer failed to start", "error", err)
 			r.send(rendererEvent{kind: evStartFailed, err: err})
+			if held != nil {
+				// The job came to a process that left without taking it, and no replacement
+				// starts: its waiters get the reason instead of waiting for a renderer that
+				// may never come back.
+				r.send(rendererEvent{kind: evDone, job: held.job, status: statusError,
+					msg: "renderer could not be restarted: " + err.Error()})
+				held = nil
+			}
 			backoff = nextBackoff(backoff)
 		} else {
 			r.send(rendererEvent{kind: evReady, caches: caches})
