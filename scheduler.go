@@ -592,13 +592,20 @@ func (s *scheduler) applyConfig(cfg Config) error {
 }
 
 func (s *scheduler) summary() string {
-	ready := 0
+	ready, failing := 0, 0
 	for _, slot := range s.slots {
 		if slot.state != slotStarting {
 			ready++
 		}
+		if slot.failing {
+			failing++
+		}
 	}
-	return "renderers " + strconv.Itoa(s.busy) + "/" + strconv.Itoa(len(s.slots)) + " busy (" + strconv.Itoa(ready) +
+	sum := "renderers " + strconv.Itoa(s.busy) + "/" + strconv.Itoa(len(s.slots)) + " busy (" + strconv.Itoa(ready) +
 		" ready), " + strconv.Itoa(len(s.qs.queue)) + " queued, " + strconv.FormatUint(s.stats.rendered, 10) + " rendered, " +
 		strconv.FormatUint(s.stats.failed, 10) + " failed"
+	if failing > 0 {
+		sum += "; " + strconv.Itoa(failing) + " renderers fail to start: " + truncate(s.lastStartErr, 200)
+	}
+	return sum
 }

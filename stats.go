@@ -73,6 +73,8 @@ type statusDoc struct {
 	Caches    map[string]map[string]uint64 `json:"caches"`
 	Conns     connCounters                 `json:"connections"`
 	Config    map[string]any               `json:"config"`
+	// LastStartError is why the last renderer start failed, if one ever did.
+	LastStartError string `json:"last_start_error,omitempty"`
 }
 
 type rendererStats struct {
@@ -82,6 +84,7 @@ type rendererStats struct {
 	BusySeed int `json:"busy_seed"`
 	BusyLive int `json:"busy_live"`
 	Starting int `json:"starting"`
+	Failing  int `json:"failing"` // their last start failed
 	Retiring int `json:"retiring"`
 }
 
@@ -127,12 +130,15 @@ func (s *scheduler) statusDoc() statusDoc {
 			"seed_priority_below": s.cfg.SeedPriorityBelow,
 			"render_timeout":      s.cfg.RenderTimeout.String(),
 		},
+		LastStartError: s.lastStartErr,
 	}
 	for _, slot := range s.slots {
 		d.Renderers.Total++
-		switch {
-		case slot.retiring:
+		if slot.retiring {
 			d.Renderers.Retiring++
+		}
+		if slot.failing {
+			d.Renderers.Failing++
 		}
 		switch slot.state {
 		case slotStarting:
