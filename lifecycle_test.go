@@ -1260,3 +1260,35 @@ func TestShutdownWithSilentConnection(t *testing.T) {
 		t.Error("the silent connection got data, want EOF")
 	}
 }
+
+// TestWatchdog: with WATCHDOG_USEC set, the scheduler loop sends WATCHDOG=1 every half
+// interval, and a start that never becomes ready sends no READY=1 and exits non-zero.
+func TestWatchdog(t *testing.T) {
+	exe := lcExecutable(t)
+	dir := shortTempDir(t)
+	sock := dir + "/s.sock"
+	notify := newLCNotify(t, dir+"/notify")
+	lcConfig(t, dir+"/renderd.yaml", sock, "", 1, []string{exe, "fake-renderer"}, "")
+	p := startLCProc(t, []string{exe, "daemon", "-c", dir + "/renderd.yaml"},
+		lcEnv("NOTIFY_SOCKET="+dir+"/notify", "WATCHDOG_USEC=200000"), nil)
+	notify.proc = p
+	notify.expect("READY=1")
+	for range 3 {
+		notify.expect("WATCHDOG=1")
+	}
+	p.signal(syscall.SIGTERM)
+	notify.expect("STOPPING=1")
+	if err := p.wait(lcDeadline); err != nil {
+		t.Fatalf("daemon exit: %v", err)
+	}
+
+	// Renderers that never send their ready line: no READY=1, exit status 1 with the reason.
+	notify2 := newLCNotify(t, dir+"/notify2")
+	lcConfig(t, dir+"/bad.yaml", dir+"/s2.sock", "", 1, []string{"/bin/sleep", "60"}, "start_timeout: 300ms\n")
+	p2 := startLCProc(t, []string{exe, "daemon", "-c", dir + "/bad.yaml"}, lcEnv("NOTIFY_SOCKET="+dir+"/notify2"), nil)
+	err := p2.wait(lcDeadline)
+	if err == nil || !strings.Contains(p2.out.String(), "no ready line within start_timeout") {
+		t.Fatalf("renderers never ready: got exit %v, output %s", err, p2.out.String())
+	}
+	notify2.none("READY=1", 100*time.Millisecond)
+}
