@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 )
 
 // ServeHTTP is MapProxy 1.15's renderd protocol (DESIGN §3): a POST of one JSON request on
@@ -38,7 +39,7 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		s.invalid.Add(1)
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
-			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: body longer than max_line_bytes ("+itoa(maxLine)+" bytes)"))
+			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: body longer than max_line_bytes ("+strconv.Itoa(maxLine)+" bytes)"))
 			return
 		}
 		writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: "+err.Error()))
@@ -98,7 +99,7 @@ func writeJSON(w http.ResponseWriter, code int, r Reply) {
 
 func writeBody(w http.ResponseWriter, code int, b []byte) {
 	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", itoa(len(b)))
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(code)
 	_, _ = w.Write(b)
 }

@@ -206,7 +206,7 @@ func (s *server) handle(c net.Conn) {
 		body := marshalReply(errorReply(nil, "permission denied"))
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		if isHTTP {
-			_, _ = io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "+itoa(len(body))+"\r\n\r\n")
+			_, _ = io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "+strconv.Itoa(len(body))+"\r\n\r\n")
 		}
 		_, _ = c.Write(body)
 		c.Close()
@@ -241,9 +241,9 @@ func (s *server) permit(c net.Conn) (who string, ok bool) {
 	if err != nil {
 		return "unknown (" + err.Error() + ")", false
 	}
-	who = "uid " + itoa(cred.UID)
+	who = "uid " + strconv.Itoa(cred.UID)
 	if cred.PID > 0 {
-		who += " pid " + itoa(cred.PID)
+		who += " pid " + strconv.Itoa(cred.PID)
 	}
 	return who, policy.allows(cred)
 }
@@ -456,7 +456,7 @@ func (nc *ndjsonConn) readLoop() error {
 		line, err := readLimitedLine(nc.br, maxLine)
 		if errors.Is(err, errLineTooLong) {
 			nc.s.invalid.Add(1)
-			nc.push(errorReply(nil, "invalid request: line longer than max_line_bytes ("+itoa(maxLine)+" bytes)"))
+			nc.push(errorReply(nil, "invalid request: line longer than max_line_bytes ("+strconv.Itoa(maxLine)+" bytes)"))
 			continue
 		}
 		if len(line) > 0 {
@@ -657,5 +657,3 @@ func (l *chanListener) Close() error {
 }
 
 func (l *chanListener) Addr() net.Addr { return &net.UnixAddr{Name: "sniffed", Net: "unix"} }
-
-func itoa(n int) string { return strconv.Itoa(n) }
