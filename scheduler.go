@@ -462,6 +462,10 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		s.stats.rendered++
 		c.rendered++
 		s.renderRec.add(renderNS)
+		if s.log.Enabled(context.Background(), slog.LevelDebug) {
+			s.log.Debug("rendered", "job", j.seq, "cache", c.id, "z", j.key.z, "x", j.key.x, "y", j.key.y,
+				"priority", j.priority, "waiters", len(j.waiting()), "queued_ms", durationMS(queuedNS), "render_ms", durationMS(renderNS))
+		}
 	} else {
 		s.stats.failed++
 		c.failed++
