@@ -18,7 +18,6 @@ type counters struct {
 	rendered         uint64
 	failed           uint64
 	timedOut         uint64
-	expired          uint64
 	dropped          uint64 // queued jobs dropped because every waiter left
 	cancelled        uint64 // requests whose client left before the answer
 	busyRejected     uint64
@@ -113,7 +112,6 @@ func (s *scheduler) statusDoc() statusDoc {
 			"rendered":          s.stats.rendered,
 			"failed":            s.stats.failed,
 			"timed_out":         s.stats.timedOut,
-			"expired":           s.stats.expired,
 			"dropped":           s.stats.dropped,
 			"cancelled":         s.stats.cancelled,
 			"busy_rejected":     s.stats.busyRejected,
