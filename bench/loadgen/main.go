@@ -369,31 +369,12 @@ func cmdLive(args []string) error {
 
 	cStart := e.counter.count()
 	cpu0, _ := cpuTime(e.pids)
-	seedReqs := make([]request, *seeds)
-	for i := range seedReqs {
-		seedReqs[i] = e.req(i, i, false)
-	}
-	if err := tr.send(seedReqs...); err != nil {
+	var c0 int
+	t0, err := backlogThenLive(&e, tr, *seeds, *lives, *every, *settle, deadline,
+		func() { c0 = e.counter.count() },
+		func(k int) int { return *seeds + k }) // live requests for fresh metatiles
+	if err != nil {
 		return err
-	}
-	time.Sleep(*settle)
-
-	c0 := e.counter.count()
-	t0 := time.Now()
-	for k := 0; k < *lives; k++ {
-		time.Sleep(time.Until(t0.Add(time.Duration(k) * *every)))
-		tag := *seeds + k
-		if err := tr.send(e.req(tag, tag, true)); err != nil {
-			return err
-		}
-	}
-	// Wait for the live answers; seed answers may arrive in between.
-	for time.Now().Before(deadline) {
-		c := tr.rec.counts(*seeds, *seeds+*lives)
-		if c[oNone] == 0 {
-			break
-		}
-		time.Sleep(2 * time.Millisecond)
 	}
 	c1 := e.counter.count()
 	window := time.Duration(tr.lastDone(*seeds, *seeds+*lives)) - t0.Sub(tr.rec.base)
@@ -426,6 +407,38 @@ func cmdLive(args []string) error {
 	return nil
 }
 
+// backlogThenLive sends a backlog of seeds seed requests (tags and metatiles 0..seeds-1) at
+// once, waits settle, calls beforeLive, then sends lives live requests (tags seeds..) one
+// every every, live request k for metatile liveTile(k), and waits until every live request is
+// answered or deadline passes. It returns when the first live request was due.
+func backlogThenLive(e *env, tr *tracker, seeds, lives int, every, settle time.Duration, deadline time.Time,
+	beforeLive func(), liveTile func(k int) int) (time.Time, error) {
+	seedReqs := make([]request, seeds)
+	for i := range seedReqs {
+		seedReqs[i] = e.req(i, i, false)
+	}
+	if err := tr.send(seedReqs...); err != nil {
+		return time.Time{}, err
+	}
+	time.Sleep(settle) // part of the scenario: the backlog settles into the queue
+	beforeLive()
+	t0 := time.Now()
+	for k := 0; k < lives; k++ {
+		time.Sleep(time.Until(t0.Add(time.Duration(k) * every))) // the scenario's request pacing
+		if err := tr.send(e.req(seeds+k, liveTile(k), true)); err != nil {
+			return t0, err
+		}
+	}
+	// Wait for the live answers; seed answers may arrive in between.
+	for time.Now().Before(deadline) {
+		if c := tr.rec.counts(seeds, seeds+lives); c[oNone] == 0 {
+			break
+		}
+		time.Sleep(2 * time.Millisecond) // polling the recorder, bounded by the deadline
+	}
+	return t0, nil
+}
+
 // ---------------------------------------------------------------------------
 // Scenario 4: promotion. Live requests for the tail of a queued seed backlog.
 
@@ -453,26 +466,10 @@ func cmdPromote(args []string) error {
 	defer tr.sess.close()
 
 	cStart := e.counter.count()
-	seedReqs := make([]request, *seeds)
-	for i := range seedReqs {
-		seedReqs[i] = e.req(i, i, false)
-	}
-	if err := tr.send(seedReqs...); err != nil {
+	_, err = backlogThenLive(&e, tr, *seeds, *lives, *every, *settle, deadline, func() {},
+		func(k int) int { return *seeds - 1 - k }) // the backlog's metatiles, newest first
+	if err != nil {
 		return err
-	}
-	time.Sleep(*settle)
-	t0 := time.Now()
-	for k := 0; k < *lives; k++ {
-		time.Sleep(time.Until(t0.Add(time.Duration(k) * *every)))
-		if err := tr.send(e.req(*seeds+k, *seeds-1-k, true)); err != nil {
-			return err
-		}
-	}
-	for time.Now().Before(deadline) {
-		if c := tr.rec.counts(*seeds, *seeds+*lives); c[oNone] == 0 {
-			break
-		}
-		time.Sleep(2 * time.Millisecond)
 	}
 	m := map[string]float64{"seed": float64(*seeds), "live": float64(*lives)}
 	addLatency(m, "live_", tr.rec.latencies(*seeds, *seeds+*lives, oNone))
