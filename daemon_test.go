@@ -631,3 +631,31 @@ func TestRenderersThatCannotRestart(t *testing.T) {
 		time.Sleep(50 * time.Millisecond) // waiting for the backoff to end, bounded by the deadline
 	}
 }
+
+// TestHTTPClientGoneWhileQueued: a MapProxy process that dies while its POST waits in the
+// queue stops waiting; the job, which nobody else wants, is dropped and never rendered.
+func TestHTTPClientGoneWhileQueued(t *testing.T) {
+	noRaceExitSleep(t)
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, gate: true, tcp: true})
+	keep := d.dial()
+	keep.send(tileReq("blocker", cacheID, 0, 0, 6, 100))
+	d.waitFor("blocker running", func(s statusDoc) bool { return s.Renderers.Busy == 1 })
+	c, err := net.Dial("tcp", d.tcp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := mapproxyBody(cacheID, 44, 44, 6, 100)
+	fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	d.waitFor("queued", func(s statusDoc) bool { return s.Queue.Length == 1 })
+	c.Close()
+	d.waitFor("dropped", func(s statusDoc) bool { return s.Counters["dropped"] == 1 && s.Queue.Length == 0 })
+	d.release(1)
+	if r := keep.read(); r.Status != statusOK {
+		t.Fatalf("blocker: %+v", r)
+	}
+	for _, l := range d.jobLog() {
+		if strings.HasSuffix(l, " 6 44 44") {
+			t.Errorf("the dropped job was rendered: %q", l)
+		}
+	}
+}
