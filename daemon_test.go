@@ -191,7 +191,6 @@ func TestRendererFailures(t *testing.T) {
 }
 
 func TestRecycleAfter(t *testing.T) {
-	noRaceExitSleep(t)
 	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, extraYAML: "recycle_after: 2\n"})
 	cl := d.dial()
 	for x := 0; x < 6; x++ {
@@ -578,7 +577,6 @@ func TestStaleSocketHandling(t *testing.T) {
 // replaced at once, without backoff, and no request fails for it, also not one sent to a
 // process that was already gone.
 func TestRendererExitingWhileIdle(t *testing.T) {
-	noRaceExitSleep(t)
 	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, rendArgs: []string{"-exit-after", "1"}})
 	cl := d.dial()
 	const n = 12
@@ -604,7 +602,6 @@ func TestRendererExitingWhileIdle(t *testing.T) {
 // TestRenderersThatCannotRestart: when every renderer fails to start, requests are answered
 // with the reason instead of waiting for ever; once a renderer starts again, they are served.
 func TestRenderersThatCannotRestart(t *testing.T) {
-	noRaceExitSleep(t)
 	dir := shortTempDir(t)
 	marker := dir + "/started"
 	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, rendArgs: []string{"-exit-after", "1", "-start-once", marker}})
@@ -635,7 +632,6 @@ func TestRenderersThatCannotRestart(t *testing.T) {
 // TestHTTPClientGoneWhileQueued: a MapProxy process that dies while its POST waits in the
 // queue stops waiting; the job, which nobody else wants, is dropped and never rendered.
 func TestHTTPClientGoneWhileQueued(t *testing.T) {
-	noRaceExitSleep(t)
 	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, gate: true, tcp: true})
 	keep := d.dial()
 	keep.send(tileReq("blocker", cacheID, 0, 0, 6, 100))

@@ -286,6 +286,7 @@ func (o daemonOpts) configYAML(d *testDaemon) string {
 
 func newTestDaemon(t testing.TB, o daemonOpts) *testDaemon {
 	t.Helper()
+	noRaceExitSleep(t) // renderers exit often; the race detector's exit sleep would slow every stop
 	dir := shortTempDir(t)
 	d := &testDaemon{t: t, dir: dir, socket: dir + "/s.sock", log: dir + "/jobs.log", stderr: &syncBuffer{}}
 	if o.tcp {

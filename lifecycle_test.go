@@ -57,7 +57,7 @@ func lcEnv(extra ...string) []string {
 
 // noRaceExitSleep spares the renderers of an in-process daemon the race detector's sleep
 // at exit, which would make stopping the daemon take a second.
-func noRaceExitSleep(t *testing.T) {
+func noRaceExitSleep(t testing.TB) {
 	v, _ := strings.CutPrefix(sdHelperGORACE(), "GORACE=")
 	t.Setenv("GORACE", v)
 }
