@@ -93,6 +93,14 @@ func newFlags(name string, e *env) *flag.FlagSet {
 	return fs
 }
 
+// parse parses a scenario's flags and then fills in the environment from them.
+func (e *env) parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	return e.init()
+}
+
 func (e *env) init() error {
 	if err := e.t.defaults(); err != nil {
 		return err
@@ -244,10 +252,7 @@ func cmdClosed(args []string) error {
 	dur := fs.Duration("duration", 3*time.Second, "stop sending this long after the warm-up")
 	warmup := fs.Int("warmup", 500, "answers before measuring starts")
 	live := fs.Bool("live", true, "send live-class requests (else seed class)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	if *warmup >= *n || *window < 1 {
@@ -354,10 +359,7 @@ func cmdLive(args []string) error {
 	lives := fs.Int("live", 40, "live requests")
 	every := fs.Duration("every", 50*time.Millisecond, "interval between live requests")
 	settle := fs.Duration("settle", 300*time.Millisecond, "pause between the backlog and the first live request")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(e.timeout)
@@ -449,10 +451,7 @@ func cmdPromote(args []string) error {
 	lives := fs.Int("live", 20, "live requests, for the last -live seed metatiles, newest first")
 	every := fs.Duration("every", 50*time.Millisecond, "interval between live requests")
 	settle := fs.Duration("settle", 300*time.Millisecond, "pause between the backlog and the first live request")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	if *lives > *seeds {
@@ -493,10 +492,7 @@ func cmdStorm(args []string) error {
 	var e env
 	fs := newFlags("storm", &e)
 	n := fs.Int("n", 1000, "requests, all for one metatile")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(e.timeout)
@@ -544,10 +540,7 @@ func cmdOverflow(args []string) error {
 	fs := newFlags("overflow", &e)
 	n := fs.Int("n", 5000, "requests, all sent at once")
 	idle := fs.Duration("idle", 5*time.Second, "give up when no answer arrived for this long")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(e.timeout)
@@ -604,10 +597,7 @@ func cmdEnqueue(args []string) error {
 	n := fs.Int("n", 1000000, "background jobs, distinct metatiles")
 	batch := fs.Int("batch", 1000, "requests per write")
 	settle := fs.Duration("settle", time.Second, "pause before the final RSS reading")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	if e.t.proto == "renderd" {
@@ -688,10 +678,7 @@ func cmdEnqueue(args []string) error {
 func cmdWait(args []string) error {
 	var e env
 	fs := newFlags("wait", &e)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := e.init(); err != nil {
+	if err := e.parse(fs, args); err != nil {
 		return err
 	}
 	deadline := time.Now().Add(e.timeout)
