@@ -7,31 +7,42 @@ import (
 	"strconv"
 )
 
-// ServeHTTP is MapProxy 1.15's renderd protocol (DESIGN §3): a POST of one JSON request on
-// any path, answered 200 application/json. MapProxy reads only status and error_message and
-// treats any status other than "error" and "lock" as success, so every failure is "error"
-// here, with the cause in error_message.
-func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	switch {
-	case r.Method == http.MethodPost:
-		s.servePost(w, r)
-	case r.Method == http.MethodGet || r.Method == http.MethodHead:
-		if r.URL.Path == "/status" || r.URL.Path == "/_status" {
-			rep := statusReply(s.sched, nil)
-			if rep.Status != statusOK {
-				writeJSON(w, http.StatusServiceUnavailable, rep)
-				return
-			}
-			writeBody(w, http.StatusOK, append(rep.Stats, '\n'))
-			return
-		}
-		writeJSON(w, http.StatusNotFound, errorReply(nil, "not found: POST a request to any path, or GET /status"))
-	default:
-		w.Header().Set("Allow", "GET, HEAD, POST")
-		writeJSON(w, http.StatusMethodNotAllowed, errorReply(nil, "method "+r.Method+" not allowed: POST a request, or GET /status"))
-	}
+// routes is every HTTP endpoint. POST on any other path is MapProxy 1.15's renderd protocol
+// (DESIGN §3); other GET paths get 404 and other methods 405, both with a JSON error body.
+// Each feature registers its endpoints here, with its handler in its own file.
+func (s *server) routes() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /", s.servePost)
+	mux.HandleFunc("GET /status", s.serveStatus)
+	mux.HandleFunc("GET /_status", s.serveStatus)
+	mux.HandleFunc("/", s.serveNoRoute)
+	return mux
 }
 
+// serveStatus is GET /status (and /_status, as the old renderd): the status document.
+func (s *server) serveStatus(w http.ResponseWriter, r *http.Request) {
+	rep := statusReply(s.sched, nil)
+	if rep.Status != statusOK {
+		writeJSON(w, http.StatusServiceUnavailable, rep)
+		return
+	}
+	writeBody(w, http.StatusOK, append(rep.Stats, '\n'))
+}
+
+// serveNoRoute answers what no route takes: 404 for GET and HEAD, 405 for other methods.
+func (s *server) serveNoRoute(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodGet || r.Method == http.MethodHead {
+		writeJSON(w, http.StatusNotFound, errorReply(nil, "not found: POST a request to any path, or GET /status"))
+		return
+	}
+	w.Header().Set("Allow", "GET, HEAD, POST")
+	writeJSON(w, http.StatusMethodNotAllowed, errorReply(nil, "method "+r.Method+" not allowed: POST a request, or GET /status"))
+}
+
+// servePost takes one request from MapProxy's renderd client: answered 200
+// application/json. MapProxy reads only status and error_message and treats any status other
+// than "error" and "lock" as success, so every failure is "error" here, with the cause in
+// error_message.
 func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 	maxLine := s.limits.Load().maxLine
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(maxLine)))

@@ -50,12 +50,13 @@ func newServer(cfg Config, sched *scheduler, log *slog.Logger) *server {
 	}
 	s.setLimits(cfg)
 	s.httpSrv = &http.Server{
-		Handler:           s,
+		Handler:           nil, // set below: the routes need s
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
+	s.httpSrv.Handler = s.routes()
 	sched.connStats = s.counters
 	return s
 }
