@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -41,11 +42,29 @@ type Config struct {
 	LogLevel          string   `yaml:"log_level"`
 	StopTimeout       Duration `yaml:"stop_timeout"`
 
+	// Tasks (DESIGN §10): seeding and cleanup run by the daemon itself.
+	SeedConfig          string     `yaml:"seed_config"`            // MapProxy's seed.yaml; -s overrides
+	SeedPriority        int        `yaml:"seed_priority"`          // default priority of a task's jobs
+	SeedWindow          int        `yaml:"seed_window"`            // a task's jobs queued or running at once
+	SeedRetries         int        `yaml:"seed_retries"`           // retries of a failed task job
+	SeedRetryBackoff    Duration   `yaml:"seed_retry_backoff"`     // first retry delay, doubling
+	SeedMaxFailureRatio float64    `yaml:"seed_max_failure_ratio"` // of the last 1,000 metatiles
+	PlannerCommand      []string   `yaml:"planner_command"`        // default: the bundled worker's plan mode
+	Schedules           []Schedule `yaml:"schedules"`
+
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
 	httpAddr    string // "" = no TCP listener
 	maxSeed     int
 	mapproxyURL string // globals.renderd.address, for logs
+}
+
+// Schedule runs a named task of seed_config on a timer: every Every, or daily at At (local
+// time, "HH:MM"), or daily at At and then every Every.
+type Schedule struct {
+	Task  string   `yaml:"task"`
+	Every Duration `yaml:"every"`
+	At    string   `yaml:"at"`
 }
 
 // Duration is a time.Duration written as "60s", "1m30s" or a number of seconds in YAML.
@@ -90,6 +109,12 @@ func defaultConfig() Config {
 		MaxInFlight:       100_000,
 		LogLevel:          "info",
 		StopTimeout:       Duration(60 * time.Second),
+
+		SeedPriority:        10,
+		SeedWindow:          10_000,
+		SeedRetries:         3,
+		SeedRetryBackoff:    Duration(time.Second),
+		SeedMaxFailureRatio: 0.1,
 	}
 }
 
@@ -167,6 +192,9 @@ func (c *Config) Validate() error {
 	}
 	if len(c.RendererCommand) == 0 && c.MapProxyConfig == "" {
 		return errors.New("mapproxy_config: required (-f) when renderer_command is not set")
+	}
+	if err := c.validateTasks(); err != nil {
+		return err
 	}
 	if c.HTTP != nil {
 		c.httpAddr = *c.HTTP
@@ -273,7 +301,7 @@ func parseRenderdAddress(addr string) (network, where string, err error) {
 }
 
 // loadConfig builds the configuration from the -f, -c and override flags.
-func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int) (Config, error) {
+func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int, seedPath string) (Config, error) {
 	c := defaultConfig()
 	socketSet := false
 	if renderdPath != "" {
@@ -295,6 +323,15 @@ func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int) (Confi
 	if renderers > 0 {
 		c.Renderers = renderers
 	}
+	if seedPath != "" {
+		c.SeedConfig = seedPath
+	}
+	if c.SeedConfig != "" {
+		// The planner runs with another working directory's view of relative paths.
+		if abs, err := filepath.Abs(c.SeedConfig); err == nil {
+			c.SeedConfig = abs
+		}
+	}
 	if maxSeed >= 0 {
 		c.MaxSeedRenderers = &maxSeed
 	}
@@ -308,4 +345,59 @@ func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int) (Confi
 		return c, err
 	}
 	return c, nil
+}
+
+// validateTasks checks the task keys (DESIGN §10). The names in schedules are checked against
+// seed_config by checkSeedNames, which reads that file.
+func (c *Config) validateTasks() error {
+	if c.SeedPriority < minPriority || c.SeedPriority > maxPriority {
+		return fmt.Errorf("seed_priority: want %d..%d, got %d", minPriority, maxPriority, c.SeedPriority)
+	}
+	if c.SeedWindow < 1 || c.SeedWindow > 10_000_000 {
+		return fmt.Errorf("seed_window: want 1..10000000, got %d", c.SeedWindow)
+	}
+	if c.SeedRetries < 0 || c.SeedRetries > 100 {
+		return fmt.Errorf("seed_retries: want 0..100, got %d", c.SeedRetries)
+	}
+	if c.SeedRetryBackoff < 0 {
+		return fmt.Errorf("seed_retry_backoff: must not be negative, got %s", c.SeedRetryBackoff)
+	}
+	if c.SeedMaxFailureRatio < 0 || c.SeedMaxFailureRatio > 1 {
+		return fmt.Errorf("seed_max_failure_ratio: want 0..1, got %g", c.SeedMaxFailureRatio)
+	}
+	if len(c.PlannerCommand) > 0 && c.PlannerCommand[0] == "" {
+		return errors.New("planner_command: the program (first element) is empty")
+	}
+	if len(c.PlannerCommand) == 0 && len(c.RendererCommand) > 0 && c.MapProxyConfig == "" && c.SeedConfig != "" {
+		return errors.New("planner_command: required for seed_config when there is no mapproxy_config")
+	}
+	if len(c.Schedules) > 0 && c.SeedConfig == "" {
+		return errors.New("schedules: need seed_config (or -s seed.yaml)")
+	}
+	for i, s := range c.Schedules {
+		if s.Task == "" {
+			return fmt.Errorf("schedules[%d].task: required", i)
+		}
+		if s.Every < 0 || (s.Every > 0 && s.Every < Duration(time.Second)) {
+			return fmt.Errorf("schedules[%d].every: want at least 1s, got %s", i, s.Every)
+		}
+		if s.At != "" {
+			if _, _, err := parseClock(s.At); err != nil {
+				return fmt.Errorf("schedules[%d].at: %w", i, err)
+			}
+		}
+		if s.Every == 0 && s.At == "" {
+			return fmt.Errorf("schedules[%d]: set every, at, or both", i)
+		}
+	}
+	return nil
+}
+
+// parseClock parses "HH:MM" (24-hour local time).
+func parseClock(s string) (hour, minute int, err error) {
+	t, err := time.Parse("15:04", s)
+	if err != nil {
+		return 0, 0, fmt.Errorf("want a time of day such as \"03:00\", got %q", s)
+	}
+	return t.Hour(), t.Minute(), nil
 }

@@ -230,7 +230,7 @@ func appendJSONString(dst []byte, s string) []byte {
 // appendReply appends r as one JSON line, as json.Marshal would write it, without reflection.
 // A reply with a status document goes through encoding/json.
 func appendReply(dst []byte, r Reply) []byte {
-	if r.Stats != nil {
+	if r.Stats != nil || r.Task != nil || r.Tasks != nil || r.Skipped {
 		b, err := json.Marshal(r)
 		if err != nil {
 			b, _ = json.Marshal(Reply{ID: r.ID, Status: statusError, ErrorMessage: "internal error encoding reply: " + err.Error()})
@@ -275,7 +275,15 @@ func appendJobLine(dst []byte, id string, j renderJob) []byte {
 	dst = strconv.AppendInt(dst, int64(j.tile.Y), 10)
 	dst = append(dst, ',')
 	dst = strconv.AppendInt(dst, int64(j.tile.Z), 10)
-	dst = append(dst, `]],"refresh":true`...)
+	if j.refresh {
+		dst = append(dst, `]],"refresh":true`...)
+	} else {
+		dst = append(dst, `]],"refresh":false`...)
+		if j.refreshBefore > 0 {
+			dst = append(dst, `,"refresh_before":`...)
+			dst = strconv.AppendFloat(dst, j.refreshBefore, 'f', -1, 64)
+		}
+	}
 	if j.seed {
 		dst = append(dst, `,"seed":true`...)
 	}

@@ -26,6 +26,8 @@ func TestMain(m *testing.M) {
 		switch os.Args[1] {
 		case "fake-renderer":
 			os.Exit(fakeRenderer(os.Args[2:]))
+		case "fake-planner":
+			os.Exit(fakePlanner(os.Args[2:]))
 		case "daemon":
 			ctx, stop := signalContext()
 			err := run(ctx, os.Args[2:], os.Stdout, os.Stderr)
@@ -61,6 +63,9 @@ func fakeRenderer(args []string) int {
 	startOnce := fs.String("start-once", "", "start only if this file does not exist, and create it")
 	readyGate := fs.String("ready-gate", "", "FIFO to read one byte from before the ready line")
 	envLog := fs.String("env-log", "", "append what this process inherited (see writeEnvLog)")
+	failMod := fs.Int("fail-mod", 0, "answer error for every x divisible by this")
+	flaky := fs.String("flaky", "", "directory: fail a tile's first job, answer ok after that")
+	jobLines := fs.String("job-lines", "", "append every job line as received")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -128,6 +133,17 @@ func fakeRenderer(args []string) int {
 			continue
 		}
 		x, y, z := j.Tiles[0][0], j.Tiles[0][1], j.Tiles[0][2]
+		if *jobLines != "" {
+			appendLine(*jobLines, in.Text())
+		}
+		flakyFail := false
+		if *flaky != "" {
+			f, err := os.OpenFile(fmt.Sprintf("%s/%s-%d-%d-%d", *flaky, j.CacheIdentifier, z, x, y), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+			if err == nil {
+				f.Close()
+				flakyFail = true
+			}
+		}
 		if logF != nil {
 			fmt.Fprintf(logF, "%d %s %d %d %d\n", os.Getpid(), j.CacheIdentifier, z, x, y)
 		}
@@ -140,18 +156,13 @@ func fakeRenderer(args []string) int {
 		if *delay > 0 {
 			time.Sleep(*delay) // the simulated render
 		}
-		switch int(x) {
-		case *crash:
-			fmt.Fprintln(os.Stderr, "fake renderer: crashing on purpose")
-			return 3
-		case *hang:
-			select {}
-		case *garbage:
-			fmt.Fprintln(out, "this is not json")
-		case *fail:
+		switch {
+		case flakyFail:
+			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "flaky first try"}`+"\n", j.ID)
+		case *failMod > 0 && int(x)%*failMod == 0:
 			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "fake failure for x=%d"}`+"\n", j.ID, x)
 		default:
-			fmt.Fprintf(out, `{"id": %q, "status": "ok"}`+"\n", j.ID)
+			fakeAnswer(out, j.ID, int(x), *crash, *hang, *garbage, *fail)
 		}
 		out.Flush()
 		if *exitAfter--; *exitAfter == 0 {
@@ -159,6 +170,23 @@ func fakeRenderer(args []string) int {
 		}
 	}
 	return 0
+}
+
+// fakeAnswer writes the fake renderer's answer for tile column x.
+func fakeAnswer(out *bufio.Writer, id string, x, crash, hang, garbage, fail int) {
+	switch x {
+	case crash:
+		fmt.Fprintln(os.Stderr, "fake renderer: crashing on purpose")
+		os.Exit(3)
+	case hang:
+		select {}
+	case garbage:
+		fmt.Fprintln(out, "this is not json")
+	case fail:
+		fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "fake failure for x=%d"}`+"\n", id, x)
+	default:
+		fmt.Fprintf(out, `{"id": %q, "status": "ok"}`+"\n", id)
+	}
 }
 
 // envLogLine is what a fake renderer inherited: the systemd variables that are set, and
@@ -473,4 +501,75 @@ func idOf(r Reply) string {
 
 func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+// appendLine appends one line to a file (fake programs' logs).
+func appendLine(path, line string) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return
+	}
+	fmt.Fprintln(f, line)
+	f.Close()
+}
+
+// fakePlanner is a planner for tests (DESIGN §10's planner protocol). It reads the spec
+// line, logs it to -log, and for kind seed emits -n metatiles of cache -cache at zoom -z
+// with x = 0, 1, … (y = 0), each with its walk progress; for kind cleanup it reports -n
+// removed tiles in steps. -crash-after K exits 3 after K metatiles (with a stderr line),
+// -error MSG answers an error line and exits 1.
+func fakePlanner(args []string) int {
+	fs := flag.NewFlagSet("fake-planner", flag.ContinueOnError)
+	n := fs.Int("n", 10, "metatiles to plan")
+	cache := fs.String("cache", "c", "cache identifier")
+	z := fs.Int("z", 20, "zoom of the metatiles")
+	logPath := fs.String("log", "", "append the spec line here")
+	crashAfter := fs.Int("crash-after", -1, "exit 3 after this many metatiles")
+	errMsg := fs.String("error", "", "answer this error")
+	refreshBefore := fs.Float64("refresh-before", 0, "refresh_before of every metatile")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	in := bufio.NewReader(os.Stdin)
+	spec, err := in.ReadString('\n')
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fake planner: no spec:", err)
+		return 2
+	}
+	if *logPath != "" {
+		appendLine(*logPath, strings.TrimSpace(spec))
+	}
+	var s taskSpec
+	if err := json.Unmarshal([]byte(spec), &s); err != nil {
+		fmt.Fprintln(os.Stderr, "fake planner: bad spec:", err)
+		return 2
+	}
+	out := bufio.NewWriterSize(os.Stdout, 64<<10)
+	defer out.Flush()
+	if *errMsg != "" {
+		fmt.Fprintf(out, "{\"error\": %q}\n", *errMsg)
+		return 1
+	}
+	fmt.Fprintf(out, "{\"tasks\": [{\"cache_identifier\": %q, \"levels\": [%d]}]}\n", *cache, *z)
+	if s.Kind == "cleanup" {
+		for i := 1; i <= *n; i++ {
+			fmt.Fprintf(out, "{\"removed\": %d, \"progress\": %g}\n", i, float64(i)/float64(*n))
+		}
+		fmt.Fprintf(out, "{\"done\": true, \"removed\": %d}\n", *n)
+		return 0
+	}
+	rb := ""
+	if *refreshBefore > 0 {
+		rb = fmt.Sprintf(", \"refresh_before\": %g", *refreshBefore)
+	}
+	for i := 0; i < *n; i++ {
+		if i == *crashAfter {
+			out.Flush()
+			fmt.Fprintln(os.Stderr, "fake planner: Traceback: something broke on purpose")
+			return 3
+		}
+		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, 0, %d], \"progress\": %g%s}\n", *cache, i, *z, float64(i+1)/float64(*n), rb)
+	}
+	fmt.Fprintln(out, `{"done": true}`)
+	return 0
 }

@@ -15,13 +15,17 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("POST /", s.servePost)
 	mux.HandleFunc("GET /status", s.serveStatus)
 	mux.HandleFunc("GET /_status", s.serveStatus)
+	mux.HandleFunc("POST /tasks", s.serveStartTask)
+	mux.HandleFunc("GET /tasks", s.serveTasks)
+	mux.HandleFunc("GET /tasks/{id}", s.serveTasks)
+	mux.HandleFunc("DELETE /tasks/{id}", s.serveCancelTask)
 	mux.HandleFunc("/", s.serveNoRoute)
 	return mux
 }
 
 // serveStatus is GET /status (and /_status, as the old renderd): the status document.
 func (s *server) serveStatus(w http.ResponseWriter, r *http.Request) {
-	rep := statusReply(s.sched, nil)
+	rep := s.statusReply(nil)
 	if rep.Status != statusOK {
 		writeJSON(w, http.StatusServiceUnavailable, rep)
 		return
@@ -72,7 +76,10 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, Reply{ID: req.ID, Status: statusOK})
 		return
 	case "status":
-		writeJSON(w, http.StatusOK, statusReply(s.sched, req.ID))
+		writeJSON(w, http.StatusOK, s.statusReply(req.ID))
+		return
+	case "seed", "tasks", "task", "cancel":
+		writeJSON(w, http.StatusOK, s.tasks.handle(req))
 		return
 	}
 	sink := newChanSink()

@@ -50,10 +50,13 @@ type exitCode int
 func (e exitCode) Error() string { return "exit status " + strconv.Itoa(int(e)) }
 
 const usage = `usage:
-  mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [--renderer N] [--max-seed-renderer M]
+  mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
   mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml]
   mapproxy-renderd request [-s socket | --http host:port | -f … | -c …] [--timeout d] '<json>'
   mapproxy-renderd status  [-s socket | --http host:port | -f … | -c …]
+  mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
+  mapproxy-renderd tasks [--json] [-s socket | --http host:port]
+  mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
   mapproxy-renderd version
 `
 
@@ -72,6 +75,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runClient(ctx, "request", args, stdout, stderr)
 	case "status":
 		return runClient(ctx, "status", args, stdout, stderr)
+	case "seed", "tasks", "task", "cancel":
+		return runTaskClient(ctx, cmd, args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "mapproxy-renderd", version)
 		return nil
@@ -88,6 +93,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 type configFlags struct {
 	mapproxy, renderd  string
 	renderers, maxSeed int
+	seed               string
 }
 
 func (f *configFlags) register(fs *flag.FlagSet, withOverrides bool) {
@@ -97,11 +103,12 @@ func (f *configFlags) register(fs *flag.FlagSet, withOverrides bool) {
 	if withOverrides {
 		fs.IntVar(&f.renderers, "renderer", 0, "number of renderer processes (overrides renderers)")
 		fs.IntVar(&f.maxSeed, "max-seed-renderer", -1, "renderers seeding may use (overrides max_seed_renderers)")
+		fs.StringVar(&f.seed, "s", "", "MapProxy seed configuration (seed.yaml; overrides seed_config)")
 	}
 }
 
 func (f *configFlags) load() (Config, error) {
-	return loadConfig(f.mapproxy, f.renderd, f.renderers, f.maxSeed)
+	return loadConfig(f.mapproxy, f.renderd, f.renderers, f.maxSeed, f.seed)
 }
 
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
@@ -132,6 +139,18 @@ func rendererArgv(cfg Config, script string) []string {
 		return cfg.RendererCommand
 	}
 	return []string{defaultPython, script}
+}
+
+// plannerArgv is the planner command (DESIGN §10): planner_command, or the bundled worker's
+// plan mode when there is a MapProxy configuration to plan with; nil when seeding cannot work.
+func plannerArgv(cfg Config, script string) []string {
+	switch {
+	case len(cfg.PlannerCommand) > 0:
+		return cfg.PlannerCommand
+	case script != "" && cfg.MapProxyConfig != "":
+		return []string{defaultPython, script, "plan"}
+	}
+	return nil
 }
 
 func rendererConfigFrom(cfg Config, script string) rendererConfig {
@@ -199,7 +218,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 
 	script := ""
-	if len(cfg.RendererCommand) == 0 {
+	if len(cfg.RendererCommand) == 0 || (len(cfg.PlannerCommand) == 0 && cfg.MapProxyConfig != "") {
 		dir, err := os.MkdirTemp("", "mapproxy-renderd-")
 		if err != nil {
 			return fmt.Errorf("bundled worker: %w", err)
@@ -256,7 +275,10 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return nil
 	}
 
+	tasks := newTaskManager(cfg, sched, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env, log)
+	tasks.start()
 	srv := newServer(cfg, sched, log)
+	srv.tasks = tasks
 	srv.start(listeners)
 	addrs := make([]string, 0, len(listeners))
 	for _, l := range listeners {
@@ -271,6 +293,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		case <-hup:
 			_ = notify.Notify("RELOADING=1", monotonicUsec())
 			cfg = reload(cf, cfg, sched, srv, &level, log)
+			tasks.reload(cfg, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env)
 			_ = notify.Notify("READY=1")
 		case <-ctx.Done():
 			running = false
@@ -280,6 +303,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	log.Info("stopping", "stop_timeout", cfg.StopTimeout.String())
 	_ = notify.Notify("STOPPING=1", "STATUS=stopping: finishing running renders")
 	srv.closeListeners()
+	tasks.shutdown() // tasks withdraw their queued jobs and stop their planners first
 	stopScheduler(time.Duration(cfg.StopTimeout))
 	flushCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

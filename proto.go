@@ -41,6 +41,20 @@ type Request struct {
 	Tiles           []tileCoord
 	Priority        int
 	Background      bool
+
+	// Task commands (DESIGN §10): seed names a seeds:/cleanups: entry (Task) or carries an
+	// inline seed (Seed); task and cancel name a task (TaskID).
+	Task       string
+	TaskID     string
+	SeedConfig string
+	Seed       json.RawMessage
+	// PrioritySet says the client gave a priority (a task's default is seed_priority).
+	PrioritySet bool
+
+	// Set by tasks only, never from the wire: render the metatile only when a tile of it is
+	// missing or stale (older than RefreshBefore, unix seconds, when that is set).
+	NoForce       bool
+	RefreshBefore float64
 }
 
 // Reply is the one final answer to a request.
@@ -51,7 +65,11 @@ type Reply struct {
 	QueuedMS     *float64        `json:"queued_ms,omitempty"`
 	RenderMS     *float64        `json:"render_ms,omitempty"`
 	Merged       bool            `json:"merged,omitempty"`
+	Skipped      bool            `json:"skipped,omitempty"` // the renderer found every tile fresh
 	Stats        json.RawMessage `json:"stats,omitempty"`
+	Task         json.RawMessage `json:"task,omitempty"`
+	Tasks        json.RawMessage `json:"tasks,omitempty"`
+	Schedules    json.RawMessage `json:"schedules,omitempty"`
 }
 
 // requestError is a request that cannot be served; id is echoed when it was parsed.
@@ -70,6 +88,10 @@ type wireRequest struct {
 	Tiles           json.RawMessage `json:"tiles"`
 	Priority        json.RawMessage `json:"priority"`
 	Background      json.RawMessage `json:"background"`
+	Task            json.RawMessage `json:"task"`
+	TaskID          json.RawMessage `json:"task_id"`
+	SeedConfig      json.RawMessage `json:"seed_config"`
+	Seed            json.RawMessage `json:"seed"`
 }
 
 var errEmptyLine = errors.New("empty line")
@@ -120,17 +142,67 @@ func slowParse(line []byte) (Request, error) {
 	if json.Unmarshal(w.Command, &req.Command) != nil {
 		return req, &requestError{id: req.ID, msg: "invalid request: command must be a string"}
 	}
+	var ferr error
 	switch req.Command {
 	case "ping", "status":
 		return req, nil
 	case "tile":
+		ferr = parseTileFields(&req, &w)
+	case "seed", "tasks", "task", "cancel":
+		ferr = parseTaskFields(&req, &w)
 	default:
-		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status or ping)", truncate(req.Command, 64))}
+		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, ping, seed, tasks, task or cancel)", truncate(req.Command, 64))}
 	}
-	if err := parseTileFields(&req, &w); err != nil {
-		return req, &requestError{id: req.ID, msg: "invalid request: " + err.Error()}
+	if ferr != nil {
+		return req, &requestError{id: req.ID, msg: "invalid request: " + ferr.Error()}
 	}
 	return req, nil
+}
+
+// parseTaskFields reads the fields of the task commands (DESIGN §10).
+func parseTaskFields(req *Request, w *wireRequest) error {
+	str := func(raw json.RawMessage, name string, dst *string) error {
+		if len(raw) == 0 || string(raw) == "null" {
+			return nil
+		}
+		if json.Unmarshal(raw, dst) != nil {
+			return fmt.Errorf("%s must be a string", name)
+		}
+		return nil
+	}
+	if err := str(w.Task, "task", &req.Task); err != nil {
+		return err
+	}
+	if err := str(w.TaskID, "task_id", &req.TaskID); err != nil {
+		return err
+	}
+	if err := str(w.SeedConfig, "seed_config", &req.SeedConfig); err != nil {
+		return err
+	}
+	if len(w.Seed) > 0 && string(w.Seed) != "null" {
+		if bytes.TrimSpace(w.Seed)[0] != '{' {
+			return errors.New("seed must be an object ({\"cache\": …, \"levels\": …})")
+		}
+		req.Seed = w.Seed
+	}
+	if len(w.Priority) > 0 && string(w.Priority) != "null" {
+		p, err := parseInt(w.Priority)
+		if err != nil || p < minPriority || p > maxPriority {
+			return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
+		}
+		req.Priority, req.PrioritySet = int(p), true
+	}
+	switch req.Command {
+	case "seed":
+		if (req.Task == "") == (req.Seed == nil) {
+			return errors.New(`seed needs either "task" (a seeds: or cleanups: entry of seed_config) or "seed" (an inline seed)`)
+		}
+	case "task", "cancel":
+		if req.TaskID == "" {
+			return fmt.Errorf("%s needs task_id", req.Command)
+		}
+	}
+	return nil
 }
 
 func parseTileFields(req *Request, w *wireRequest) error {

@@ -183,7 +183,7 @@ func FuzzAppendReply(f *testing.F) {
 }
 
 func TestJobLineIsValidJSON(t *testing.T) {
-	line := appendJobLine(nil, "17", renderJob{cache: `a"b\c`, tile: tileCoord{1, 2, 3}, seed: true})
+	line := appendJobLine(nil, "17", renderJob{cache: `a"b\c`, tile: tileCoord{1, 2, 3}, seed: true, refresh: true})
 	var j struct {
 		ID              string     `json:"id"`
 		Command         string     `json:"command"`
@@ -194,5 +194,14 @@ func TestJobLineIsValidJSON(t *testing.T) {
 	if err := json.Unmarshal(line, &j); err != nil || j.ID != "17" || j.Command != "tile" || j.CacheIdentifier != `a"b\c` ||
 		len(j.Tiles) != 1 || j.Tiles[0] != [3]int32{1, 2, 3} || !j.Refresh || !j.Seed {
 		t.Fatalf("job line %s: %+v %v", line, j, err)
+	}
+	// A task's job: not forced, with its refresh_before.
+	line = appendJobLine(nil, "18", renderJob{cache: "c", tile: tileCoord{1, 2, 3}, refreshBefore: 1700000000.25})
+	var k struct {
+		Refresh       *bool   `json:"refresh"`
+		RefreshBefore float64 `json:"refresh_before"`
+	}
+	if err := json.Unmarshal(line, &k); err != nil || k.Refresh == nil || *k.Refresh || k.RefreshBefore != 1700000000.25 {
+		t.Fatalf("job line %s: %+v %v", line, k, err)
 	}
 }

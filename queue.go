@@ -52,8 +52,9 @@ func (j *job) waiting() []*pendingRequest {
 type jobFlags uint8
 
 const (
-	keepJob jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
-	seedJob                      // a seed-class request asked for it: render it as mapproxy-seed would
+	keepJob  jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
+	seedJob                       // a seed-class request asked for it: render it as mapproxy-seed would
+	forceJob                      // someone asked for a forced render (every request but a task's)
 )
 
 // jobQueue is a max-heap of queued jobs: higher priority first, then lower seq (FIFO).
@@ -156,6 +157,16 @@ type cacheInfo struct {
 	failed       uint64
 }
 
+// refreshBefore is what a job that is not forced sends to the renderer: the latest
+// refresh_before its waiters asked for (0: the cache's own rules).
+func (j *job) refreshBefore() float64 {
+	rb := 0.0
+	for _, w := range j.waiting() {
+		rb = max(rb, w.req.RefreshBefore)
+	}
+	return rb
+}
+
 // keyFor returns the job key of tile t in cache c: its metatile.
 func keyFor(c *cacheInfo, t tileCoord) jobKey {
 	mx, my := c.metaX, c.metaY
@@ -225,6 +236,9 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 		}
 		if qs.rule.isSeed(priority) {
 			j.flags |= seedJob
+		}
+		if waiter == nil || !waiter.req.NoForce {
+			j.flags |= forceJob
 		}
 		if waiter != nil {
 			if j.waiters == nil {

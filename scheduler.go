@@ -340,7 +340,7 @@ func (s *scheduler) dispatch() {
 		slot.seed = s.qs.rule.isSeed(int(j.priority))
 		s.busy++
 		slot.started = s.now()
-		r.jobs <- renderJob{
+		rj := renderJob{
 			job:     j,
 			seq:     j.seq,
 			cache:   s.cacheList[j.key.cache].id,
@@ -348,7 +348,12 @@ func (s *scheduler) dispatch() {
 			timeout: time.Duration(s.cfg.RenderTimeout),
 			recycle: s.cfg.RecycleAfter,
 			seed:    j.flags&seedJob != 0,
+			refresh: j.flags&forceJob != 0,
 		}
+		if !rj.refresh {
+			rj.refreshBefore = j.refreshBefore()
+		}
+		r.jobs <- rj
 	}
 }
 
@@ -488,7 +493,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 			continue
 		}
 		q, r := durationMS(w.queuedNS), durationMS(w.renderNS)
-		reply := Reply{Status: statusOK, QueuedMS: &q, RenderMS: &r, Merged: w.merged}
+		reply := Reply{Status: statusOK, QueuedMS: &q, RenderMS: &r, Merged: w.merged, Skipped: ev.skipped && len(w.jobs) == 1}
 		if w.errMsg != "" {
 			reply.Status = statusError
 			reply.ErrorMessage = w.errMsg

@@ -23,6 +23,7 @@ import (
 type server struct {
 	log    *slog.Logger
 	sched  *scheduler
+	tasks  *taskManager // set before start
 	limits atomic.Pointer[serverLimits]
 
 	httpSrv   *http.Server
@@ -512,7 +513,9 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 	case "ping":
 		nc.push(Reply{ID: req.ID, Status: statusOK})
 	case "status":
-		nc.push(statusReply(nc.s.sched, req.ID))
+		nc.push(nc.s.statusReply(req.ID))
+	case "seed", "tasks", "task", "cancel":
+		nc.push(nc.s.tasks.handle(req))
 	case "tile":
 		p := &pendingRequest{req: req, sink: nc}
 		nc.mu.Lock()
@@ -526,10 +529,14 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 	}
 }
 
-func statusReply(sched *scheduler, id *string) Reply {
-	doc, ok := sched.status()
+// statusReply is the status document (DESIGN §9) with the tasks, as a reply.
+func (s *server) statusReply(id *string) Reply {
+	doc, ok := s.sched.status()
 	if !ok {
 		return Reply{ID: id, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"}
+	}
+	if s.tasks != nil {
+		doc.Tasks = s.tasks.list()
 	}
 	b, err := json.Marshal(doc)
 	if err != nil {

@@ -74,6 +74,8 @@ type statusDoc struct {
 	Config    map[string]any               `json:"config"`
 	// LastStartError is why the last renderer start failed, if one ever did.
 	LastStartError string `json:"last_start_error,omitempty"`
+	// Tasks are the task documents (DESIGN §10), newest first; added by the server.
+	Tasks []taskDoc `json:"tasks"`
 }
 
 type rendererStats struct {

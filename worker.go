@@ -48,6 +48,10 @@ type renderJob struct {
 	timeout time.Duration
 	recycle int
 	seed    bool
+	// refresh false: render only what is missing or stale (older than refreshBefore, unix
+	// seconds, when that is not 0). Task jobs; every other job is a forced render.
+	refresh       bool
+	refreshBefore float64
 	// handedOver counts moves to a replacement process after one that never took the job.
 	handedOver int
 }
@@ -73,6 +77,7 @@ type rendererEvent struct {
 	msg      string
 	healthy  bool
 	timedOut bool
+	skipped  bool // the renderer found every tile fresh (a job that was not forced)
 }
 
 // renderer owns one render subprocess at a time and replaces it when it dies, with backoff.
@@ -234,7 +239,7 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			p.stop(r.log)
 			healthy = false
 		}
-		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut})
+		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped})
 		if !healthy {
 			return false, false
 		}
@@ -259,6 +264,7 @@ type rendererProcess struct {
 	// exited with status 0 without answering (renderers exit cleanly only between jobs,
 	// e.g. to recycle themselves, so it left before reading the job).
 	notTaken bool
+	skipped  bool   // the last reply said "skipped": true
 	lineBuf  []byte // reused for job lines
 
 	releaseOnce sync.Once
@@ -438,6 +444,7 @@ type jobReply struct {
 	ID           *string `json:"id"`
 	Status       string  `json:"status"`
 	ErrorMessage string  `json:"error_message"`
+	Skipped      bool    `json:"skipped"`
 }
 
 // render sends one job and waits for its reply, at most j.timeout. healthy is false when the
@@ -481,6 +488,7 @@ func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status,
 }
 
 func (p *rendererProcess) parseReply(out []byte, id string) (status, msg string, healthy, timedOut bool) {
+	p.skipped = false
 	if isPlainOK(out, id) {
 		return statusOK, "", true, false
 	}
@@ -493,6 +501,7 @@ func (p *rendererProcess) parseReply(out []byte, id string) (status, msg string,
 	}
 	switch rep.Status {
 	case statusOK:
+		p.skipped = rep.Skipped
 		return statusOK, "", true, false
 	case statusError:
 		m := rep.ErrorMessage

@@ -1,0 +1,322 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// taskItem is one thing a task's source yields: a metatile to render (hasTile), and/or
+// progress, a resume cursor, a cleanup's running count of removed tiles.
+type taskItem struct {
+	cache         string
+	tile          tileCoord
+	hasTile       bool
+	progress      float64 // fraction of the walk done; < 0 when the item does not say
+	refreshBefore float64 // unix seconds; 0 = the cache's own rules
+	removed       uint64  // cumulative tiles removed (cleanup); valid when hasRemoved
+	hasRemoved    bool
+	cursor        json.RawMessage // where to resume from; nil when the item has none
+}
+
+// taskSource yields a task's items in order, with back-pressure: it produces the next item
+// only when the task reads it. items is closed at the end; then err says why (nil: the
+// source completed). close stops the source early and waits for its goroutines; it is
+// idempotent and may be called after the end.
+type taskSource interface {
+	items() <-chan taskItem
+	err() error
+	close()
+}
+
+// plannerTail is how many of a planner's last stderr lines a failure message carries.
+const plannerTail = 8
+
+// plannerSource is a planner subprocess (the bundled worker's plan mode, or
+// planner_command): the spec goes to its stdin as one JSON line, items come from its
+// stdout as NDJSON (DESIGN §10). The daemon stops reading while the task's window is
+// full, so a planner simply blocks on the full pipe: bounded memory for any task size.
+type plannerSource struct {
+	cmd    *exec.Cmd
+	ch     chan taskItem
+	quit   chan struct{} // closed by close: the reader stops sending
+	done   chan struct{} // closed when the reader goroutine has returned
+	exited chan struct{} // closed when the process has been waited for
+	tail   *lineTail
+	log    *slog.Logger
+
+	errv      error // written before ch is closed
+	closeOnce sync.Once
+}
+
+// startPlanner starts a planner for spec. The process gets its own process group, so a
+// terminal's Ctrl-C reaches only the daemon, which stops planners in order.
+func startPlanner(argv, env []string, spec taskSpec, log *slog.Logger) (*plannerSource, error) {
+	if len(argv) == 0 {
+		return nil, errors.New("no planner command")
+	}
+	line, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdin = bytes.NewReader(append(line, '\n'))
+	tail := &lineTail{max: plannerTail}
+	cmd.Stderr = &stderrLogger{log: log, tail: tail}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Wait returns at most this long after the process exited, even if a grandchild holds
+	// its pipes open.
+	cmd.WaitDelay = killGrace
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start planner %s: %w", argv[0], err)
+	}
+	p := &plannerSource{cmd: cmd, ch: make(chan taskItem), quit: make(chan struct{}), done: make(chan struct{}),
+		exited: make(chan struct{}), tail: tail, log: log.With("planner_pid", cmd.Process.Pid)}
+	go p.read(out)
+	return p, nil
+}
+
+func (p *plannerSource) items() <-chan taskItem { return p.ch }
+
+// err is valid after items is closed.
+func (p *plannerSource) err() error { return p.errv }
+
+// close stops the planner (SIGTERM to its group, SIGKILL after killGrace) unless it has
+// ended, and waits for the reader.
+func (p *plannerSource) close() {
+	p.closeOnce.Do(func() { close(p.quit) })
+	select {
+	case <-p.exited:
+	default:
+		p.signal(syscall.SIGTERM)
+		t := time.NewTimer(killGrace)
+		select {
+		case <-p.exited:
+		case <-t.C:
+			p.log.Warn("planner ignored SIGTERM; sending SIGKILL")
+			p.signal(syscall.SIGKILL)
+		}
+		t.Stop()
+	}
+	<-p.done
+}
+
+func (p *plannerSource) signal(sig syscall.Signal) {
+	_ = syscall.Kill(-p.cmd.Process.Pid, sig)
+}
+
+// plannerLine is every field a planner line may carry (TASKS protocol, DESIGN §10).
+type plannerLine struct {
+	Tasks []struct {
+		CacheIdentifier string `json:"cache_identifier"`
+	} `json:"tasks"`
+	CacheIdentifier string          `json:"cache_identifier"`
+	Tile            []int64         `json:"tile"`
+	Progress        *float64        `json:"progress"`
+	RefreshBefore   float64         `json:"refresh_before"`
+	Cursor          json.RawMessage `json:"cursor"`
+	Removed         *uint64         `json:"removed"`
+	Done            bool            `json:"done"`
+	Error           *string         `json:"error"`
+}
+
+// read is the reader goroutine: it turns stdout lines into items until the end, then
+// waits for the process (bounded) and closes ch with errv set.
+func (p *plannerSource) read(out io.Reader) {
+	defer close(p.done)
+	err := p.readItems(bufio.NewReaderSize(out, 64<<10))
+	stopped := false
+	select {
+	case <-p.quit:
+		stopped = true
+	default:
+	}
+	if err != nil && !stopped {
+		// A protocol error: the planner may still be running; it must not outlive its task.
+		p.signal(syscall.SIGTERM)
+	}
+	waitErr := p.wait()
+	switch {
+	case stopped:
+		err = errors.New("stopped")
+	case err == nil && waitErr != nil:
+		err = fmt.Errorf("planner %s", exitDescription(waitErr))
+	case err != nil && waitErr != nil:
+		err = fmt.Errorf("planner %s (%w)", exitDescription(waitErr), err)
+	}
+	if err != nil && !stopped {
+		if t := p.tail.String(); t != "" {
+			err = fmt.Errorf("%w; its last stderr lines: %s", err, t)
+		}
+	}
+	p.errv = err
+	close(p.ch)
+}
+
+// wait waits for the process, killing it if it has not exited within killGrace.
+func (p *plannerSource) wait() error {
+	ch := make(chan error, 1)
+	go func() { ch <- p.cmd.Wait() }()
+	t := time.NewTimer(killGrace)
+	defer t.Stop()
+	var err error
+	select {
+	case err = <-ch:
+	case <-t.C:
+		p.log.Warn("planner did not exit after its output ended; killing it")
+		p.signal(syscall.SIGKILL)
+		err = <-ch // bounded: SIGKILL, then WaitDelay for the pipes
+	}
+	close(p.exited)
+	return err
+}
+
+// readItems reads lines until the done line (nil), an error line, EOF or a protocol error.
+func (p *plannerSource) readItems(br *bufio.Reader) error {
+	for {
+		raw, err := readLimitedLine(br, maxRendererLine)
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(raw) == 0 {
+				return errors.New("planner ended without its done line")
+			}
+			if errors.Is(err, errLineTooLong) {
+				return errors.New("planner wrote a line longer than 1 MiB")
+			}
+			if !errors.Is(err, io.EOF) {
+				return fmt.Errorf("reading the planner: %w", err)
+			}
+		}
+		if len(bytes.TrimSpace(raw)) == 0 {
+			continue
+		}
+		var l plannerLine
+		if jerr := json.Unmarshal(raw, &l); jerr != nil {
+			return fmt.Errorf("planner wrote an invalid line: %s", truncate(string(raw), 200))
+		}
+		if l.Error != nil {
+			return errors.New(*l.Error)
+		}
+		it := taskItem{progress: -1, cursor: l.Cursor, refreshBefore: l.RefreshBefore}
+		if l.Progress != nil {
+			it.progress = *l.Progress
+		}
+		if l.Removed != nil {
+			it.removed, it.hasRemoved = *l.Removed, true
+		}
+		if l.Tile != nil {
+			t, terr := plannerTile(l.Tile)
+			if terr != nil || validateCacheIdentifier(l.CacheIdentifier) != nil {
+				return fmt.Errorf("planner wrote an invalid metatile: %s", truncate(string(raw), 200))
+			}
+			it.tile, it.hasTile, it.cache = t, true, l.CacheIdentifier
+		}
+		if l.Done || it.hasTile || it.hasRemoved || it.cursor != nil || it.progress >= 0 {
+			select {
+			case p.ch <- it:
+			case <-p.quit:
+				return nil
+			}
+		}
+		if l.Done {
+			return nil
+		}
+		if err != nil { // io.EOF after a last line without a newline
+			return errors.New("planner ended without its done line")
+		}
+	}
+}
+
+func plannerTile(v []int64) (tileCoord, error) {
+	if len(v) != 3 {
+		return tileCoord{}, errors.New("want [x, y, z]")
+	}
+	for i, n := range v {
+		if n < 0 || n > maxCoordinate || (i == 2 && n > maxZoom) {
+			return tileCoord{}, errors.New("out of range")
+		}
+	}
+	return tileCoord{int32(v[0]), int32(v[1]), int32(v[2])}, nil
+}
+
+// exitDescription says how a process ended, from cmd.Wait's error.
+func exitDescription(err error) string {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return "was killed by signal " + ws.Signal().String()
+		}
+		return fmt.Sprintf("exited with status %d", ee.ExitCode())
+	}
+	return "failed: " + err.Error()
+}
+
+// lineTail keeps the last max lines written to it.
+type lineTail struct {
+	mu    sync.Mutex
+	max   int
+	lines []string
+}
+
+func (t *lineTail) add(line string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.lines) == t.max {
+		copy(t.lines, t.lines[1:])
+		t.lines = t.lines[:t.max-1]
+	}
+	t.lines = append(t.lines, truncate(line, 500))
+}
+
+// String joins the kept lines with " | ".
+func (t *lineTail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.Join(t.lines, " | ")
+}
+
+// stderrLogger logs a child's stderr line by line and keeps its tail.
+type stderrLogger struct {
+	log  *slog.Logger
+	tail *lineTail
+	buf  []byte
+}
+
+func (w *stderrLogger) Write(b []byte) (int, error) {
+	w.buf = append(w.buf, b...)
+	for {
+		i := bytes.IndexByte(w.buf, '\n')
+		if i < 0 {
+			if len(w.buf) > 16<<10 {
+				w.emit(w.buf)
+				w.buf = w.buf[:0]
+			}
+			return len(b), nil
+		}
+		w.emit(w.buf[:i])
+		w.buf = w.buf[i+1:]
+	}
+}
+
+func (w *stderrLogger) emit(line []byte) {
+	s := string(bytes.TrimRight(line, "\r"))
+	if strings.TrimSpace(s) == "" {
+		return
+	}
+	w.tail.add(s)
+	w.log.Info("planner: " + s)
+}

@@ -1,0 +1,789 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Tasks (DESIGN §10): long-running background work the daemon owns. A task feeds jobs into
+// the one queue exactly as a client does: one waited-for tile request per metatile, at the
+// task's priority, submitted to the scheduler. Dedup with live requests, promotion and the
+// seed's capacity rule therefore apply unchanged, and the scheduler stays the one owner of
+// the queue. Each task has one goroutine (run) that owns its source, its outstanding
+// requests and its retries; the task manager owns the task table and the schedules.
+
+const (
+	maxTaskErrors      = 20   // errors kept per task (the first ones)
+	keptFinishedTasks  = 100  // finished tasks listed by `tasks`; older ones are forgotten
+	failureWindow      = 1000 // the failure ratio is taken over this many last metatiles
+	failureMinSample   = 100  // ... once this many have finished (and over all at the end)
+	rateWindowSeconds  = 60
+	maxRetryBackoff    = 5 * time.Minute
+	busyRetryDelay     = time.Second // queue full: try again after this, not counted as a failure
+	taskStatePlanning  = "planning"
+	taskStateQueued    = "queued"
+	taskStateRunning   = "running"
+	taskStateDone      = "done"
+	taskStateFailed    = "failed"
+	taskStateCancelled = "cancelled"
+)
+
+// taskSpec is what a task does. Its JSON form is the planner's stdin line.
+type taskSpec struct {
+	Kind       string          `json:"kind"` // seed | cleanup
+	Name       string          `json:"name,omitempty"`
+	SeedConfig string          `json:"seed_config,omitempty"`
+	Inline     json.RawMessage `json:"inline,omitempty"`
+	Cursor     json.RawMessage `json:"cursor,omitempty"`
+
+	priority  int
+	scheduled bool
+}
+
+// taskError is one failed metatile (or a task-level error without a tile).
+type taskError struct {
+	Tile            []int32 `json:"tile,omitempty"`
+	CacheIdentifier string  `json:"cache_identifier,omitempty"`
+	Message         string  `json:"message"`
+}
+
+// taskDoc is the task document (DESIGN §10).
+type taskDoc struct {
+	TaskID        string      `json:"task_id"`
+	Name          string      `json:"name"`
+	Kind          string      `json:"kind"`
+	State         string      `json:"state"`
+	Priority      int         `json:"priority"`
+	Planned       uint64      `json:"planned"`
+	Done          uint64      `json:"done"`
+	Skipped       uint64      `json:"skipped"`
+	Failed        uint64      `json:"failed"`
+	Deleted       uint64      `json:"deleted"`
+	Retried       uint64      `json:"retried"`
+	Queued        int         `json:"queued"`         // requests outstanding in the daemon's queue
+	Progress      float64     `json:"progress"`       // fraction of the walk done (planner)
+	TotalEstimate uint64      `json:"total_estimate"` // metatiles the whole walk will plan, estimated
+	RatePerS      float64     `json:"rate_per_s"`     // finished metatiles per second, last minute
+	EtaS          *float64    `json:"eta_s"`
+	Created       string      `json:"created"`
+	Started       string      `json:"started,omitempty"`
+	Finished      string      `json:"finished,omitempty"`
+	Errors        []taskError `json:"errors"`
+	Reason        string      `json:"reason,omitempty"`
+	Scheduled     bool        `json:"scheduled,omitempty"`
+	NextRun       string      `json:"next_run,omitempty"`
+}
+
+// finished reports whether the task has ended.
+func (d *taskDoc) finished() bool {
+	return d.State == taskStateDone || d.State == taskStateFailed || d.State == taskStateCancelled
+}
+
+// taskSettings are the configuration a task runs with, fixed at its start.
+type taskSettings struct {
+	window       int
+	retries      int
+	backoff      time.Duration
+	maxFailRatio float64
+}
+
+// taskManager owns the task table and the schedules. Its methods are safe for concurrent
+// use (the API calls them from connection goroutines); each task's progress is written by
+// the task's own goroutine under the task's lock.
+type taskManager struct {
+	log   *slog.Logger
+	sched *scheduler
+
+	ctx  context.Context // cancelled by stop: every task ends
+	stop context.CancelFunc
+	wg   sync.WaitGroup // task goroutines and the schedule loop
+
+	mu         sync.Mutex
+	cfg        Config
+	plannerCmd []string
+	plannerEnv []string
+	tasks      map[string]*task
+	order      []*task // creation order
+	nextID     int
+	stopping   bool
+	schedules  *scheduleLoop
+}
+
+// newTaskManager makes the manager; plannerArgv is the planner command (the bundled worker's
+// plan mode unless planner_command is set), plannerEnv what it gets beyond the daemon's
+// environment. start begins the schedules.
+func newTaskManager(cfg Config, sched *scheduler, plannerArgv, plannerEnv []string, log *slog.Logger) *taskManager {
+	ctx, cancel := context.WithCancel(context.Background())
+	m := &taskManager{log: log, sched: sched, ctx: ctx, stop: cancel, cfg: cfg,
+		plannerCmd: plannerArgv, plannerEnv: plannerEnv, tasks: make(map[string]*task)}
+	m.schedules = newScheduleLoop(m.startScheduled)
+	m.schedules.set(cfg.Schedules)
+	return m
+}
+
+// start runs the schedule loop until shutdown.
+func (m *taskManager) start() {
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		m.schedules.run(m.ctx)
+	}()
+}
+
+// shutdown cancels every running task (their queued jobs are dropped unless someone else
+// waits for them; running renders finish) and waits for the task goroutines and planners.
+func (m *taskManager) shutdown() {
+	m.mu.Lock()
+	m.stopping = true
+	for _, t := range m.order {
+		t.stop("daemon is shutting down")
+	}
+	m.mu.Unlock()
+	m.stop()
+	m.wg.Wait()
+}
+
+// reload takes a new configuration: schedules at once; planner and window settings for
+// tasks started from now on.
+func (m *taskManager) reload(cfg Config, plannerArgv, plannerEnv []string) {
+	m.mu.Lock()
+	m.cfg = cfg
+	m.plannerCmd, m.plannerEnv = plannerArgv, plannerEnv
+	m.mu.Unlock()
+	m.schedules.set(cfg.Schedules)
+}
+
+// errTaskConflict and errNoTask let the HTTP API choose its status code.
+var (
+	errNoTask       = errors.New("no such task")
+	errTaskConflict = errors.New("task already ended")
+)
+
+// request turns a seed command into a spec: a named entry of seed_config (kind from
+// the section it is in) or an inline seed.
+func (m *taskManager) specFor(req Request) (taskSpec, error) {
+	m.mu.Lock()
+	cfg := m.cfg
+	m.mu.Unlock()
+	spec := taskSpec{SeedConfig: cfg.SeedConfig, priority: cfg.SeedPriority}
+	if req.SeedConfig != "" {
+		spec.SeedConfig = req.SeedConfig
+	}
+	if req.PrioritySet {
+		spec.priority = req.Priority
+	}
+	if req.Seed != nil {
+		var inline struct {
+			Cache string `json:"cache"`
+		}
+		if err := json.Unmarshal(req.Seed, &inline); err != nil || inline.Cache == "" {
+			return spec, errors.New(`inline seed: "cache" (a cache name of mapproxy.yaml) is required`)
+		}
+		spec.Kind, spec.Name, spec.Inline = "seed", "inline:"+inline.Cache, req.Seed
+		return spec, nil
+	}
+	if spec.SeedConfig == "" {
+		return spec, errors.New("no seed configuration: set seed_config in renderd.yaml, start the daemon with -s seed.yaml, or send seed_config")
+	}
+	kind, err := seedEntryKind(spec.SeedConfig, req.Task)
+	if err != nil {
+		return spec, err
+	}
+	spec.Kind, spec.Name = kind, req.Task
+	return spec, nil
+}
+
+// seedEntryKind finds name in seed.yaml: "seed" under seeds:, "cleanup" under cleanups:
+// (seeds: first, as a name can stand in both).
+func seedEntryKind(path, name string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("seed_config: %w", err)
+	}
+	var doc struct {
+		Seeds    map[string]yaml.Node `yaml:"seeds"`
+		Cleanups map[string]yaml.Node `yaml:"cleanups"`
+	}
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return "", fmt.Errorf("seed_config %s: %w", path, err)
+	}
+	if _, ok := doc.Seeds[name]; ok {
+		return "seed", nil
+	}
+	if _, ok := doc.Cleanups[name]; ok {
+		return "cleanup", nil
+	}
+	names := make([]string, 0, len(doc.Seeds)+len(doc.Cleanups))
+	for n := range doc.Seeds {
+		names = append(names, n)
+	}
+	for n := range doc.Cleanups {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return "", fmt.Errorf("no seed or cleanup %q in %s (it has: %v)", truncate(name, 64), path, names)
+}
+
+// startTask creates a task for spec and starts it.
+func (m *taskManager) startTask(spec taskSpec) (taskDoc, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.stopping {
+		return taskDoc{}, errors.New("daemon is shutting down")
+	}
+	if len(m.plannerCmd) == 0 {
+		return taskDoc{}, errors.New("seeding needs mapproxy_config (-f) or planner_command")
+	}
+	m.nextID++
+	t := newTask(m, "t"+strconv.Itoa(m.nextID), spec, taskSettings{
+		window: m.cfg.SeedWindow, retries: m.cfg.SeedRetries,
+		backoff: time.Duration(m.cfg.SeedRetryBackoff), maxFailRatio: m.cfg.SeedMaxFailureRatio,
+	})
+	m.tasks[t.id] = t
+	m.order = append(m.order, t)
+	m.forgetOld()
+	src, err := startPlanner(m.plannerCmd, m.plannerEnv, spec, m.log.With("task", t.id))
+	if err != nil {
+		t.end(taskStateFailed, err.Error())
+		close(t.ended)
+		return t.snapshot(), nil
+	}
+	m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled)
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		t.run(m.ctx, src)
+	}()
+	return t.snapshot(), nil
+}
+
+// forgetOld drops the oldest finished tasks beyond keptFinishedTasks. m.mu is held.
+func (m *taskManager) forgetOld() {
+	finished := 0
+	for _, t := range m.order {
+		if t.isFinished() {
+			finished++
+		}
+	}
+	for i := 0; finished > keptFinishedTasks && i < len(m.order); {
+		t := m.order[i]
+		if !t.isFinished() {
+			i++
+			continue
+		}
+		delete(m.tasks, t.id)
+		m.order = slices.Delete(m.order, i, i+1)
+		finished--
+	}
+}
+
+// startScheduled runs a scheduled name unless a task of that name is still running; it
+// reports whether it started one.
+func (m *taskManager) startScheduled(name string) bool {
+	m.mu.Lock()
+	for _, t := range m.order {
+		if t.spec.Name == name && t.spec.Inline == nil && !t.isFinished() {
+			m.mu.Unlock()
+			m.log.Info("scheduled task skipped: the previous run is still going", "name", name, "task", t.id)
+			return false
+		}
+	}
+	m.mu.Unlock()
+	spec, err := m.specFor(Request{Task: name})
+	if err != nil {
+		m.log.Error("scheduled task could not start", "name", name, "error", err)
+		return false
+	}
+	spec.scheduled = true
+	if _, err := m.startTask(spec); err != nil {
+		m.log.Error("scheduled task could not start", "name", name, "error", err)
+		return false
+	}
+	return true
+}
+
+// list returns every task, newest first, with next_run for scheduled names.
+func (m *taskManager) list() []taskDoc {
+	m.mu.Lock()
+	ts := slices.Clone(m.order)
+	m.mu.Unlock()
+	next := m.schedules.nextRuns()
+	docs := make([]taskDoc, 0, len(ts))
+	for i := len(ts) - 1; i >= 0; i-- {
+		d := ts[i].snapshot()
+		if n, ok := next[d.Name]; ok && d.Kind != "expire" {
+			d.NextRun = n
+		}
+		docs = append(docs, d)
+	}
+	return docs
+}
+
+// get returns one task's document.
+func (m *taskManager) get(id string) (taskDoc, bool) {
+	m.mu.Lock()
+	t, ok := m.tasks[id]
+	m.mu.Unlock()
+	if !ok {
+		return taskDoc{}, false
+	}
+	d := t.snapshot()
+	if n, ok := m.schedules.nextRuns()[d.Name]; ok {
+		d.NextRun = n
+	}
+	return d, true
+}
+
+// cancelTask cancels a task that has not ended and returns its document once it has
+// ended (its goroutine cancels its requests and stops its planner, which is bounded).
+func (m *taskManager) cancelTask(id string) (taskDoc, error) {
+	m.mu.Lock()
+	t, ok := m.tasks[id]
+	m.mu.Unlock()
+	if !ok {
+		return taskDoc{}, errNoTask
+	}
+	if !t.stop("cancelled by request") {
+		return t.snapshot(), errTaskConflict
+	}
+	<-t.ended
+	return t.snapshot(), nil
+}
+
+// handle answers the native task commands: seed, tasks, task, cancel.
+func (m *taskManager) handle(req Request) Reply {
+	rep := Reply{ID: req.ID, Status: statusOK}
+	switch req.Command {
+	case "seed":
+		spec, err := m.specFor(req)
+		if err != nil {
+			return errorReply(req.ID, err.Error())
+		}
+		d, err := m.startTask(spec)
+		if err != nil {
+			return errorReply(req.ID, err.Error())
+		}
+		rep.Status = statusQueued
+		rep.Task = mustJSON(d)
+	case "tasks":
+		rep.Tasks = mustJSON(m.list())
+		rep.Schedules = mustJSON(m.schedules.docs())
+	case "task":
+		d, ok := m.get(req.TaskID)
+		if !ok {
+			return errorReply(req.ID, "no task "+strconv.Quote(truncate(req.TaskID, 64)))
+		}
+		rep.Task = mustJSON(d)
+	case "cancel":
+		d, err := m.cancelTask(req.TaskID)
+		switch {
+		case errors.Is(err, errNoTask):
+			return errorReply(req.ID, "no task "+strconv.Quote(truncate(req.TaskID, 64)))
+		case errors.Is(err, errTaskConflict):
+			rep = errorReply(req.ID, "task "+d.TaskID+" already ended ("+d.State+")")
+		}
+		rep.Task = mustJSON(d)
+	default:
+		return errorReply(req.ID, "not a task command: "+req.Command)
+	}
+	return rep
+}
+
+func mustJSON(v any) json.RawMessage {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // our own documents always encode
+	}
+	return b
+}
+
+// task is one running or finished task.
+type task struct {
+	m        *taskManager
+	id       string
+	spec     taskSpec
+	set      taskSettings
+	replies  chan taskReply // from the scheduler; room for every outstanding request
+	stopCh   chan string    // a stop reason; buffered 1, first one wins
+	ended    chan struct{}  // closed when run has returned
+	created  time.Time
+	stopOnce sync.Once
+
+	mu  sync.Mutex
+	doc taskDoc
+
+	// Owned by the run goroutine.
+	outstanding map[*pendingRequest]*taskJob
+	retrying    []*taskJob // waiting for their retry time, in due order
+	outcomes    []bool     // ring of the last failureWindow finished metatiles: true = failed
+	outcomeNext int
+	outcomeN    int
+	outcomeFail int
+	rate        [rateWindowSeconds]struct {
+		sec int64
+		n   uint64
+	}
+	started       time.Time
+	sourceDone    bool
+	walkProgress  float64
+	lastCursor    json.RawMessage
+	totalFinished uint64
+}
+
+// taskJob is one metatile of a task while the task works on it.
+type taskJob struct {
+	item     taskItem
+	attempts int
+	due      time.Time
+}
+
+type taskReply struct {
+	p *pendingRequest
+	r Reply
+}
+
+func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
+	now := time.Now()
+	t := &task{m: m, id: id, spec: spec, set: set,
+		replies: make(chan taskReply, set.window+1), stopCh: make(chan string, 1), ended: make(chan struct{}),
+		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
+	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
+		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
+	return t
+}
+
+// deliver is the task's replySink: the scheduler calls it once per request. It never
+// blocks: the channel has room for every outstanding request.
+func (t *task) deliver(p *pendingRequest, r Reply) {
+	select {
+	case t.replies <- taskReply{p, r}:
+	default:
+		t.m.log.Error("task reply channel full; dropping a reply", "task", t.id) // cannot happen: see replies
+	}
+}
+
+// stop asks the task to end with reason; it reports false when the task had already ended.
+func (t *task) stop(reason string) bool {
+	if t.isFinished() {
+		return false
+	}
+	select {
+	case t.stopCh <- reason:
+	default:
+	}
+	return true
+}
+
+func (t *task) isFinished() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.doc.finished()
+}
+
+// snapshot copies the document.
+func (t *task) snapshot() taskDoc {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	d := t.doc
+	d.Errors = slices.Clone(d.Errors)
+	if d.EtaS != nil {
+		e := *d.EtaS
+		d.EtaS = &e
+	}
+	return d
+}
+
+// end sets a final state. A task ends once.
+func (t *task) end(state, reason string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.doc.finished() {
+		return
+	}
+	t.doc.State, t.doc.Reason = state, reason
+	t.doc.Finished = time.Now().Format(time.RFC3339)
+	t.doc.EtaS = nil
+	if state == taskStateDone {
+		t.doc.Progress = 1
+	}
+	t.doc.Queued = 0
+}
+
+// run is the task goroutine: it reads the source while fewer than window of its requests
+// are outstanding, submits them, takes replies, retries failures with backoff, and ends the
+// task (done, failed, cancelled). It returns after the source is closed and every request
+// it still had is cancelled at the scheduler.
+func (t *task) run(ctx context.Context, src taskSource) {
+	defer close(t.ended)
+	defer src.close()
+	t.started = time.Now()
+	t.mu.Lock()
+	t.doc.State = taskStatePlanning
+	t.doc.Started = t.started.Format(time.RFC3339)
+	t.mu.Unlock()
+	retryTimer := time.NewTimer(time.Hour)
+	retryTimer.Stop()
+	defer retryTimer.Stop()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		var items <-chan taskItem
+		if !t.sourceDone && len(t.outstanding)+len(t.retrying) < t.set.window {
+			items = src.items()
+		}
+		select {
+		case it, ok := <-items:
+			if !ok {
+				t.sourceDone = true
+				if err := src.err(); err != nil {
+					t.fail("planner: " + err.Error())
+					return
+				}
+				break
+			}
+			t.take(it)
+		case rep := <-t.replies:
+			t.answer(rep, retryTimer)
+		case <-retryTimer.C:
+			t.retryDue(retryTimer)
+		case reason := <-t.stopCh:
+			t.abandon()
+			t.end(taskStateCancelled, reason)
+			t.m.log.Info("task cancelled", "task", t.id, "reason", reason)
+			return
+		case <-ctx.Done():
+			t.abandon()
+			t.end(taskStateCancelled, "daemon is shutting down")
+			return
+		case <-tick.C:
+		}
+		if t.failedTooOften(false) {
+			return
+		}
+		if t.sourceDone && len(t.outstanding) == 0 && len(t.retrying) == 0 {
+			if t.failedTooOften(true) {
+				return
+			}
+			t.publish()
+			t.end(taskStateDone, "")
+			d := t.snapshot()
+			t.m.log.Info("task done", "task", t.id, "name", d.Name, "planned", d.Planned, "done", d.Done,
+				"skipped", d.Skipped, "failed", d.Failed, "deleted", d.Deleted)
+			return
+		}
+		t.publish()
+	}
+}
+
+// take handles one source item.
+func (t *task) take(it taskItem) {
+	if it.progress >= 0 {
+		t.walkProgress = it.progress
+	}
+	if it.cursor != nil {
+		t.lastCursor = it.cursor
+	}
+	if it.hasRemoved {
+		t.mu.Lock()
+		t.doc.Deleted = it.removed
+		t.mu.Unlock()
+	}
+	if !it.hasTile {
+		return
+	}
+	t.mu.Lock()
+	t.doc.Planned++
+	t.mu.Unlock()
+	t.submit(&taskJob{item: it})
+}
+
+// submit sends one metatile to the scheduler.
+func (t *task) submit(tj *taskJob) {
+	tj.attempts++
+	p := &pendingRequest{sink: t, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
+		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
+		NoForce: true, RefreshBefore: tj.item.refreshBefore}}
+	t.outstanding[p] = tj
+	t.m.sched.submit(p)
+}
+
+// answer takes the scheduler's reply for one of the task's requests.
+func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
+	tj, ok := t.outstanding[rep.p]
+	if !ok {
+		return
+	}
+	delete(t.outstanding, rep.p)
+	switch rep.r.Status {
+	case statusOK:
+		t.mu.Lock()
+		if rep.r.Skipped {
+			t.doc.Skipped++
+		} else {
+			t.doc.Done++
+		}
+		t.mu.Unlock()
+		t.outcome(false)
+	case statusBusy:
+		// The queue is full: not the metatile's fault. Try again shortly, uncounted.
+		tj.attempts--
+		t.later(tj, busyRetryDelay, retryTimer)
+	case statusShuttingDown:
+		// The daemon stops; the task ends through ctx. Nothing to count.
+	default:
+		if tj.attempts <= t.set.retries {
+			t.mu.Lock()
+			t.doc.Retried++
+			t.mu.Unlock()
+			backoff := min(t.set.backoff<<(tj.attempts-1), maxRetryBackoff)
+			t.later(tj, backoff, retryTimer)
+			return
+		}
+		t.mu.Lock()
+		t.doc.Failed++
+		if len(t.doc.Errors) < maxTaskErrors {
+			tile := tj.item.tile
+			t.doc.Errors = append(t.doc.Errors, taskError{Tile: []int32{tile.X, tile.Y, tile.Z},
+				CacheIdentifier: tj.item.cache, Message: rep.r.ErrorMessage})
+		}
+		t.mu.Unlock()
+		t.outcome(true)
+	}
+}
+
+// later queues tj for another submission after d.
+func (t *task) later(tj *taskJob, d time.Duration, retryTimer *time.Timer) {
+	tj.due = time.Now().Add(d)
+	i, _ := slices.BinarySearchFunc(t.retrying, tj.due, func(a *taskJob, due time.Time) int { return a.due.Compare(due) })
+	t.retrying = slices.Insert(t.retrying, i, tj)
+	if i == 0 {
+		retryTimer.Reset(d)
+	}
+}
+
+// retryDue resubmits every retry whose time has come and sets the timer for the next.
+func (t *task) retryDue(retryTimer *time.Timer) {
+	now := time.Now()
+	n := 0
+	for n < len(t.retrying) && !t.retrying[n].due.After(now) {
+		t.submit(t.retrying[n])
+		n++
+	}
+	t.retrying = slices.Delete(t.retrying, 0, n)
+	if len(t.retrying) > 0 {
+		retryTimer.Reset(time.Until(t.retrying[0].due))
+	}
+}
+
+// outcome records a finished metatile for the failure ratio and the rate.
+func (t *task) outcome(failed bool) {
+	if t.outcomeN == failureWindow {
+		if t.outcomes[t.outcomeNext] {
+			t.outcomeFail--
+		}
+	} else {
+		t.outcomeN++
+	}
+	t.outcomes[t.outcomeNext] = failed
+	if failed {
+		t.outcomeFail++
+	}
+	t.outcomeNext = (t.outcomeNext + 1) % failureWindow
+	t.totalFinished++
+	sec := time.Now().Unix()
+	b := &t.rate[sec%rateWindowSeconds]
+	if b.sec != sec {
+		b.sec, b.n = sec, 0
+	}
+	b.n++
+}
+
+// failedTooOften ends the task as failed when more than seed_max_failure_ratio of its last
+// 1,000 metatiles failed: checked once 100 have finished, and over all of them at the end.
+func (t *task) failedTooOften(atEnd bool) bool {
+	if t.outcomeFail == 0 || (!atEnd && t.outcomeN < failureMinSample) {
+		return false
+	}
+	ratio := float64(t.outcomeFail) / float64(t.outcomeN)
+	if ratio <= t.set.maxFailRatio {
+		return false
+	}
+	t.abandon()
+	t.publish()
+	reason := fmt.Sprintf("%d of the last %d metatiles failed (more than seed_max_failure_ratio %g)", t.outcomeFail, t.outcomeN, t.set.maxFailRatio)
+	t.end(taskStateFailed, reason)
+	t.m.log.Error("task failed", "task", t.id, "name", t.spec.Name, "reason", reason)
+	return true
+}
+
+// fail ends the task as failed with reason (its planner failed, say).
+func (t *task) fail(reason string) {
+	t.abandon()
+	t.publish()
+	t.mu.Lock()
+	if len(t.doc.Errors) < maxTaskErrors {
+		t.doc.Errors = append(t.doc.Errors, taskError{Message: reason})
+	}
+	t.mu.Unlock()
+	t.end(taskStateFailed, reason)
+	t.m.log.Error("task failed", "task", t.id, "name", t.spec.Name, "reason", reason)
+}
+
+// abandon withdraws every outstanding request: queued jobs nobody else waits for are
+// dropped, jobs a live request merged into stay, running renders finish. Retries are
+// forgotten.
+func (t *task) abandon() {
+	for p := range t.outstanding {
+		t.m.sched.cancel(p)
+	}
+	clear(t.outstanding)
+	t.retrying = nil
+}
+
+// publish writes the derived figures (state, progress, rate, ETA) into the document.
+func (t *task) publish() {
+	now := time.Now()
+	var recent uint64
+	for _, b := range t.rate {
+		if now.Unix()-b.sec < rateWindowSeconds {
+			recent += b.n
+		}
+	}
+	span := min(now.Sub(t.started).Seconds(), rateWindowSeconds)
+	rate := 0.0
+	if span > 0 {
+		rate = float64(recent) / max(span, 1)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.doc.finished() {
+		return
+	}
+	if t.doc.Planned > 0 || t.doc.Deleted > 0 || t.sourceDone {
+		t.doc.State = taskStateRunning
+	}
+	t.doc.Progress = t.walkProgress
+	t.doc.Queued = len(t.outstanding) + len(t.retrying)
+	t.doc.RatePerS = rate
+	total := t.doc.Planned
+	if !t.sourceDone && t.walkProgress > 0 {
+		total = max(total, uint64(float64(t.doc.Planned)/t.walkProgress))
+	}
+	t.doc.TotalEstimate = total
+	t.doc.EtaS = nil
+	if rate > 0 && (t.sourceDone || t.walkProgress > 0) {
+		left := float64(total) - float64(t.totalFinished)
+		eta := max(left, 0) / rate
+		t.doc.EtaS = &eta
+	}
+}
