@@ -16,12 +16,21 @@
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
 //   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
 //   - http.go: the HTTP routes, MapProxy 1.15's renderd protocol among them.
-//   - client.go: the client subcommands (request, status).
+//   - client.go: the client subcommands (request, status) and how they reach the daemon.
+//   - tasks.go: tasks (DESIGN §10): the task manager (task table, API) and one goroutine per
+//     task that reads its source with back-pressure and feeds the scheduler as a client does.
+//   - planner.go: a task's source when it is a planner subprocess (MapProxy's seed code in the
+//     bundled worker's plan mode).
+//   - schedules.go: the schedule loop (renderd.yaml schedules:), owned by the task manager.
+//   - taskapi.go: the task API over HTTP and the seed, tasks, task and cancel subcommands.
 //   - stats.go: the status document.
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
 //
-// Goroutines and their owners: run owns the scheduler goroutine and the server; the scheduler
-// owns the renderer goroutines (and waits for them before it returns); the server owns its
-// accept loops and connection goroutines (shutdown waits for them). Every wait on a child
+// Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
+// server; the scheduler owns the renderer goroutines (and waits for them before it returns);
+// the task manager owns the task goroutines and the schedule loop (shutdown cancels and waits
+// for them; each task owns its planner and the planner's reader goroutine); the server owns
+// its accept loops and connection goroutines (shutdown waits for them). Tasks never touch the
+// queue: they submit requests and take replies like any client. Every wait on a child
 // process is bounded (SIGTERM, then SIGKILL).
 package main
