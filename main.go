@@ -129,8 +129,12 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "ok: socket %q, http %q, %d renderers (at most %d seeding below priority %d), renderer %q\n",
-		cfg.Socket, cfg.httpAddr, cfg.Renderers, cfg.maxSeed, cfg.SeedPriorityBelow, rendererArgv(cfg, "<bundled MapProxy worker>"))
+	seeding, err := checkSeedNames(cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "ok: socket %q, http %q, %d renderers (at most %d seeding below priority %d), renderer %q, %s\n",
+		cfg.Socket, cfg.httpAddr, cfg.Renderers, cfg.maxSeed, cfg.SeedPriorityBelow, rendererArgv(cfg, "<bundled MapProxy worker>"), seeding)
 	return nil
 }
 
@@ -193,6 +197,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	cfg, err := cf.load()
 	if err != nil {
+		return err
+	}
+	if _, err := checkSeedNames(cfg); err != nil {
 		return err
 	}
 	// Catch SIGHUP from the start: its default action kills, and systemd runs a reload queued
@@ -319,6 +326,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 // restart; the allow-list and connection limits apply to connections accepted from now on.
 func reload(cf configFlags, old Config, sched *scheduler, srv *server, level *slog.LevelVar, log *slog.Logger) Config {
 	cfg, err := cf.load()
+	if err == nil {
+		_, err = checkSeedNames(cfg)
+	}
 	if err != nil {
 		log.Error("reload failed; keeping the running configuration", "error", err)
 		return old

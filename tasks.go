@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -232,6 +233,23 @@ func seedEntryKind(path, name string) (string, error) {
 	}
 	slices.Sort(names)
 	return "", fmt.Errorf("no seed or cleanup %q in %s (it has: %v)", truncate(name, 64), path, names)
+}
+
+// checkSeedNames checks that seed_config can be read and names every scheduled task; it
+// returns a summary for check-config.
+func checkSeedNames(cfg Config) (string, error) {
+	if cfg.SeedConfig == "" {
+		return "no seed_config", nil
+	}
+	for i, s := range cfg.Schedules {
+		if _, err := seedEntryKind(cfg.SeedConfig, s.Task); err != nil {
+			return "", fmt.Errorf("schedules[%d].task: %w", i, err)
+		}
+	}
+	if _, err := seedEntryKind(cfg.SeedConfig, ""); err != nil && !strings.HasPrefix(err.Error(), "no seed or cleanup") {
+		return "", err
+	}
+	return fmt.Sprintf("seed_config %s, %d schedules", cfg.SeedConfig, len(cfg.Schedules)), nil
 }
 
 // startTask creates a task for spec and starts it.

@@ -497,3 +497,25 @@ func TestTaskConfigValidation(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckConfigValidatesScheduledNames(t *testing.T) {
+	dir := t.TempDir()
+	seed := filepath.Join(dir, "seed.yaml")
+	os.WriteFile(seed, []byte("seeds:\n  all: {caches: [c]}\ncleanups:\n  drop: {caches: [c]}\n"), 0o644)
+	for _, tc := range []struct{ yaml, want string }{
+		{"schedules: [{task: all, every: 1h}, {task: drop, at: '03:00'}]", "ok: "},
+		{"schedules: [{task: nope, every: 1h}]", `schedules[0].task: no seed or cleanup "nope"`},
+	} {
+		cfgPath := filepath.Join(dir, "renderd.yaml")
+		os.WriteFile(cfgPath, []byte("renderer_command: [/bin/true]\nplanner_command: [/bin/true]\nsocket: "+dir+"/s.sock\nseed_config: "+seed+"\n"+tc.yaml+"\n"), 0o644)
+		var out bytes.Buffer
+		err := run(context.Background(), []string{"check-config", "-c", cfgPath}, &out, io.Discard)
+		got := out.String()
+		if err != nil {
+			got = err.Error()
+		}
+		if !strings.Contains(got, tc.want) {
+			t.Errorf("%s: got %q, want %q", tc.yaml, got, tc.want)
+		}
+	}
+}
