@@ -519,3 +519,70 @@ func TestCheckConfigValidatesScheduledNames(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkSeedTask measures the task path's own cost: a planner (the fake one, as fast as
+// a pipe) streaming b.N metatiles through the task, the queue and 4 no-op renderers.
+func BenchmarkSeedTask(b *testing.B) {
+	dir := b.TempDir()
+	seed := filepath.Join(dir, "seed.yaml")
+	os.WriteFile(seed, []byte("seeds:\n  all: {caches: [c]}\n"), 0o644)
+	planner, _ := json.Marshal([]string{os.Args[0], "fake-planner", "-n", fmt.Sprint(b.N)})
+	d := newTestDaemon(b, daemonOpts{renderers: 4, maxSeed: -1,
+		extraYAML: fmt.Sprintf("log_level: warn\nseed_config: %s\nplanner_command: %s\n", seed, planner)})
+	r := &taskRig{testDaemon: d}
+	cl := r.dial()
+	b.ResetTimer()
+	start := time.Now()
+	cl.send(`{"command":"seed","task":"all"}`)
+	id := taskOf(b, cl.read()).TaskID
+	var doc taskDoc
+	for {
+		cl.send(`{"command":"task","task_id":"` + id + `"}`)
+		doc = taskOf(b, cl.read())
+		if doc.finished() {
+			break
+		}
+		time.Sleep(20 * time.Millisecond) // polling for the end; the figure is the task's wall time
+	}
+	el := time.Since(start)
+	if doc.State != taskStateDone || doc.Done != uint64(b.N) {
+		b.Fatalf("task: %+v", doc)
+	}
+	b.ReportMetric(float64(b.N)/el.Seconds(), "metatiles/s")
+}
+
+// BenchmarkLiveBehindSeedTask: with the bench setup (4 renderers, at most 2 seeding) and
+// 50 ms renders, a running seed task keeps 2 renderers busy; each live request's latency
+// beyond its own render time is what the seed costs it (goal: at most 2 ms).
+func BenchmarkLiveBehindSeedTask(b *testing.B) {
+	dir := b.TempDir()
+	seed := filepath.Join(dir, "seed.yaml")
+	os.WriteFile(seed, []byte("seeds:\n  all: {caches: [c]}\n"), 0o644)
+	planner, _ := json.Marshal([]string{os.Args[0], "fake-planner", "-n", "1000000"})
+	d := newTestDaemon(b, daemonOpts{renderers: 4, maxSeed: 2, rendArgs: []string{"-delay", "50ms"},
+		extraYAML: fmt.Sprintf("log_level: warn\nseed_config: %s\nplanner_command: %s\n", seed, planner)})
+	r := &taskRig{testDaemon: d}
+	id := taskOf(b, r.call(`{"command":"seed","task":"all"}`)).TaskID
+	r.waitTask(id, "rendering", func(t taskDoc) bool { return t.Done > 4 })
+	cl := r.dial()
+	over := make([]float64, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		t0 := time.Now()
+		cl.send(tileReq("l", "live", i, 1, 15, 100))
+		rep := cl.read()
+		el := float64(time.Since(t0).Microseconds()) / 1000
+		if rep.Status != statusOK || rep.RenderMS == nil {
+			b.Fatalf("live: %+v", rep)
+		}
+		over = append(over, el-*rep.RenderMS)
+	}
+	b.StopTimer()
+	slices.Sort(over)
+	b.ReportMetric(over[len(over)/2], "overhead-p50-ms")
+	b.ReportMetric(over[len(over)*99/100], "overhead-p99-ms")
+	if st := r.status(); st.Renderers.BusySeed > 2 {
+		b.Errorf("seed renders: %d busy, want at most 2", st.Renderers.BusySeed)
+	}
+	r.call(`{"command":"cancel","task_id":"` + id + `"}`)
+}
