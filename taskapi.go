@@ -114,9 +114,12 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, cl.timeout)
-	defer cancel()
-	call := func(line []byte) (Reply, []byte, error) { return exchange(ctx, network, addr, line) }
+	// --timeout bounds each exchange, not the wait: a seed may run for hours.
+	call := func(line []byte) (Reply, []byte, error) {
+		ctx, cancel := context.WithTimeout(ctx, cl.timeout)
+		defer cancel()
+		return exchange(ctx, network, addr, line)
+	}
 
 	switch cmd {
 	case "tasks":

@@ -586,3 +586,26 @@ func BenchmarkLiveBehindSeedTask(b *testing.B) {
 	}
 	r.call(`{"command":"cancel","task_id":"` + id + `"}`)
 }
+
+func TestSeedWaitOutlastsTheTimeoutOfOneExchange(t *testing.T) {
+	r := newTaskRig(t, taskRigOpts{daemonOpts: daemonOpts{renderers: 1, maxSeed: 1, gate: true}, plannerArgs: []string{"-n", "1"}})
+	done := make(chan error, 1)
+	var out bytes.Buffer
+	go func() {
+		done <- run(context.Background(), []string{"seed", "--socket", r.socket, "--wait", "--timeout", "300ms", "all"}, &out, io.Discard)
+	}()
+	start := time.Now()
+	r.waitFor("the CLI's task running", func(s statusDoc) bool { return len(s.Tasks) == 1 && s.Tasks[0].State == taskStateRunning })
+	// What is tested is wall time passing beyond the CLI's 300 ms: not a synchronisation,
+	// the render stays held at the gate meanwhile.
+	<-time.After(time.Until(start.Add(1200 * time.Millisecond)))
+	r.release(1)
+	select {
+	case err := <-done:
+		if err != nil || !strings.Contains(out.String(), "done") {
+			t.Fatalf("seed --wait: %v, output %q", err, out.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("seed --wait did not return")
+	}
+}
