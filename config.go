@@ -300,8 +300,10 @@ func parseRenderdAddress(addr string) (network, where string, err error) {
 	}
 }
 
-// loadConfig builds the configuration from the -f, -c and override flags.
-func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int, seedPath string) (Config, error) {
+// loadConfig builds the configuration from the -f, -c and override flags: defaults, then
+// renderd.yaml, then the flags; globals.renderd.address fills in a listener that neither set.
+func loadConfig(f configFlags) (Config, error) {
+	mapproxyPath, renderdPath, renderers, maxSeed, seedPath := f.mapproxy, f.renderd, f.renderers, f.maxSeed, f.seed
 	c := defaultConfig()
 	socketSet := false
 	if renderdPath != "" {
@@ -334,6 +336,13 @@ func loadConfig(mapproxyPath, renderdPath string, renderers, maxSeed int, seedPa
 	}
 	if maxSeed >= 0 {
 		c.MaxSeedRenderers = &maxSeed
+	}
+	if f.socket != nil {
+		c.Socket, socketSet = *f.socket, true
+	}
+	if f.http != nil {
+		h := *f.http
+		c.HTTP = &h
 	}
 	if err := c.applyMapProxyConfig(socketSet); err != nil {
 		return c, err

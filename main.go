@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -51,7 +52,8 @@ func (e exitCode) Error() string { return "exit status " + strconv.Itoa(int(e)) 
 
 const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
-  mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml]
+                   [--socket PATH] [--http ADDR]
+  mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
   mapproxy-renderd request [-s socket | --http host:port | -f … | -c …] [--timeout d] '<json>'
   mapproxy-renderd status  [-s socket | --http host:port | -f … | -c …]
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
@@ -90,10 +92,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 // configFlags are the flags that select the configuration, shared by every command.
+// The override flags exist on the daemon and check-config only; their zero values
+// (renderers 0, maxSeed -1, socket and http nil) mean "not given".
 type configFlags struct {
 	mapproxy, renderd  string
 	renderers, maxSeed int
 	seed               string
+	socket, http       *string // --socket, --http: "" disables that listener
 }
 
 func (f *configFlags) register(fs *flag.FlagSet, withOverrides bool) {
@@ -104,11 +109,13 @@ func (f *configFlags) register(fs *flag.FlagSet, withOverrides bool) {
 		fs.IntVar(&f.renderers, "renderer", 0, "number of renderer processes (overrides renderers)")
 		fs.IntVar(&f.maxSeed, "max-seed-renderer", -1, "renderers seeding may use (overrides max_seed_renderers)")
 		fs.StringVar(&f.seed, "s", "", "MapProxy seed configuration (seed.yaml; overrides seed_config)")
+		fs.Func("socket", "Unix socket `PATH` (overrides socket; \"\" = none)", func(s string) error { f.socket = &s; return nil })
+		fs.Func("http", "TCP `ADDR` host:port (overrides http; \"\" = none)", func(s string) error { f.http = &s; return nil })
 	}
 }
 
 func (f *configFlags) load() (Config, error) {
-	return loadConfig(f.mapproxy, f.renderd, f.renderers, f.maxSeed, f.seed)
+	return loadConfig(*f)
 }
 
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
@@ -353,7 +360,7 @@ func bindListeners(cfg Config, log *slog.Logger) ([]net.Listener, error) {
 	if cfg.Socket != "" {
 		l, err := listenUnix(cfg.Socket, cfg.socketMode, cfg.SocketGroup)
 		if err != nil {
-			return nil, fmt.Errorf("socket %s: %w", cfg.Socket, err)
+			return nil, fmt.Errorf("socket %s: %w", cfg.Socket, socketDirProblem(cfg.Socket, err))
 		}
 		ls = append(ls, l)
 	}
@@ -371,6 +378,23 @@ func bindListeners(cfg Config, log *slog.Logger) ([]net.Listener, error) {
 		return nil, errors.New("nothing to listen on: set socket or http")
 	}
 	return ls, nil
+}
+
+// socketDirProblem turns a failure to create the socket file into a message that says
+// what to change when the cause is its directory (missing or not writable, typically
+// the default /run as a non-root user); other errors are returned as they are.
+func socketDirProblem(path string, err error) error {
+	dir := filepath.Dir(path)
+	hint := `pass --socket PATH (--socket "" for none) or set socket: in renderd.yaml`
+	if _, serr := os.Stat(dir); errors.Is(serr, fs.ErrNotExist) {
+		return fmt.Errorf("directory %s does not exist: %s (%w)", dir, hint, err)
+	}
+	// W_OK|X_OK: creating an entry needs both. access(2) uses the real uid, which is the
+	// daemon's (it is not setuid).
+	if syscall.Access(dir, 0o2|0o1) != nil {
+		return fmt.Errorf("directory %s is not writable by uid %d: %s (%w)", dir, os.Getuid(), hint, err)
+	}
+	return err
 }
 
 // listenUnix binds a Unix socket at path. An existing file there is removed only if it is

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Tests for what an operator meets first (issue 12): the listener flags, check-config's
+// MapProxy check, and the message when renderers cannot start.
+
+// fakeRendererYAML is a renderer_command line for the fake renderer (so check-config does
+// not need MapProxy) plus extra.
+func fakeRendererYAML(extra string) string {
+	return fmt.Sprintf("renderer_command: [%q, fake-renderer]\n", os.Args[0]) + extra
+}
+
+// TestListenFlags: --socket and --http override renderd.yaml and globals.renderd.address;
+// "" switches that listener off.
+func TestListenFlags(t *testing.T) {
+	dir := t.TempDir()
+	tcpMP := filepath.Join(dir, "tcp.yaml")
+	unixMP := filepath.Join(dir, "unix.yaml")
+	os.WriteFile(tcpMP, []byte("globals:\n  renderd:\n    address: http://127.0.0.1:8111\n"), 0o644)
+	os.WriteFile(unixMP, []byte("globals:\n  renderd:\n    address: http+unix://%2Ftmp%2Fmp.sock/\n"), 0o644)
+	withFile := filepath.Join(dir, "with.yaml")
+	os.WriteFile(withFile, []byte(fakeRendererYAML("socket: /tmp/file.sock\nhttp: 127.0.0.1:9001\n")), 0o644)
+	bare := filepath.Join(dir, "bare.yaml")
+	os.WriteFile(bare, []byte(fakeRendererYAML("")), 0o644)
+
+	tests := []struct {
+		name       string
+		args       []string
+		wantSocket string
+		wantHTTP   string
+	}{
+		{"file only", []string{"-c", withFile}, "/tmp/file.sock", "127.0.0.1:9001"},
+		{"flags override the file", []string{"-c", withFile, "--socket", "/tmp/flag.sock", "--http", "127.0.0.1:9002"}, "/tmp/flag.sock", "127.0.0.1:9002"},
+		{"empty flags disable", []string{"-c", withFile, "--socket", "", "--http", ""}, "", ""},
+		{"single dash works too", []string{"-c", withFile, "-socket=/tmp/one.sock"}, "/tmp/one.sock", "127.0.0.1:9001"},
+		{"default socket, address from mapproxy.yaml", []string{"-c", bare, "-f", tcpMP}, defaultSocket, "127.0.0.1:8111"},
+		{"--http over globals.renderd.address", []string{"-c", bare, "-f", tcpMP, "--http", "127.0.0.1:9003"}, defaultSocket, "127.0.0.1:9003"},
+		{"--http \"\" over globals.renderd.address", []string{"-c", bare, "-f", tcpMP, "--http="}, defaultSocket, ""},
+		{"unix address from mapproxy.yaml", []string{"-c", bare, "-f", unixMP}, "/tmp/mp.sock", ""},
+		{"--socket over an http+unix address", []string{"-c", bare, "-f", unixMP, "--socket", "/tmp/flag.sock"}, "/tmp/flag.sock", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out bytes.Buffer
+			if err := run(t.Context(), append([]string{"check-config"}, tt.args...), &out, io.Discard); err != nil {
+				t.Fatalf("check-config %q: %v", tt.args, err)
+			}
+			want := fmt.Sprintf("socket %q, http %q", tt.wantSocket, tt.wantHTTP)
+			if !strings.Contains(out.String(), want) {
+				t.Errorf("check-config %q: got %q, want it to contain %q", tt.args, out.String(), want)
+			}
+		})
+	}
+
+	var out bytes.Buffer
+	err := run(t.Context(), []string{"check-config", "-c", bare, "--http", "0.0.0.0:80"}, &out, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "not a loopback address") {
+		t.Errorf("--http 0.0.0.0:80: got %v, want the loopback error", err)
+	}
+}
+
+// TestListenFlagsDaemon: a real daemon listens where the flags say, not where the file says.
+func TestListenFlagsDaemon(t *testing.T) {
+	noRaceExitSleep(t)
+	dir := shortTempDir(t)
+	fileSock, flagSock := dir+"/file.sock", dir+"/flag.sock"
+	tcp := freeTCPAddr(t)
+	cfg := filepath.Join(dir, "r.yaml")
+	os.WriteFile(cfg, []byte(fakeRendererYAML(fmt.Sprintf("renderers: 1\nsocket: %s\nhttp: %q\n", fileSock, freeTCPAddr(t)))), 0o644)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	var log syncBuffer
+	go func() { done <- run(ctx, []string{"-c", cfg, "--socket", flagSock, "--http", tcp}, io.Discard, &log) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("daemon: %v\n%s", err, log.String())
+		}
+	}()
+	deadline := time.Now().Add(lcDeadline)
+	for {
+		var out bytes.Buffer
+		if run(t.Context(), []string{"status", "-s", flagSock}, &out, io.Discard) == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon not up on --socket %s:\n%s", flagSock, log.String())
+		}
+		time.Sleep(20 * time.Millisecond) // polling for start-up, bounded by the deadline
+	}
+	resp, err := http.Get("http://" + tcp + "/status")
+	if err != nil {
+		t.Fatalf("GET /status on --http %s: %v", tcp, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("GET /status on --http: %s", resp.Status)
+	}
+	if _, err := os.Lstat(fileSock); err == nil {
+		t.Errorf("the file's socket %s was created although --socket overrides it", fileSock)
+	}
+}
+
+// TestSocketDirNotWritable: a socket whose directory the daemon may not write to fails
+// with a message naming the directory, the uid, the flag and the key. As root (CI) the
+// daemon runs as uid 65534 (root may write anywhere); otherwise in this process.
+func TestSocketDirNotWritable(t *testing.T) {
+	dir := shortTempDir(t)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	locked := filepath.Join(dir, "locked")
+	if err := os.Mkdir(locked, 0o555); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(locked, "r.sock")
+	cfg := filepath.Join(dir, "r.yaml")
+	os.WriteFile(cfg, []byte("renderers: 1\nhttp: \"\"\nrenderer_command: [/bin/false]\n"), 0o644)
+	args := []string{"-c", cfg, "--socket", sock}
+
+	var msg string
+	uid := os.Getuid()
+	if uid == 0 {
+		const nobody = 65534
+		uid = nobody
+		bin := filepath.Join(dir, "daemon.test")
+		src, err := os.ReadFile(os.Args[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(bin, src, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), lcDeadline)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, bin, append([]string{"daemon"}, args...)...)
+		cmd.Env = lcEnv()
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+		cmd.WaitDelay = 5 * time.Second
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			t.Fatalf("daemon as uid %d started with an unwritable socket directory:\n%s", nobody, out)
+		}
+		msg = string(out)
+	} else {
+		err := run(t.Context(), args, io.Discard, io.Discard)
+		if err == nil {
+			t.Fatal("daemon started with an unwritable socket directory")
+		}
+		msg = err.Error()
+	}
+	for _, want := range []string{
+		"socket " + sock,
+		fmt.Sprintf("directory %s is not writable by uid %d", locked, uid),
+		"--socket PATH", "socket: in renderd.yaml",
+	} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("got %q, want it to contain %q", msg, want)
+		}
+	}
+
+	err := run(t.Context(), []string{"-c", cfg, "--socket", filepath.Join(dir, "missing", "r.sock")}, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "directory "+filepath.Join(dir, "missing")+" does not exist") || !strings.Contains(err.Error(), "--socket PATH") {
+		t.Errorf("missing directory: got %v", err)
+	}
+	if _, err := net.Dial("unix", sock); err == nil {
+		t.Error("something listens on the socket")
+	}
+}
