@@ -505,11 +505,13 @@ func TestConfigErrors(t *testing.T) {
 			t.Errorf("%q: got %v, want an error containing %q", tt.yaml, err, tt.want)
 		}
 	}
-	// -f alone: the listen address comes from globals.renderd.address.
+	// -f: the listen address comes from globals.renderd.address. (A fake renderer_command,
+	// so that check-config does not load the file with MapProxy: see TestCheckConfigLoadsMapProxy.)
 	dir := t.TempDir()
 	os.WriteFile(dir+"/mapproxy.yaml", []byte("globals:\n  renderd:\n    address: http://127.0.0.1:8111\n"), 0o644)
+	os.WriteFile(dir+"/fake.yaml", []byte(fakeRendererYAML("")), 0o644)
 	var out bytes.Buffer
-	if err := run(t.Context(), []string{"check-config", "-f", dir + "/mapproxy.yaml", "--renderer", "10", "--max-seed-renderer", "6"}, &out, io.Discard); err != nil {
+	if err := run(t.Context(), []string{"check-config", "-f", dir + "/mapproxy.yaml", "-c", dir + "/fake.yaml", "--renderer", "10", "--max-seed-renderer", "6"}, &out, io.Discard); err != nil {
 		t.Fatal(err)
 	}
 	if s := out.String(); !strings.Contains(s, `http "127.0.0.1:8111"`) || !strings.Contains(s, "10 renderers (at most 6 seeding") {
@@ -517,7 +519,7 @@ func TestConfigErrors(t *testing.T) {
 	}
 	os.WriteFile(dir+"/unix.yaml", []byte("globals:\n  renderd:\n    address: http+unix://%2Ftmp%2Fx.sock/\n"), 0o644)
 	out.Reset()
-	if err := run(t.Context(), []string{"check-config", "-f", dir + "/unix.yaml"}, &out, io.Discard); err != nil {
+	if err := run(t.Context(), []string{"check-config", "-f", dir + "/unix.yaml", "-c", dir + "/fake.yaml"}, &out, io.Discard); err != nil {
 		t.Fatal(err)
 	}
 	if s := out.String(); !strings.Contains(s, `socket "/tmp/x.sock", http ""`) {

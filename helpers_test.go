@@ -55,6 +55,7 @@ func fakeRenderer(args []string) int {
 	delay := fs.Duration("delay", 0, "render time")
 	caches := fs.String("caches", "", "JSON object for the ready line's caches")
 	noReady := fs.Bool("no-ready", false, "exit 2 without a ready line")
+	stderrLines := fs.Int("stderr-lines", 0, "write this many numbered lines to stderr first")
 	crash := fs.Int("crash", -1, "x that makes the renderer exit")
 	hang := fs.Int("hang", -1, "x that makes the renderer hang")
 	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
@@ -71,6 +72,9 @@ func fakeRenderer(args []string) int {
 	}
 	if *envLog != "" && writeEnvLog(*envLog) != nil {
 		return 2
+	}
+	for i := 1; i <= *stderrLines; i++ {
+		fmt.Fprintf(os.Stderr, "fake renderer: stderr line %d\n", i)
 	}
 	if *startOnce != "" {
 		f, err := os.OpenFile(*startOnce, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)

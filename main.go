@@ -72,7 +72,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "":
 		return runDaemon(ctx, args, stderr)
 	case "check-config":
-		return runCheckConfig(args, stdout, stderr)
+		return runCheckConfig(ctx, args, stdout, stderr)
 	case "request":
 		return runClient(ctx, "request", args, stdout, stderr)
 	case "status":
@@ -125,15 +125,23 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-func runCheckConfig(args []string, stdout, stderr io.Writer) error {
+// runCheckConfig validates renderd.yaml and the flags, then loads the MapProxy configuration
+// as the renderers will (checkMapProxy), and prints the effective settings.
+func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cf configFlags
 	fs := newFlagSet("check-config", stderr)
 	cf.register(fs, true)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
 	cfg, err := cf.load()
 	if err != nil {
+		return err
+	}
+	if err := checkMapProxy(ctx, cfg, stdout); err != nil {
 		return err
 	}
 	seeding, err := checkSeedNames(cfg)
@@ -233,15 +241,12 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 
 	script := ""
 	if len(cfg.RendererCommand) == 0 || (len(cfg.PlannerCommand) == 0 && cfg.MapProxyConfig != "") {
-		dir, err := os.MkdirTemp("", "mapproxy-renderd-")
+		var cleanup func()
+		script, cleanup, err = writeBundledWorker()
 		if err != nil {
-			return fmt.Errorf("bundled worker: %w", err)
+			return err
 		}
-		defer os.RemoveAll(dir)
-		script = filepath.Join(dir, "mapproxy_worker.py")
-		if err := os.WriteFile(script, bundledWorker, 0o600); err != nil {
-			return fmt.Errorf("bundled worker: %w", err)
-		}
+		defer cleanup()
 	}
 
 	listeners := inherited

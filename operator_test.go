@@ -183,3 +183,137 @@ func TestSocketDirNotWritable(t *testing.T) {
 		t.Error("something listens on the socket")
 	}
 }
+
+// TestStartFailureCarriesStderr: when the renderers fail at start, the fatal error carries
+// the last stderr lines of the failing renderer, oldest first.
+func TestStartFailureCarriesStderr(t *testing.T) {
+	noRaceExitSleep(t)
+	dir := shortTempDir(t)
+	cfg := fmt.Sprintf("socket: %s/s.sock\nhttp: \"\"\nrenderers: 2\nrenderer_command: [%q, fake-renderer, -stderr-lines, 8, -no-ready]\n", dir, os.Args[0])
+	os.WriteFile(dir+"/r.yaml", []byte(cfg), 0o644)
+	err := run(t.Context(), []string{"-c", dir + "/r.yaml"}, io.Discard, io.Discard)
+	if err == nil {
+		t.Fatal("the daemon started with renderers that cannot")
+	}
+	msg := err.Error()
+	want := "closed its output before its ready line (exited with status 2); its last stderr lines: " +
+		"fake renderer: stderr line 5 | fake renderer: stderr line 6 | fake renderer: stderr line 7 | " +
+		"fake renderer: stderr line 8 | fake renderer: refusing to start"
+	if !strings.HasPrefix(msg, "renderers did not start: renderer ") || !strings.HasSuffix(msg, want) {
+		t.Errorf("got  %q\nwant \"renderers did not start: renderer … (pid …): %s\"", msg, want)
+	}
+}
+
+func TestLineRing(t *testing.T) {
+	var r lineRing
+	if got := r.lines(); len(got) != 0 {
+		t.Errorf("empty ring: got %q", got)
+	}
+	for i := 1; i <= 3; i++ {
+		r.add(fmt.Sprint(i))
+	}
+	if got := strings.Join(r.lines(), ","); got != "1,2,3" {
+		t.Errorf("3 lines: got %q, want 1,2,3", got)
+	}
+	for i := 4; i <= 12; i++ {
+		r.add(fmt.Sprint(i))
+	}
+	if got := strings.Join(r.lines(), ","); got != "8,9,10,11,12" {
+		t.Errorf("12 lines: got %q, want 8,9,10,11,12", got)
+	}
+	r.add(strings.Repeat("x", 1000))
+	if got := r.lines(); len(got[4]) > stderrTailBytes+len("…") {
+		t.Errorf("a long line is kept with %d bytes, want at most %d", len(got[4]), stderrTailBytes)
+	}
+}
+
+// brokenMapProxyConfigs are MapProxy configurations that MapProxy 1.15 cannot load, each
+// with a piece of MapProxy's own message.
+var brokenMapProxyConfigs = []struct{ name, yaml, want string }{
+	{"unknown source", `
+caches:
+  c:
+    grids: [GLOBAL_WEBMERCATOR]
+    sources: [nosuch]
+layers:
+  - name: l
+    title: l
+    sources: [c]
+services:
+  wms:
+`, "ConfigurationError: unknown source nosuch"},
+	// yaml.v3 reads the first document (no renderd address) and says nothing; PyYAML
+	// refuses the file.
+	{"two YAML documents", `
+services:
+  wms:
+---
+globals:
+  renderd:
+    address: http://127.0.0.1:8111
+`, "expected a single document in the stream"},
+}
+
+// TestCheckConfigLoadsMapProxy: check-config loads mapproxy.yaml with MapProxy, as the
+// renderers will, and reports MapProxy's message and failure; a good one lists its caches.
+func TestCheckConfigLoadsMapProxy(t *testing.T) {
+	requireMapProxy(t)
+	dir := t.TempDir()
+	for _, tt := range brokenMapProxyConfigs {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tt.name, " ", "_")+".yaml")
+			os.WriteFile(path, []byte(tt.yaml), 0o644)
+			var out bytes.Buffer
+			err := run(t.Context(), []string{"check-config", "-f", path}, &out, io.Discard)
+			if err == nil {
+				t.Fatalf("check-config said ok for a configuration MapProxy cannot load:\n%s", out.String())
+			}
+			if msg := err.Error(); !strings.Contains(msg, "MapProxy cannot load it") || !strings.Contains(msg, "exit status 1") || !strings.Contains(msg, tt.want) {
+				t.Errorf("got %q, want MapProxy's message %q and its exit status", msg, tt.want)
+			}
+			if strings.Contains(out.String(), "ok:") {
+				t.Errorf("stdout says ok: %q", out.String())
+			}
+		})
+	}
+
+	// The shipped example loads, and the caches are listed.
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"check-config", "-f", "examples/mapproxy.yaml", "-c", "examples/renderd.yaml"}, &out, io.Discard); err != nil {
+		t.Fatalf("examples: %v\n%s", err, out.String())
+	}
+	for _, want := range []string{"loaded it: 3 caches", "wms_cache_GLOBAL_WEBMERCATOR (metatile 4x4)", "ok: "} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("examples: got %q, want it to contain %q", out.String(), want)
+		}
+	}
+
+	// A custom renderer: not checked, and check-config says so.
+	rd := filepath.Join(dir, "custom.yaml")
+	os.WriteFile(rd, []byte(fakeRendererYAML("")), 0o644)
+	out.Reset()
+	bad := filepath.Join(dir, "unknown_source.yaml")
+	if err := run(t.Context(), []string{"check-config", "-f", bad, "-c", rd}, &out, io.Discard); err != nil {
+		t.Fatalf("custom renderer: %v", err)
+	}
+	if !strings.Contains(out.String(), "mapproxy: not checked: renderer_command is set") {
+		t.Errorf("custom renderer: got %q, want it to say the MapProxy check was skipped", out.String())
+	}
+}
+
+// TestMapProxyStartFailureMessage: the bundled worker on a configuration MapProxy cannot
+// load: the daemon exits with MapProxy's message in its fatal error.
+func TestMapProxyStartFailureMessage(t *testing.T) {
+	requireMapProxy(t)
+	dir := shortTempDir(t)
+	for _, tt := range brokenMapProxyConfigs {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tt.name, " ", "_")+".yaml")
+			os.WriteFile(path, []byte(tt.yaml), 0o644)
+			err := run(t.Context(), []string{"-f", path, "--renderer", "1", "--socket", dir + "/s.sock", "--http", ""}, io.Discard, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), "renderers did not start") || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("got %v, want a start error with MapProxy's message %q", err, tt.want)
+			}
+		})
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -266,6 +267,9 @@ type rendererProcess struct {
 	notTaken bool
 	skipped  bool   // the last reply said "skipped": true
 	lineBuf  []byte // reused for job lines
+	// stderrTail keeps the last stderr lines: when a renderer fails to start, its reason
+	// (a MapProxy configuration error, say) goes into the start error, not only the log.
+	stderrTail lineRing
 
 	releaseOnce sync.Once
 }
@@ -317,13 +321,16 @@ func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger
 	plog := log.With("pid", p.pid)
 	outDone, errDone := make(chan struct{}), make(chan struct{})
 	go func() { defer close(outDone); p.readLines() }()
-	go func() { defer close(errDone); logStderr(errR, plog) }()
+	go func() { defer close(errDone); logStderr(errR, plog, &p.stderrTail) }()
 	go func() { <-outDone; <-errDone; close(p.readers) }()
 	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
 
 	caches, err := p.handshake(cfg.startTimeout, hardStop)
 	if err != nil {
-		p.kill(plog)
+		p.kill(plog) // also waits (bounded) for the stderr reader: the tail is complete
+		if tail := p.stderrTail.lines(); len(tail) > 0 {
+			err = fmt.Errorf("%w; its last stderr lines: %s", err, strings.Join(tail, " | "))
+		}
 		return nil, nil, fmt.Errorf("renderer %s (pid %d): %w", cfg.argv[0], p.pid, err)
 	}
 	plog.Info("renderer ready", "caches", len(caches))
@@ -387,12 +394,48 @@ func readLimitedLine(br *bufio.Reader, limit int) ([]byte, error) {
 	}
 }
 
-func logStderr(r io.Reader, log *slog.Logger) {
+// lineRing keeps the last few lines written to it, each shortened. Safe for concurrent use.
+type lineRing struct {
+	mu   sync.Mutex
+	buf  [stderrTailLines]string
+	n    int // lines written so far
+	last int // index of the next slot
+}
+
+const (
+	stderrTailLines = 5
+	stderrTailBytes = 300
+)
+
+func (r *lineRing) add(line string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.buf[r.last] = truncate(line, stderrTailBytes)
+	r.last = (r.last + 1) % len(r.buf)
+	r.n++
+}
+
+// lines returns the kept lines, oldest first.
+func (r *lineRing) lines() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k := min(r.n, len(r.buf))
+	out := make([]string, 0, k)
+	for i := len(r.buf) - k; i < len(r.buf); i++ {
+		out = append(out, r.buf[(r.last+i)%len(r.buf)])
+	}
+	return out
+}
+
+// logStderr logs every stderr line of a renderer and keeps the last ones in tail.
+func logStderr(r io.Reader, log *slog.Logger, tail *lineRing) {
 	br := bufio.NewReaderSize(r, 16<<10)
 	for {
 		line, err := readLimitedLine(br, 16<<10)
 		if len(line) > 0 {
-			log.Info("renderer: " + string(bytes.TrimRight(line, "\r")))
+			text := string(bytes.TrimRight(line, "\r"))
+			log.Info("renderer: " + text)
+			tail.add(text)
 		}
 		if errors.Is(err, errLineTooLong) {
 			log.Warn("renderer: (over-long stderr line dropped)")

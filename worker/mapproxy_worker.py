@@ -4,6 +4,11 @@ Run as ``/usr/bin/python3 mapproxy_worker.py [mapproxy.yaml]``; without an
 argument the configuration path comes from the environment variable
 MAPPROXY_CONFIG. Needs Python 3 and MapProxy (Debian: python3-mapproxy 1.15).
 
+``mapproxy_worker.py check [mapproxy.yaml]`` (mapproxy-renderd check-config)
+loads the configuration exactly as a renderer does at start (and as
+mapproxy-seed's jobs will), then exits: 0 with one line per cache on stdout,
+or 1 with MapProxy's own error message on stderr.
+
 Protocol: newline-delimited JSON, one object per line, jobs on stdin and
 replies on stdout. stdout carries nothing else; logs go to stderr.
 
@@ -232,7 +237,39 @@ def serve(worker, lines, out):
         out.flush()
 
 
+def check(args):
+    """The check mode: load the configuration as a renderer would; report, exit."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format='%(levelname)s %(name)s: %(message)s')
+    path = args[0] if args else os.environ.get('MAPPROXY_CONFIG')
+    if not path:
+        print('mapproxy_worker check: no configuration: pass a path or set MAPPROXY_CONFIG',
+              file=sys.stderr)
+        return 2
+    try:
+        worker = Worker(path)
+        worker.config_for(seed=True)  # what the first seed job loads
+    except Exception as e:
+        print('%s: %s: %s' % (path, type(e).__name__, e), file=sys.stderr)
+        return 1
+    caches = worker.caches()
+    print('%s: MapProxy %s loaded it: %d caches' % (path, mapproxy_version(), len(caches)))
+    for ident, c in caches.items():
+        print('  %s (metatile %dx%d)' % (ident, c['meta_size'][0], c['meta_size'][1]))
+    return 0
+
+
+def mapproxy_version():
+    try:
+        from mapproxy.version import version
+        return version
+    except Exception:
+        return '(unknown version)'
+
+
 def main(argv):
+    if len(argv) > 1 and argv[1] == 'check':
+        return check(argv[2:])
     out = take_stdout()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     level = os.environ.get('MAPPROXY_WORKER_LOG_LEVEL', 'WARNING').upper()
