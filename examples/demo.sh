@@ -6,7 +6,9 @@
 # runs, all on 127.0.0.1 with free ports and everything in a temp directory:
 #   upstream   a second MapProxy serving the debug source as WMS (mapproxy-util serve-develop)
 #   renderd    mapproxy-renderd with 2 renderers, Unix socket + TCP
-#   mapproxy   MapProxy (examples/mapproxy_wsgi.py on examples/serve_wsgi.py)
+#   mapproxy   MapProxy (examples/mapproxy_wsgi.py on examples/serve_wsgi.py, a
+#              standard-library server with a pool of 16 threads: fine for a demo;
+#              in production use mod_wsgi or gunicorn, see README.md)
 #              whose renderd.address is the daemon's Unix socket
 # then fetches tiles through WMTS, TMS and WMS, talks to the daemon directly,
 # seeds through it with mapproxy-seed (TCP), and prints the status document.
@@ -167,7 +169,8 @@ start mapproxy-renderd "$TMP/logs/renderd.log" "$BIN" -f "$TMP/mapproxy.yaml" -c
 wait_for "mapproxy-renderd (socket)" "${pids[-1]}" 60 "$BIN" status -s "$SOCK"
 wait_for "mapproxy-renderd (TCP)" "${pids[-1]}" 10 curl -sf -o /dev/null "http://127.0.0.1:$RD_PORT/status"
 
-step "starting MapProxy (mapproxy_wsgi.py, renderd over the Unix socket)"
+step "starting MapProxy (mapproxy_wsgi.py on serve_wsgi.py, renderd over the Unix socket)"
+info "serve_wsgi.py is a demo server; in production serve mapproxy_wsgi.py with mod_wsgi or gunicorn"
 MAPPROXY_CONFIG=$TMP/mapproxy-unix.yaml start mapproxy "$TMP/logs/mapproxy.log" \
 	"$PY" "$ex/serve_wsgi.py" "$ex/mapproxy_wsgi.py" "$MP_PORT"
 wait_for mapproxy "${pids[-1]}" 30 curl -sf -o /dev/null "http://127.0.0.1:$MP_PORT/wmts/1.0.0/WMTSCapabilities.xml"
