@@ -25,6 +25,10 @@
 //   - taskapi.go: the task API over HTTP and the seed, tasks, task and cancel subcommands.
 //   - stats.go: the status document.
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
+//   - check.go: check-config's MapProxy check (the bundled worker's check mode).
+//   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the
+//     packaged renderd.yaml, maintainer scripts); deb_test.go builds, installs and purges it,
+//     man_test.go keeps the man page and README's key table in step with Config.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);
