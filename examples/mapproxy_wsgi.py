@@ -11,14 +11,16 @@ MapProxy is imported. Then, in mapproxy.yaml,
 
 (the socket path percent-encoded, "/" as %2F) sends every job over the socket.
 ``http://`` addresses keep working, so the same script serves TCP setups too.
-mapproxy-seed is a separate program without this patch: seed through a TCP
-address (the daemon can listen on both).
+Seed with the daemon itself (``mapproxy-renderd seed -s seed.yaml NAME --wait``),
+which needs no second configuration; mapproxy-seed is a separate program
+without this patch and needs a configuration with a TCP address.
 
 The configuration path comes from the environment variable MAPPROXY_CONFIG,
 default /etc/mapproxy/mapproxy.yaml. Under mod_wsgi, Apache's SetEnv does not
 reach os.environ: edit the default below instead.
 
-Serve it with any WSGI server (mod_wsgi, uWSGI, gunicorn), or for a test with
+In production serve it with a real WSGI server: Apache with mod_wsgi
+(libapache2-mod-wsgi-py3) or gunicorn; for a demo or a test
 ``/usr/bin/python3 examples/serve_wsgi.py examples/mapproxy_wsgi.py PORT``.
 Needs: python3-mapproxy python3-requests python3-requests-unixsocket.
 """
