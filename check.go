@@ -30,8 +30,10 @@ func writeBundledWorker() (script string, cleanup func(), err error) {
 
 // checkMapProxy loads the MapProxy configuration the way the renderers will: the bundled
 // worker in its check mode, with the same python, arguments and environment as a renderer
-// (MAPPROXY_CONFIG). The worker's report goes to stdout; when MapProxy cannot load the
-// configuration the error carries MapProxy's own message and the worker's exit status.
+// (MAPPROXY_CONFIG). With seed_config set and the bundled planner, the worker also loads
+// seed.yaml with MapProxy's seed loader (MAPPROXY_SEED_CONFIG), building every seed and
+// cleanup as mapproxy-seed would. The worker's report goes to stdout; when MapProxy cannot
+// load a file the error carries MapProxy's own message and the worker's exit status.
 // With a renderer_command nothing is checked (the program is not ours to start in a check
 // mode), and stdout says so. The check is bounded by start_timeout.
 func checkMapProxy(ctx context.Context, cfg Config, stdout io.Writer) error {
@@ -50,6 +52,10 @@ func checkMapProxy(ctx context.Context, cfg Config, stdout io.Writer) error {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, rc.argv[0], append(rc.argv[1:], "check")...)
 	cmd.Env = append(os.Environ(), rc.env...)
+	withSeed := cfg.SeedConfig != "" && len(cfg.PlannerCommand) == 0
+	if withSeed {
+		cmd.Env = append(cmd.Env, "MAPPROXY_SEED_CONFIG="+cfg.SeedConfig)
+	}
 	cmd.WaitDelay = killGrace
 	var errBuf bytes.Buffer
 	cmd.Stdout, cmd.Stderr = stdout, &errBuf
@@ -66,8 +72,12 @@ func checkMapProxy(ctx context.Context, cfg Config, stdout io.Writer) error {
 	case ctx.Err() != nil:
 		return fmt.Errorf("mapproxy_config %s: MapProxy did not finish loading it within start_timeout %s:\n%s", cfg.MapProxyConfig, cfg.StartTimeout, msg)
 	case errors.As(err, &ee):
-		return fmt.Errorf("mapproxy_config %s: MapProxy cannot load it (%s %s check: %s):\n%s",
-			cfg.MapProxyConfig, rc.argv[0], filepath.Base(script), ee.ProcessState, msg)
+		what := "mapproxy_config " + cfg.MapProxyConfig
+		if withSeed {
+			what += " / seed_config " + cfg.SeedConfig
+		}
+		return fmt.Errorf("%s: MapProxy cannot load it (%s %s check: %s):\n%s",
+			what, rc.argv[0], filepath.Base(script), ee.ProcessState, msg)
 	default:
 		return fmt.Errorf("mapproxy_config %s: cannot run the MapProxy check: %w", cfg.MapProxyConfig, err)
 	}

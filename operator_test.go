@@ -317,3 +317,25 @@ func TestMapProxyStartFailureMessage(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckConfigLoadsSeedConfig: with seed_config (-s), check-config also builds every seed
+// and cleanup with MapProxy's seed loader; a seed naming an unknown cache fails with
+// MapProxy's message.
+func TestCheckConfigLoadsSeedConfig(t *testing.T) {
+	requireMapProxy(t)
+	dir := t.TempDir()
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"check-config", "-f", "examples/mapproxy.yaml", "-s", "examples/seed.yaml"}, &out, io.Discard); err != nil {
+		t.Fatalf("examples: %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "2 seed tasks (initial, refresh), 0 cleanup tasks") {
+		t.Errorf("examples: got %q, want the seed tasks listed", out.String())
+	}
+	bad := filepath.Join(dir, "seed.yaml")
+	os.WriteFile(bad, []byte("seeds:\n  x:\n    caches: [nosuch_cache]\n    levels: {to: 3}\n"), 0o644)
+	out.Reset()
+	err := run(t.Context(), []string{"check-config", "-f", "examples/mapproxy.yaml", "-s", bad}, &out, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "cache nosuch_cache not found") || !strings.Contains(err.Error(), "seed_config "+bad) {
+		t.Errorf("unknown cache in seed.yaml: got %v, want MapProxy's message naming seed_config", err)
+	}
+}

@@ -6,8 +6,10 @@ MAPPROXY_CONFIG. Needs Python 3 and MapProxy (Debian: python3-mapproxy 1.15).
 
 ``mapproxy_worker.py check [mapproxy.yaml]`` (mapproxy-renderd check-config)
 loads the configuration exactly as a renderer does at start (and as
-mapproxy-seed's jobs will), then exits: 0 with one line per cache on stdout,
-or 1 with MapProxy's own error message on stderr.
+mapproxy-seed's jobs will), and with MAPPROXY_SEED_CONFIG set also that
+seed.yaml with MapProxy's seed loader, building every seed and cleanup as
+mapproxy-seed would; then exits: 0 with one line per cache on stdout, or 1
+with MapProxy's own error message on stderr.
 
 Protocol: newline-delimited JSON, one object per line, jobs on stdin and
 replies on stdout. stdout carries nothing else; logs go to stderr.
@@ -248,7 +250,7 @@ def check(args):
         return 2
     try:
         worker = Worker(path)
-        worker.config_for(seed=True)  # what the first seed job loads
+        seed_conf = worker.config_for(seed=True)  # what the first seed job loads
     except Exception as e:
         print('%s: %s: %s' % (path, type(e).__name__, e), file=sys.stderr)
         return 1
@@ -256,6 +258,20 @@ def check(args):
     print('%s: MapProxy %s loaded it: %d caches' % (path, mapproxy_version(), len(caches)))
     for ident, c in caches.items():
         print('  %s (metatile %dx%d)' % (ident, c['meta_size'][0], c['meta_size'][1]))
+
+    seed_path = os.environ.get('MAPPROXY_SEED_CONFIG')
+    if seed_path:
+        from mapproxy.seed.config import load_seed_tasks_conf
+        try:
+            with seed_conf.conf:
+                tasks = load_seed_tasks_conf(seed_path, seed_conf.conf)
+                seeds, cleanups = tasks.seeds(), tasks.cleanups()
+        except Exception as e:
+            print('%s: %s: %s' % (seed_path, type(e).__name__, e), file=sys.stderr)
+            return 1
+        print('%s: %d seed tasks (%s), %d cleanup tasks (%s)' % (
+            seed_path, len(seeds), ', '.join(sorted(set(t.md['name'] for t in seeds))) or '-',
+            len(cleanups), ', '.join(sorted(set(t.md['name'] for t in cleanups))) or '-'))
     return 0
 
 
