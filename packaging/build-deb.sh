@@ -54,12 +54,14 @@ trap 'rm -rf "$stage"' EXIT
 root=$stage/root
 umask 022
 
-# The binary: built as `go build` builds it (cgo: user and group names resolve through NSS,
-# so socket_group and the allow-list see LDAP groups too), stripped, reproducible paths.
-# It links libc dynamically; Depends names the newest glibc symbol version it uses.
+# The binary: with cgo, as `go build` builds it (user and group names resolve through NSS,
+# so socket_group and the allow-list see LDAP groups too), hardened as Debian builds C
+# programs (PIE, full RELRO, BIND_NOW), stripped, reproducible paths. It links libc
+# dynamically; Depends names the newest glibc symbol version it uses.
 install -d "$root/usr/bin"
-(cd "$repo" && GOOS=linux GOARCH=$goarch "$GO" build -trimpath -buildvcs=false \
-	-ldflags "-s -w -X main.version=$describe" -o "$root/usr/bin/$pkgname" .) || die "go build failed"
+(cd "$repo" && CGO_ENABLED=1 GOOS=linux GOARCH=$goarch "$GO" build -trimpath -buildvcs=false -buildmode=pie \
+	-ldflags "-s -w -linkmode=external -extldflags=-Wl,-z,relro,-z,now -X main.version=$describe" \
+	-o "$root/usr/bin/$pkgname" .) || die "go build failed"
 glibc=$(objdump -T "$root/usr/bin/$pkgname" 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -n 1)
 libc_dep=libc6${glibc:+ (>= $glibc)}
 
