@@ -67,7 +67,8 @@ func TestManPageCoversConfigAndUsage(t *testing.T) {
 	}
 
 	// Commands and flags, as the usage text lists them.
-	cmds := regexp.MustCompile(`(?m)^\s+mapproxy-renderd ([a-z][a-z-]*)`).FindAllStringSubmatch(usage, -1)
+	// "  mapproxy-renderd NAME …", also "… | NAME ID" for commands that share a line.
+	cmds := regexp.MustCompile(`(?m)(?:^\s+mapproxy-renderd|\|) ([a-z][a-z-]*)`).FindAllStringSubmatch(usage, -1)
 	if len(cmds) < 4 {
 		t.Fatalf("found only %d commands in the usage text", len(cmds))
 	}
