@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"testing"
@@ -337,5 +338,25 @@ func TestCheckConfigLoadsSeedConfig(t *testing.T) {
 	err := run(t.Context(), []string{"check-config", "-f", "examples/mapproxy.yaml", "-s", bad}, &out, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "cache nosuch_cache not found") || !strings.Contains(err.Error(), "seed_config "+bad) {
 		t.Errorf("unknown cache in seed.yaml: got %v, want MapProxy's message naming seed_config", err)
+	}
+}
+
+func TestDevVersion(t *testing.T) {
+	rev := []debug.BuildSetting{{Key: "vcs.revision", Value: "0123456789abcdef0123"}}
+	tests := []struct {
+		name string
+		info *debug.BuildInfo
+		ok   bool
+		want string
+	}{
+		{"no build info", nil, false, "dev"},
+		{"no VCS", &debug.BuildInfo{}, true, "dev"},
+		{"clean", &debug.BuildInfo{Settings: append(rev, debug.BuildSetting{Key: "vcs.modified", Value: "false"})}, true, "dev+0123456789ab"},
+		{"modified", &debug.BuildInfo{Settings: append(rev, debug.BuildSetting{Key: "vcs.modified", Value: "true"})}, true, "dev+0123456789ab-dirty"},
+	}
+	for _, tt := range tests {
+		if got := devVersion(tt.info, tt.ok); got != tt.want {
+			t.Errorf("%s: devVersion = %q, want %q", tt.name, got, tt.want)
+		}
 	}
 }

@@ -1,14 +1,41 @@
 package main
 
 import (
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strconv"
 	"time"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
-var version = "dev"
+// version is set at build time with -ldflags "-X main.version=…" (packaging/build-deb.sh
+// sets `git describe --tags --always --dirty`). A plain `go build` in a git checkout gets
+// "dev+<commit>" (and "-dirty") from the build information instead.
+var version = devVersion(debug.ReadBuildInfo())
+
+// devVersion is "dev", with the VCS revision the go command recorded when there is one.
+func devVersion(info *debug.BuildInfo, ok bool) string {
+	if !ok {
+		return "dev"
+	}
+	rev, dirty := "", false
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			dirty = s.Value == "true"
+		}
+	}
+	if rev == "" {
+		return "dev"
+	}
+	v := "dev+" + rev[:min(len(rev), 12)]
+	if dirty {
+		v += "-dirty"
+	}
+	return v
+}
 
 // counters are the scheduler's running totals (owned by the scheduler goroutine).
 type counters struct {
