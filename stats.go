@@ -11,7 +11,14 @@ import (
 // version is set at build time with -ldflags "-X main.version=…" (packaging/build-deb.sh
 // sets `git describe --tags --always --dirty`). A plain `go build` in a git checkout gets
 // "dev+<commit>" (and "-dirty") from the build information instead.
-var version = devVersion(debug.ReadBuildInfo())
+// (-X works only on a variable initialised to a constant: the fallback is in init.)
+var version = "dev"
+
+func init() {
+	if version == "dev" {
+		version = devVersion(debug.ReadBuildInfo())
+	}
+}
 
 // devVersion is "dev", with the VCS revision the go command recorded when there is one.
 func devVersion(info *debug.BuildInfo, ok bool) string {
