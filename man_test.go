@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"os"
 	"reflect"
 	"regexp"
@@ -39,7 +40,8 @@ func manSection(t *testing.T, man, name string) string {
 
 // TestManPageCoversConfigAndUsage: every key of renderd.yaml has an entry in the man page's
 // CONFIGURATION section (and every entry there is a key), every command and flag of the
-// usage text appears in the man page, and every key has a row in README's key table. A key
+// usage text appears in the man page (and every command the page describes exists), and every
+// key has a row in README's key table. A key
 // or command added later without documentation fails here.
 func TestManPageCoversConfigAndUsage(t *testing.T) {
 	b, err := os.ReadFile("packaging/mapproxy-renderd.8")
@@ -77,6 +79,22 @@ func TestManPageCoversConfigAndUsage(t *testing.T) {
 			t.Errorf("command %q (usage) has no .B %s entry in the man page", c[1], troffEscape(c[1]))
 		}
 	}
+	// And the other way round: every command the COMMANDS section describes is one run knows.
+	described := regexp.MustCompile(`(?m)^\.TP\n\.B ([a-z\\-]+)(?: |$)`).FindAllStringSubmatch(manSection(t, man, "COMMANDS"), -1)
+	if len(described) < 5 {
+		t.Fatalf("found only %d commands in the man page's COMMANDS section", len(described))
+	}
+	for _, c := range described {
+		name := strings.ReplaceAll(c[1], `\-`, "-")
+		if name == "mapproxy-renderd" {
+			continue // the daemon itself
+		}
+		err := run(t.Context(), []string{name, "--no-such-flag"}, io.Discard, io.Discard)
+		if err != nil && strings.Contains(err.Error(), "unknown command") {
+			t.Errorf("the man page describes command %q, which mapproxy-renderd does not know", name)
+		}
+	}
+
 	for _, f := range regexp.MustCompile(`-{1,2}[a-z][a-z-]*`).FindAllString(usage, -1) {
 		if strings.HasPrefix(f, "-renderd") || f == "-config" {
 			continue // pieces of mapproxy-renderd and check-config
