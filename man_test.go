@@ -40,9 +40,9 @@ func manSection(t *testing.T, man, name string) string {
 
 // TestManPageCoversConfigAndUsage: every key of renderd.yaml has an entry in the man page's
 // CONFIGURATION section (and every entry there is a key), every command and flag of the
-// usage text appears in the man page (and every command the page describes exists), and every
-// key has a row in README's key table. A key
-// or command added later without documentation fails here.
+// usage text appears in the man page (and every command the page describes exists), and
+// every key has a row in README's key table. A key or command added later without
+// documentation fails here.
 func TestManPageCoversConfigAndUsage(t *testing.T) {
 	b, err := os.ReadFile("packaging/mapproxy-renderd.8")
 	if err != nil {
