@@ -348,6 +348,18 @@ func loadConfig(f configFlags) (Config, error) {
 		return c, err
 	}
 	if err := c.Validate(); err != nil {
+		// Name where the bad value came from: a flag, else renderd.yaml.
+		for _, o := range []struct {
+			given     bool
+			key, flag string
+		}{
+			{f.socket != nil, "socket", "--socket"}, {f.http != nil, "http", "--http"},
+			{renderers > 0, "renderers", "--renderer"}, {maxSeed >= 0, "max_seed_renderers", "--max-seed-renderer"},
+		} {
+			if o.given && strings.HasPrefix(err.Error(), o.key+":") {
+				return c, fmt.Errorf("%s (overrides %s): %w", o.flag, o.key, err)
+			}
+		}
 		if renderdPath != "" {
 			return c, fmt.Errorf("%s: %w", renderdPath, err)
 		}

@@ -70,8 +70,12 @@ func TestListenFlags(t *testing.T) {
 
 	var out bytes.Buffer
 	err := run(t.Context(), []string{"check-config", "-c", bare, "--http", "0.0.0.0:80"}, &out, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "not a loopback address") {
-		t.Errorf("--http 0.0.0.0:80: got %v, want the loopback error", err)
+	if err == nil || !strings.Contains(err.Error(), "not a loopback address") || !strings.HasPrefix(err.Error(), "--http (overrides http): ") {
+		t.Errorf("--http 0.0.0.0:80: got %v, want the loopback error naming the flag", err)
+	}
+	err = run(t.Context(), []string{"check-config", "-c", bare, "--renderer", "2", "--max-seed-renderer", "3"}, &out, io.Discard)
+	if err == nil || !strings.HasPrefix(err.Error(), "--max-seed-renderer (overrides max_seed_renderers): max_seed_renderers: ") {
+		t.Errorf("--max-seed-renderer 3 with 2 renderers: got %v, want an error naming the flag", err)
 	}
 }
 
