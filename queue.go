@@ -186,20 +186,159 @@ func (j *job) String() string {
 
 // queueState is the scheduler's queue and job table. Only the scheduler goroutine touches it;
 // it has no locks and no goroutines, so tests drive it directly.
+//
+// It keeps running counts so that the status document and a metrics scrape never walk the
+// queue (DESIGN §14): queued jobs per priority, requests waiting on queued jobs, and per
+// priority the oldest queued job (see prioLevel). Every change to the queue goes through
+// add, next, removeWaiter and drain, which keep them exact.
 type queueState struct {
 	queue   jobQueue
 	jobs    map[jobKey]*job
 	nextSeq uint64
 	rule    capacityRule
 	max     int // max_queued
+
+	levels  [maxPriority + 1]prioLevel // by priority
+	waiting int                        // waiter entries on queued jobs (a request counts once per job it waits for)
 }
 
 func newQueueState(rule capacityRule, maxQueued int) *queueState {
 	return &queueState{jobs: make(map[jobKey]*job), rule: rule, max: maxQueued}
 }
 
+// prioLevel accounts for the queued jobs of one priority: how many there are, and which is
+// the oldest, exactly and without a walk.
+//
+// Jobs of one priority leave the heap in sequence order (FIFO), and a new job always has the
+// highest sequence yet, so the jobs created at a priority form a FIFO: fifo, appended on
+// creation. The only jobs that join a priority out of order are those raised to it from a
+// lower one (a promotion keeps the job's sequence); they go into raised, a min-heap by
+// sequence, which stays small because promotions are rare next to new jobs. The oldest job
+// of the priority is the older of fifo's head and raised's top.
+//
+// Jobs leave a level by starting (next), by being dropped (removeWaiter, drain) or by being
+// raised to a higher priority. Their entries are not searched for: an entry is stale once its
+// job is no longer queued at this priority (priorities only go up, and a job never returns to
+// the queue), and settle discards stale entries at the head of fifo and the top of raised, so
+// that both heads are always live. Stale entries further in are dropped by a compaction when
+// they outnumber the live ones, so memory stays within twice the live entries and every
+// operation is amortised O(1) (fifo) or O(log r) (raised, r promoted jobs).
+type prioLevel struct {
+	count  int     // queued jobs at this priority
+	fifo   []*job  // jobs created at this priority, by sequence; fifo[head:] is in use
+	head   int     //
+	raised seqHeap // jobs raised to this priority from a lower one, by sequence
+}
+
+// queuedAt reports whether j is queued at priority p (its entry in level p is live).
+func queuedAt(j *job, p int) bool { return j.state == jobQueued && int(j.priority) == p }
+
+// settle discards stale entries at the heads of level p, and compacts the level when stale
+// entries outnumber live ones.
+func (qs *queueState) settle(p int) {
+	l := &qs.levels[p]
+	for l.head < len(l.fifo) && !queuedAt(l.fifo[l.head], p) {
+		l.fifo[l.head] = nil
+		l.head++
+	}
+	for len(l.raised) > 0 && !queuedAt(l.raised[0], p) {
+		heap.Pop(&l.raised)
+	}
+	switch {
+	case l.head == len(l.fifo):
+		l.head = 0
+		if cap(l.fifo) > 4096 {
+			l.fifo = nil // a drained backlog gives its memory back
+		} else {
+			l.fifo = l.fifo[:0]
+		}
+	case l.head >= 1024 && l.head > len(l.fifo)/2:
+		n := copy(l.fifo, l.fifo[l.head:])
+		clear(l.fifo[n:])
+		l.fifo, l.head = l.fifo[:n], 0
+	}
+	if stale := len(l.fifo) - l.head + len(l.raised) - l.count; stale > l.count+64 {
+		l.compact(p)
+	}
+}
+
+// compact drops every stale entry of level p.
+func (l *prioLevel) compact(p int) {
+	live := l.fifo[:0]
+	for _, j := range l.fifo[l.head:] {
+		if queuedAt(j, p) {
+			live = append(live, j)
+		}
+	}
+	clear(l.fifo[len(live):])
+	l.fifo, l.head = live, 0
+	r := l.raised[:0]
+	for _, j := range l.raised {
+		if queuedAt(j, p) {
+			r = append(r, j)
+		}
+	}
+	clear(l.raised[len(r):])
+	l.raised = r
+	heap.Init(&l.raised)
+}
+
+// oldest returns the oldest job queued at priority p, or nil. Level p must be settled.
+func (l *prioLevel) oldest() *job {
+	var o *job
+	if l.head < len(l.fifo) {
+		o = l.fifo[l.head]
+	}
+	if len(l.raised) > 0 && (o == nil || l.raised[0].seq < o.seq) {
+		o = l.raised[0]
+	}
+	return o
+}
+
+// seqHeap is a min-heap of jobs by sequence (oldest first), for prioLevel.raised.
+type seqHeap []*job
+
+func (h seqHeap) Len() int           { return len(h) }
+func (h seqHeap) Less(i, j int) bool { return h[i].seq < h[j].seq }
+func (h seqHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *seqHeap) Push(x any)        { *h = append(*h, x.(*job)) }
+func (h *seqHeap) Pop() any {
+	old := *h
+	j := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return j
+}
+
+// queuedAtPriority returns how many jobs are queued at priority p.
+func (qs *queueState) queuedAtPriority(p int) int { return qs.levels[p].count }
+
+// queuedIn returns how many jobs are queued at priorities lo..hi (inclusive), and the oldest
+// of them (nil if none). It costs one step per priority, never a walk of the queue.
+func (qs *queueState) queuedIn(lo, hi int) (n int, oldest *job) {
+	lo, hi = max(lo, minPriority), min(hi, maxPriority)
+	for p := lo; p <= hi; p++ {
+		l := &qs.levels[p]
+		if l.count == 0 {
+			continue
+		}
+		n += l.count
+		if o := l.oldest(); o != nil && (oldest == nil || o.seq < oldest.seq) {
+			oldest = o
+		}
+	}
+	return n, oldest
+}
+
+// waitingRequests returns the waiter entries on queued jobs: a request waiting for three
+// queued jobs counts three times.
+func (qs *queueState) waitingRequests() int { return qs.waiting }
+
 // errQueueFull is returned by add when the request would need more queue room than is left.
 var errQueueFull = fmt.Errorf("queue full")
+
+// errPriority is returned by add for a priority outside minPriority..maxPriority.
+var errPriority = fmt.Errorf("priority out of range %d..%d", minPriority, maxPriority)
 
 // add registers a tile request: every key joins its queued or running job, or creates one.
 // A higher priority raises a queued job (heap.Fix keeps its seq, so it keeps its place among
@@ -207,6 +346,9 @@ var errQueueFull = fmt.Errorf("queue full")
 // whole, before anything changes. waiter may be nil (a background request).
 // It returns how many of the keys joined an existing job.
 func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendingRequest, now int64) (merged int, err error) {
+	if priority < minPriority || priority > maxPriority {
+		return 0, errPriority
+	}
 	keys = uniqueKeys(keys)
 	fresh := 0
 	for _, k := range keys {
@@ -222,14 +364,23 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 		if ok {
 			merged++
 			if j.state == jobQueued && int(j.priority) < priority {
+				old := int(j.priority)
 				j.priority = int16(priority)
 				heap.Fix(&qs.queue, int(j.index))
+				qs.levels[old].count--
+				qs.settle(old)
+				l := &qs.levels[priority]
+				l.count++
+				heap.Push(&l.raised, j)
 			}
 		} else {
 			qs.nextSeq++
 			j = &job{key: k, seq: qs.nextSeq, enqueued: now, priority: int16(priority), index: -1}
 			qs.jobs[k] = j
 			heap.Push(&qs.queue, j)
+			l := &qs.levels[priority]
+			l.count++
+			l.fifo = append(l.fifo, j)
 		}
 		if keep {
 			j.flags |= keepJob
@@ -247,6 +398,9 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 			j.waiters.list = append(j.waiters.list, waiter)
 			waiter.jobs = append(waiter.jobs, j)
 			waiter.jobsLeft++
+			if j.state == jobQueued {
+				qs.waiting++
+			}
 		}
 	}
 	return merged, nil
@@ -276,6 +430,10 @@ func (qs *queueState) next(busy, free int) *job {
 	}
 	j := heap.Pop(&qs.queue).(*job)
 	j.state = jobRunning
+	p := int(j.priority)
+	qs.levels[p].count--
+	qs.waiting -= len(j.waiting())
+	qs.settle(p)
 	return j
 }
 
@@ -297,6 +455,9 @@ func (qs *queueState) removeWaiter(j *job, w *pendingRequest) (dropped bool) {
 			ws[i] = ws[last]
 			ws[last] = nil
 			j.waiters.list = ws[:last]
+			if j.state == jobQueued {
+				qs.waiting--
+			}
 			break
 		}
 	}
@@ -306,6 +467,9 @@ func (qs *queueState) removeWaiter(j *job, w *pendingRequest) (dropped bool) {
 	heap.Remove(&qs.queue, int(j.index))
 	delete(qs.jobs, j.key)
 	j.state = jobDone
+	p := int(j.priority)
+	qs.levels[p].count--
+	qs.settle(p)
 	return true
 }
 
@@ -318,6 +482,8 @@ func (qs *queueState) drain() []*job {
 		j.state = jobDone
 		out = append(out, j)
 	}
+	qs.levels = [maxPriority + 1]prioLevel{}
+	qs.waiting = 0
 	return out
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"container/heap"
 	"fmt"
+	"math/rand/v2"
 	"runtime"
 	"testing"
 	"unsafe"
@@ -359,4 +360,158 @@ func TestJobStaysSmall(t *testing.T) {
 	if got := unsafe.Sizeof(job{}); got > 48 {
 		t.Errorf("job is %d bytes, want at most 48", got)
 	}
+}
+
+// walkCounts is what the status document used to compute by walking the queue: jobs per
+// priority, waiter entries on queued jobs, and the oldest queued job of seed and live.
+func walkCounts(qs *queueState) (byPrio map[int]int, waiting int, oldestSeed, oldestLive *job) {
+	byPrio = map[int]int{}
+	for _, j := range qs.queue {
+		byPrio[int(j.priority)]++
+		waiting += len(j.waiting())
+		o := &oldestLive
+		if qs.rule.isSeed(int(j.priority)) {
+			o = &oldestSeed
+		}
+		if *o == nil || j.seq < (*o).seq {
+			*o = j
+		}
+	}
+	return byPrio, waiting, oldestSeed, oldestLive
+}
+
+// checkCounts compares the running counts with a walk of the queue, and checks that every
+// level's stale entries stay bounded.
+func checkCounts(t *testing.T, qs *queueState, step string) {
+	t.Helper()
+	byPrio, waiting, oldSeed, oldLive := walkCounts(qs)
+	for p := minPriority; p <= maxPriority; p++ {
+		if got := qs.queuedAtPriority(p); got != byPrio[p] {
+			t.Fatalf("%s: priority %d: got %d queued, walk says %d", step, p, got, byPrio[p])
+		}
+		l := &qs.levels[p]
+		if stale := len(l.fifo) - l.head + len(l.raised) - l.count; stale < 0 || stale > l.count+64 {
+			t.Fatalf("%s: priority %d: %d stale entries for %d live", step, p, stale, l.count)
+		}
+	}
+	if got := qs.waitingRequests(); got != waiting {
+		t.Fatalf("%s: waiting: got %d, walk says %d", step, got, waiting)
+	}
+	seedN, seedO := qs.queuedIn(minPriority, qs.rule.seedBelow-1)
+	liveN, liveO := qs.queuedIn(qs.rule.seedBelow, maxPriority)
+	if seedN+liveN != len(qs.queue) {
+		t.Fatalf("%s: seed %d + live %d != queue length %d", step, seedN, liveN, len(qs.queue))
+	}
+	if seedO != oldSeed || liveO != oldLive {
+		t.Fatalf("%s: oldest seed %v live %v; walk says %v and %v", step, seedO, liveO, oldSeed, oldLive)
+	}
+}
+
+// TestQueueRunningCounts: the counts the status document reads stay equal to a walk of the
+// queue through every kind of change: new jobs, joins, promotions, starts, drops, drain.
+func TestQueueRunningCounts(t *testing.T) {
+	type op struct {
+		do   string // add, bg (background add), start, leave, drain
+		x    int32
+		prio int
+		w    int // waiter number for add and leave
+	}
+	tests := []struct {
+		name string
+		ops  []op
+	}{
+		{"fifo at one priority", []op{{"add", 1, 10, 1}, {"add", 2, 10, 2}, {"add", 3, 10, 3}, {"start", 0, 0, 0}, {"start", 0, 0, 0}}},
+		{"promotion of the oldest seed job", []op{{"add", 1, 10, 1}, {"add", 2, 10, 2}, {"add", 3, 100, 3}, {"add", 1, 100, 4}, {"start", 0, 0, 0}, {"start", 0, 0, 0}}},
+		{"promotion from the middle", []op{{"bg", 1, 10, 0}, {"bg", 2, 10, 0}, {"bg", 3, 10, 0}, {"add", 2, 60, 1}, {"add", 2, 100, 2}, {"start", 0, 0, 0}, {"start", 0, 0, 0}}},
+		{"raised job older than the level's own", []op{{"bg", 1, 10, 0}, {"bg", 2, 100, 0}, {"add", 1, 100, 1}, {"start", 0, 0, 0}}},
+		{"join does not lower", []op{{"add", 1, 100, 1}, {"add", 1, 10, 2}, {"add", 1, 10, 3}}},
+		{"waiters leave, job dropped", []op{{"add", 1, 10, 1}, {"add", 1, 10, 2}, {"add", 2, 10, 3}, {"leave", 1, 0, 1}, {"leave", 1, 0, 2}, {"leave", 2, 0, 3}}},
+		{"waiter leaves a running job", []op{{"add", 1, 100, 1}, {"start", 0, 0, 0}, {"leave", 1, 0, 1}}},
+		{"join a running job", []op{{"add", 1, 100, 1}, {"start", 0, 0, 0}, {"add", 1, 100, 2}}},
+		{"background keeps a job", []op{{"add", 1, 10, 1}, {"bg", 1, 10, 0}, {"leave", 1, 0, 1}}},
+		{"drain", []op{{"add", 1, 10, 1}, {"add", 2, 100, 2}, {"add", 1, 200, 3}, {"drain", 0, 0, 0}, {"add", 3, 10, 4}}},
+		{"priority edges", []op{{"bg", 1, 0, 0}, {"bg", 2, 1000, 0}, {"add", 1, 49, 1}, {"add", 1, 50, 2}, {"start", 0, 0, 0}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := testCache("c")
+			qs := newQueueState(capacityRule{maxSeed: 10, seedBelow: 50}, 100)
+			waiters := map[int]*pendingRequest{}
+			now := int64(0)
+			for i, o := range tt.ops {
+				now++
+				step := fmt.Sprintf("op %d %+v", i, o)
+				switch o.do {
+				case "add", "bg":
+					var w *pendingRequest
+					if o.do == "add" {
+						w = &pendingRequest{}
+						waiters[o.w] = w
+					}
+					if _, err := qs.add([]jobKey{key(c, o.x)}, o.prio, o.do == "bg", w, now); err != nil {
+						t.Fatalf("%s: %v", step, err)
+					}
+				case "start":
+					if j := qs.next(0, 1); j == nil {
+						t.Fatalf("%s: nothing to start", step)
+					}
+				case "leave":
+					j := qs.jobs[key(c, o.x)]
+					if j == nil {
+						t.Fatalf("%s: no job", step)
+					}
+					qs.removeWaiter(j, waiters[o.w])
+				case "drain":
+					qs.drain()
+				}
+				checkCounts(t, qs, step)
+			}
+		})
+	}
+}
+
+// TestQueueRunningCountsRandom drives the queue with random operations, including long
+// promotion-heavy stretches that leave stale entries in the middle of levels, and checks the
+// counts (and the bound on stale entries) after every one.
+func TestQueueRunningCountsRandom(t *testing.T) {
+	c := testCache("c")
+	qs := newQueueState(capacityRule{maxSeed: 10, seedBelow: 50}, 1<<20)
+	rng := rand.New(rand.NewPCG(1, 2))
+	var live []*pendingRequest
+	prios := []int{0, 10, 10, 10, 49, 50, 100, 100, 1000}
+	for i := 0; i < 20000; i++ {
+		x := int32(rng.IntN(3000))
+		switch r := rng.IntN(10); {
+		case r < 4:
+			w := &pendingRequest{}
+			if _, err := qs.add([]jobKey{key(c, x), key(c, x+1)}, prios[rng.IntN(len(prios))], false, w, int64(i)); err != nil {
+				t.Fatal(err)
+			}
+			live = append(live, w)
+		case r < 6:
+			qs.add([]jobKey{key(c, x)}, prios[rng.IntN(len(prios))], true, nil, int64(i))
+		case r < 8:
+			if j := qs.next(0, 1); j != nil && rng.IntN(2) == 0 {
+				qs.finish(j)
+			}
+		default:
+			if len(live) > 0 {
+				k := rng.IntN(len(live))
+				w := live[k]
+				live[k] = live[len(live)-1]
+				live = live[:len(live)-1]
+				for _, j := range w.jobs {
+					if j.state != jobDone {
+						qs.removeWaiter(j, w)
+					}
+				}
+			}
+		}
+		if i%97 == 0 || i > 19900 {
+			checkCounts(t, qs, fmt.Sprintf("op %d", i))
+		}
+	}
+	for qs.next(0, 1) != nil {
+	}
+	checkCounts(t, qs, "emptied")
 }

@@ -260,6 +260,11 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 		waiter = p
 	}
 	merged, err := s.qs.add(keys, p.req.Priority, p.req.Background, waiter, p.received)
+	if err != nil && !errors.Is(err, errQueueFull) {
+		s.stats.invalid++
+		s.answer(p, errorReply(nil, err.Error()))
+		return
+	}
 	if err != nil {
 		s.stats.busyRejected++
 		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", len(s.qs.queue))})

@@ -124,15 +124,18 @@ type rendererStats struct {
 }
 
 type queueStats struct {
-	Length       int            `json:"length"`
-	Running      int            `json:"running"`
-	ByPriority   map[string]int `json:"by_priority"`
-	OldestAgeMS  float64        `json:"oldest_age_ms"`
-	MaxQueued    int            `json:"max_queued"`
-	SeedQueued   int            `json:"seed"`
-	LiveQueued   int            `json:"live"`
-	TrackedJobs  int            `json:"jobs"`
-	WaitingTotal int            `json:"waiting_requests"`
+	Length      int            `json:"length"`
+	Running     int            `json:"running"`
+	ByPriority  map[string]int `json:"by_priority"`
+	OldestAgeMS float64        `json:"oldest_age_ms"`
+	// The same per class (seed: priority below seed_priority_below).
+	OldestSeedAgeMS float64 `json:"oldest_seed_age_ms"`
+	OldestLiveAgeMS float64 `json:"oldest_live_age_ms"`
+	MaxQueued       int     `json:"max_queued"`
+	SeedQueued      int     `json:"seed"`
+	LiveQueued      int     `json:"live"`
+	TrackedJobs     int     `json:"jobs"`
+	WaitingTotal    int     `json:"waiting_requests"`
 }
 
 func (s *scheduler) statusDoc() statusDoc {
@@ -195,22 +198,23 @@ func (s *scheduler) statusDoc() statusDoc {
 	q.MaxQueued = s.qs.max
 	q.TrackedJobs = len(s.qs.jobs)
 	q.ByPriority = make(map[string]int)
-	oldest := int64(-1)
-	for _, j := range s.qs.queue {
-		q.ByPriority[strconv.Itoa(int(j.priority))]++
-		if s.qs.rule.isSeed(int(j.priority)) {
-			q.SeedQueued++
-		} else {
-			q.LiveQueued++
+	for p := minPriority; p <= maxPriority; p++ {
+		if n := s.qs.queuedAtPriority(p); n > 0 {
+			q.ByPriority[strconv.Itoa(p)] = n
 		}
-		if oldest < 0 || j.enqueued < oldest {
-			oldest = j.enqueued
+	}
+	seedN, seedOldest := s.qs.queuedIn(minPriority, s.qs.rule.seedBelow-1)
+	liveN, liveOldest := s.qs.queuedIn(s.qs.rule.seedBelow, maxPriority)
+	q.SeedQueued, q.LiveQueued = seedN, liveN
+	q.WaitingTotal = s.qs.waitingRequests()
+	age := func(j *job) float64 {
+		if j == nil {
+			return 0
 		}
-		q.WaitingTotal += len(j.waiting())
+		return durationMS(now - j.enqueued)
 	}
-	if oldest >= 0 {
-		q.OldestAgeMS = durationMS(now - oldest)
-	}
+	q.OldestSeedAgeMS, q.OldestLiveAgeMS = age(seedOldest), age(liveOldest)
+	q.OldestAgeMS = max(q.OldestSeedAgeMS, q.OldestLiveAgeMS)
 	ids := make([]string, 0, len(s.caches))
 	for id := range s.caches {
 		ids = append(ids, id)
