@@ -188,6 +188,13 @@ func TestRendererFailures(t *testing.T) {
 	if s.Counters["failed"] != 4 || s.Counters["timed_out"] != 1 {
 		t.Errorf("counters: failed %d timed_out %d; want 4 and 1", s.Counters["failed"], s.Counters["timed_out"])
 	}
+	if s.Counters["render_errors"] != 3 {
+		t.Errorf("render_errors: got %d, want 3 (crash, garbage, failure)", s.Counters["render_errors"])
+	}
+	// Each broken process was replaced once, for its reason; the renderer that answered an
+	// error lives on. (The restart is reported just after the failed job's answer.)
+	want := map[string]uint64{restartExited: 1, restartTimeout: 1, restartProtocol: 1, restartRecycle: 0, restartShutdown: 0}
+	d.waitFor("restarts by reason", func(s statusDoc) bool { return fmt.Sprint(s.RendererRestarts) == fmt.Sprint(want) })
 }
 
 func TestRecycleAfter(t *testing.T) {
@@ -206,6 +213,7 @@ func TestRecycleAfter(t *testing.T) {
 	if len(pids) != 3 {
 		t.Errorf("renderer pids: got %v, want 3 processes with 2 jobs each", pids)
 	}
+	d.waitFor("3 recycles", func(s statusDoc) bool { return s.RendererRestarts[restartRecycle] == 3 })
 }
 
 // TestClientDisconnectWhileQueued: a client that closes while its job is queued stops

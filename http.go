@@ -19,6 +19,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("GET /tasks", s.serveTasks)
 	mux.HandleFunc("GET /tasks/{id}", s.serveTasks)
 	mux.HandleFunc("DELETE /tasks/{id}", s.serveCancelTask)
+	mux.HandleFunc("GET /metrics", s.serveMetrics)
 	mux.HandleFunc("/", s.serveNoRoute)
 	return mux
 }
@@ -83,7 +84,7 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sink := newChanSink()
-	p := &pendingRequest{req: req, sink: sink}
+	p := &pendingRequest{req: req, sink: sink, proto: protoHTTP}
 	s.sched.submit(p)
 	select {
 	case rep := <-sink:

@@ -125,6 +125,7 @@ type pendingRequest struct {
 	jobs     []*job
 	errMsg   string
 	merged   bool
+	proto    reqProto
 	received int64 // ns since the daemon started
 	queuedNS int64 // longest wait in the queue over its jobs
 	renderNS int64 // longest render over its jobs
@@ -155,6 +156,7 @@ type cacheInfo struct {
 	requested    uint64
 	rendered     uint64
 	failed       uint64
+	renders      [][nRenderResult]uint64 // finished renders by zoom and result (metrics)
 }
 
 // refreshBefore is what a job that is not forced sends to the renderer: the latest

@@ -19,11 +19,12 @@ const maxInternedCaches = 10000
 // them all, so one sender's messages arrive in the order it sent them (a cancel never
 // overtakes its submit).
 type schedMsg struct {
-	submit *pendingRequest
-	cancel *pendingRequest
-	status chan<- statusDoc
-	reload *Config
-	done   chan<- error // reload result
+	submit  *pendingRequest
+	cancel  *pendingRequest
+	status  chan<- statusDoc
+	metrics chan<- *metricsSnap
+	reload  *Config
+	done    chan<- error // reload result
 }
 
 // slotState is the scheduler's view of one renderer.
@@ -43,6 +44,8 @@ type rendererSlot struct {
 	job      *job
 	started  int64 // when job started, ns since the daemon started
 	seed     bool  // the running job is in the seed class
+	num      int   // the renderer's number (for logs, the status page)
+	pid      int   // its current process, once ready
 	failing  bool  // its last start failed; cleared when it is ready
 }
 
@@ -77,6 +80,7 @@ type scheduler struct {
 	lastStartErr   string // why the last renderer start failed
 
 	stats     counters
+	m         metricsState
 	renderRec durationRing
 	connStats func() connCounters
 	onTick    func(summary string) // STATUS= for systemd; may be nil
@@ -99,6 +103,7 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		hardStop:  make(chan struct{}),
 		startup:   make(chan error, 1),
 		connStats: func() connCounters { return connCounters{} },
+		m:         metricsState{restarts: make(map[string]uint64)},
 	}
 }
 
@@ -136,7 +141,8 @@ func (s *scheduler) run(ctx context.Context) {
 			s.handleEvent(ev)
 		case <-watch:
 			s.onWatch()
-		case <-tick.C:
+		case now := <-tick.C:
+			s.sample(now)
 			if s.onTick != nil {
 				if sum := s.summary(); sum != lastSummary {
 					lastSummary = sum
@@ -220,6 +226,8 @@ func (s *scheduler) handleMsg(m schedMsg) {
 		s.handleCancel(m.cancel)
 	case m.status != nil:
 		m.status <- s.statusDoc()
+	case m.metrics != nil:
+		m.metrics <- s.metricsSnapshot()
 	case m.reload != nil:
 		m.done <- s.applyConfig(*m.reload)
 	}
@@ -230,6 +238,7 @@ func (s *scheduler) answer(p *pendingRequest, r Reply) {
 		return
 	}
 	p.answered = true
+	s.countRequest(p, r.Status)
 	r.ID = p.req.ID
 	p.sink.deliver(p, r)
 }
@@ -320,6 +329,7 @@ func (s *scheduler) handleCancel(p *pendingRequest) {
 	}
 	p.answered = true // the client is gone: nothing more is sent to it
 	s.stats.cancelled++
+	s.countRequest(p, "cancelled")
 	for _, j := range p.jobs {
 		if j.state == jobDone {
 			continue
@@ -345,6 +355,7 @@ func (s *scheduler) dispatch() {
 		slot.seed = s.qs.rule.isSeed(int(j.priority))
 		s.busy++
 		slot.started = s.now()
+		s.m.queueWait[classOf(slot.seed)].observe(float64(slot.started-j.enqueued) / 1e9)
 		rj := renderJob{
 			job:     j,
 			seq:     j.seq,
@@ -365,7 +376,7 @@ func (s *scheduler) dispatch() {
 func (s *scheduler) startRenderer(initial bool) {
 	s.nextNum++
 	r := newRenderer(s.nextNum, s.rcfg, s.events, s.hardStop, s.log)
-	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial}
+	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial, num: s.nextNum}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -398,6 +409,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 	switch ev.kind {
 	case evReady:
 		slot.failing = false
+		slot.pid = ev.pid
 		s.learnCaches(ev.caches)
 		if !slot.ready {
 			slot.ready = true
@@ -412,6 +424,8 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 			slot.state = slotIdle
 			s.idle = append(s.idle, ev.r)
 		}
+	case evRestart:
+		s.m.restarts[ev.reason]++
 	case evLost:
 		if slot.state == slotIdle {
 			slot.state = slotStarting
@@ -468,6 +482,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 	renderNS := now - slot.started
 	queuedNS := slot.started - j.enqueued
 	c := s.cacheList[j.key.cache]
+	s.countRender(slot, c, j, ev, renderNS)
 	if ev.status == statusOK {
 		s.stats.rendered++
 		c.rendered++
@@ -481,6 +496,8 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		c.failed++
 		if ev.timedOut {
 			s.stats.timedOut++
+		} else {
+			s.stats.renderErrors++
 		}
 		s.log.Warn("render failed", "job", j.seq, "cache", c.id, "z", j.key.z, "x", j.key.x, "y", j.key.y, "error", ev.msg)
 	}
@@ -538,6 +555,7 @@ func (s *scheduler) failQueue() {
 	s.log.Error("every renderer fails to start; failing the queued jobs", "jobs", len(jobs), "error", s.lastStartErr)
 	for _, j := range jobs {
 		s.stats.failed++
+		s.stats.noRendererFailed++
 		s.cacheList[j.key.cache].failed++
 		for _, w := range j.waiting() {
 			s.answer(w, errorReply(nil, s.noRendererMsg()))

@@ -517,7 +517,7 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 	case "seed", "tasks", "task", "cancel":
 		nc.push(nc.s.tasks.handle(req))
 	case "tile":
-		p := &pendingRequest{req: req, sink: nc}
+		p := &pendingRequest{req: req, sink: nc, proto: protoNative}
 		nc.mu.Lock()
 		if nc.gone {
 			nc.mu.Unlock()

@@ -52,6 +52,8 @@ type counters struct {
 	rendered         uint64
 	failed           uint64
 	timedOut         uint64
+	renderErrors     uint64 // failed renders other than timeouts
+	noRendererFailed uint64 // queued jobs failed because no renderer could start
 	dropped          uint64 // queued jobs dropped because every waiter left
 	cancelled        uint64 // requests whose client left before the answer
 	busyRejected     uint64
@@ -110,6 +112,32 @@ type statusDoc struct {
 	LastStartError string `json:"last_start_error,omitempty"`
 	// Tasks are the task documents (DESIGN §10), newest first; added by the server.
 	Tasks []taskDoc `json:"tasks"`
+
+	// Requests are finished tile requests by protocol, class and result (non-zero ones), the
+	// figures of the requests_total metric.
+	Requests map[string]map[string]map[string]uint64 `json:"requests"`
+	// RendererRestarts are replaced renderer processes by reason (renderer_restarts_total).
+	RendererRestarts map[string]uint64 `json:"renderer_restarts"`
+	// RendererList says what each renderer does, by renderer number.
+	RendererList []rendererDoc `json:"renderer_list"`
+	// LastErrors are the last failed renders, newest first.
+	LastErrors []renderErrorDoc `json:"last_errors"`
+	// Rates are renders (any result) per second over the last 10 s, minute and 15 minutes.
+	Rates map[string]float64 `json:"rates"`
+}
+
+// rendererDoc is one renderer in the status document's renderer_list.
+type rendererDoc struct {
+	Renderer        int       `json:"renderer"`
+	PID             int       `json:"pid,omitempty"`
+	State           string    `json:"state"` // starting, idle, busy
+	Retiring        bool      `json:"retiring,omitempty"`
+	Failing         bool      `json:"failing,omitempty"`
+	CacheIdentifier string    `json:"cache_identifier,omitempty"`
+	Tile            *[3]int32 `json:"tile,omitempty"`
+	Priority        int       `json:"priority,omitempty"`
+	Class           string    `json:"class,omitempty"`
+	RunningMS       float64   `json:"running_ms,omitempty"`
 }
 
 type rendererStats struct {
@@ -145,18 +173,20 @@ func (s *scheduler) statusDoc() statusDoc {
 		UptimeS:  float64(time.Duration(now)/time.Millisecond) / 1000,
 		Stopping: s.stopping,
 		Counters: map[string]uint64{
-			"requested":         s.stats.requested,
-			"background":        s.stats.background,
-			"merged":            s.stats.merged,
-			"rendered":          s.stats.rendered,
-			"failed":            s.stats.failed,
-			"timed_out":         s.stats.timedOut,
-			"dropped":           s.stats.dropped,
-			"cancelled":         s.stats.cancelled,
-			"busy_rejected":     s.stats.busyRejected,
-			"invalid":           s.stats.invalid,
-			"shutdown_dropped":  s.stats.shutdownDropped,
-			"renderer_failures": s.stats.rendererFailures,
+			"requested":          s.stats.requested,
+			"background":         s.stats.background,
+			"merged":             s.stats.merged,
+			"rendered":           s.stats.rendered,
+			"failed":             s.stats.failed,
+			"timed_out":          s.stats.timedOut,
+			"render_errors":      s.stats.renderErrors,
+			"no_renderer_failed": s.stats.noRendererFailed,
+			"dropped":            s.stats.dropped,
+			"cancelled":          s.stats.cancelled,
+			"busy_rejected":      s.stats.busyRejected,
+			"invalid":            s.stats.invalid,
+			"shutdown_dropped":   s.stats.shutdownDropped,
+			"renderer_failures":  s.stats.rendererFailures,
 		},
 		RenderMS: s.renderRec.percentiles(),
 		Caches:   make(map[string]map[string]uint64),
@@ -169,6 +199,55 @@ func (s *scheduler) statusDoc() statusDoc {
 		},
 		LastStartError: s.lastStartErr,
 	}
+	d.Requests = make(map[string]map[string]map[string]uint64)
+	for p := range nProtos {
+		for c := range nClasses {
+			for r, res := range requestResults {
+				if n := s.m.requests[p][c][r]; n > 0 {
+					byClass := d.Requests[protoNames[p]]
+					if byClass == nil {
+						byClass = make(map[string]map[string]uint64)
+						d.Requests[protoNames[p]] = byClass
+					}
+					if byClass[classNames[c]] == nil {
+						byClass[classNames[c]] = make(map[string]uint64)
+					}
+					byClass[classNames[c]][res] = n
+				}
+			}
+		}
+	}
+	d.RendererRestarts = make(map[string]uint64, len(restartReasons))
+	for _, r := range restartReasons {
+		d.RendererRestarts[r] = s.m.restarts[r]
+	}
+	d.LastErrors = make([]renderErrorDoc, 0, len(s.m.lastErrors))
+	for i := len(s.m.lastErrors) - 1; i >= 0; i-- {
+		d.LastErrors = append(d.LastErrors, s.m.lastErrors[i])
+	}
+	d.Rates = map[string]float64{"renders_per_s_10s": s.m.history.rate(10), "renders_per_s_1m": s.m.history.rate(60),
+		"renders_per_s_15m": s.m.history.rate(historyLen)}
+	d.RendererList = make([]rendererDoc, 0, len(s.slots))
+	for _, slot := range s.slots {
+		rd := rendererDoc{Renderer: slot.num, PID: slot.pid, Retiring: slot.retiring, Failing: slot.failing}
+		switch slot.state {
+		case slotStarting:
+			rd.State = "starting"
+		case slotIdle:
+			rd.State = "idle"
+		case slotBusy:
+			rd.State = "busy"
+			if j := slot.job; j != nil {
+				rd.CacheIdentifier = s.cacheList[j.key.cache].id
+				rd.Tile = &[3]int32{j.key.x, j.key.y, j.key.z}
+				rd.Priority = int(j.priority)
+				rd.Class = classNames[classOf(slot.seed)]
+				rd.RunningMS = durationMS(now - slot.started)
+			}
+		}
+		d.RendererList = append(d.RendererList, rd)
+	}
+	slices.SortFunc(d.RendererList, func(a, b rendererDoc) int { return a.Renderer - b.Renderer })
 	for _, slot := range s.slots {
 		d.Renderers.Total++
 		if slot.retiring {

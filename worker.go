@@ -65,7 +65,20 @@ const (
 	evStartFailed                  // a process failed to start or to become ready
 	evDone                         // a job finished (status, msg); healthy says whether the process lives on
 	evExited                       // the renderer goroutine ends (retired)
+	evRestart                      // a process ended and another is being started (reason)
 )
+
+// Why a renderer's process was replaced (evRestart's reason; the metric's reason label).
+const (
+	restartExited   = "exited"   // it exited or closed its output on its own
+	restartTimeout  = "timeout"  // render_timeout passed; it was killed
+	restartProtocol = "protocol" // it wrote garbage, an invalid reply, or wrote while idle
+	restartRecycle  = "recycle"  // recycle_after jobs were done
+	restartShutdown = "shutdown" // the stop deadline passed during a render; it was killed
+)
+
+// restartReasons lists every reason, in the order metrics and the status document show them.
+var restartReasons = []string{restartExited, restartTimeout, restartProtocol, restartRecycle, restartShutdown}
 
 // rendererEvent is what a renderer tells the scheduler.
 type rendererEvent struct {
@@ -78,7 +91,9 @@ type rendererEvent struct {
 	msg      string
 	healthy  bool
 	timedOut bool
-	skipped  bool // the renderer found every tile fresh (a job that was not forced)
+	skipped  bool   // the renderer found every tile fresh (a job that was not forced)
+	pid      int    // evReady: the process's pid
+	reason   string // evRestart: one of restartReasons
 }
 
 // renderer owns one render subprocess at a time and replaces it when it dies, with backoff.
@@ -125,11 +140,12 @@ func (r *renderer) run() {
 			}
 			backoff = nextBackoff(backoff)
 		} else {
-			r.send(rendererEvent{kind: evReady, caches: caches})
-			retired, proven := r.serve(p, &held)
+			r.send(rendererEvent{kind: evReady, caches: caches, pid: p.pid})
+			retired, proven, reason := r.serve(p, &held)
 			if retired {
 				return
 			}
+			r.send(rendererEvent{kind: evRestart, reason: reason})
 			if proven || time.Since(p.started) >= healthyRun {
 				backoff = 0
 			} else {
@@ -177,10 +193,10 @@ func (r *renderer) wait(d time.Duration, held **renderJob) bool {
 }
 
 // serve hands jobs to a ready process until it dies, is recycled, or the renderer is retired.
-// It reports whether the renderer was retired, and whether the process proved that it works
+// It reports whether the renderer was retired, whether the process proved that it works
 // (it answered a job properly): then its replacement starts without backoff, as after a
-// planned recycle.
-func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven bool) {
+// planned recycle, and otherwise why the process was replaced (one of restartReasons).
+func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven bool, reason string) {
 	done := 0
 	defer func() { proven = done > 0 }()
 	for {
@@ -192,23 +208,23 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			case jj, ok := <-r.jobs:
 				if !ok {
 					p.stop(r.log)
-					return true, false
+					return true, false, ""
 				}
 				j = jj
 			case <-p.exited:
 				r.log.Warn("renderer exited while idle", "pid", p.pid, "exit", p.exitText())
 				p.kill(r.log)
 				r.send(rendererEvent{kind: evLost})
-				return false, false
+				return false, false, restartExited
 			case line, ok := <-p.lines:
-				msg := "closed its output"
+				msg, why := "closed its output", restartExited
 				if ok {
-					msg = "wrote while idle: " + truncate(string(line), 200)
+					msg, why = "wrote while idle: "+truncate(string(line), 200), restartProtocol
 				}
 				r.log.Warn("renderer misbehaved; replacing it", "pid", p.pid, "problem", msg)
 				p.kill(r.log)
 				r.send(rendererEvent{kind: evLost})
-				return false, false
+				return false, false, why
 			}
 		}
 		// A process that died while idle, whose stdin is already gone, or that exited cleanly
@@ -221,7 +237,7 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 				*held = &j
 				r.log.Warn("renderer exited before taking a job; the job goes to its replacement", "pid", p.pid, "exit", p.exitText())
 				p.kill(r.log)
-				return false, false
+				return false, false, restartExited
 			}
 		default:
 		}
@@ -231,18 +247,19 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			*held = &j
 			r.log.Warn("renderer exited or closed its input without taking a job; the job goes to its replacement", "pid", p.pid)
 			p.kill(r.log)
-			return false, false
+			return false, false, restartExited
 		}
 		if !healthy {
+			reason = p.failure(timedOut, r.hardStop)
 			p.kill(r.log)
 		} else if done++; j.recycle > 0 && done >= j.recycle {
 			r.log.Info("recycling renderer", "pid", p.pid, "jobs", done)
 			p.stop(r.log)
-			healthy = false
+			healthy, reason = false, restartRecycle
 		}
 		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped})
 		if !healthy {
-			return false, false
+			return false, false, reason
 		}
 	}
 }
@@ -554,6 +571,25 @@ func (p *rendererProcess) parseReply(out []byte, id string) (status, msg string,
 		return statusError, m, true, false
 	default:
 		return statusError, fmt.Sprintf("renderer (pid %d) answered unknown status %q", p.pid, truncate(rep.Status, 40)), false, false
+	}
+}
+
+// failure classifies why a render left the process unusable, before it is killed: one of
+// restartReasons.
+func (p *rendererProcess) failure(timedOut bool, hardStop <-chan struct{}) string {
+	if timedOut {
+		return restartTimeout
+	}
+	select {
+	case <-hardStop:
+		return restartShutdown
+	default:
+	}
+	select {
+	case <-p.exited:
+		return restartExited
+	default:
+		return restartProtocol
 	}
 }
 
