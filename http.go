@@ -20,6 +20,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("GET /tasks/{id}", s.serveTasks)
 	mux.HandleFunc("DELETE /tasks/{id}", s.serveCancelTask)
 	mux.HandleFunc("GET /metrics", s.serveMetrics)
+	mux.HandleFunc("GET /{$}", s.servePage)
 	mux.HandleFunc("/", s.serveNoRoute)
 	return mux
 }

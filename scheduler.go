@@ -23,6 +23,7 @@ type schedMsg struct {
 	cancel  *pendingRequest
 	status  chan<- statusDoc
 	metrics chan<- *metricsSnap
+	history chan<- []historySample
 	reload  *Config
 	done    chan<- error // reload result
 }
@@ -228,6 +229,8 @@ func (s *scheduler) handleMsg(m schedMsg) {
 		m.status <- s.statusDoc()
 	case m.metrics != nil:
 		m.metrics <- s.metricsSnapshot()
+	case m.history != nil:
+		m.history <- s.m.history.samples()
 	case m.reload != nil:
 		m.done <- s.applyConfig(*m.reload)
 	}
