@@ -1,0 +1,83 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// TestTopOnce: `top --once` prints one plain view (no escapes) of a busy daemon: the
+// renderer count, what each renderer renders, the queue by class and priority, the last error.
+func TestTopOnce(t *testing.T) {
+	d := pageLoad(t, 3)
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), []string{"top", "--once", "-s", d.socket}, &out, &errb); err != nil {
+		t.Fatalf("top --once: %v\n%s", err, errb.String())
+	}
+	view := out.String()
+	if strings.Contains(view, "\x1b") {
+		t.Errorf("--once output has terminal escapes:\n%q", view)
+	}
+	for _, re := range []string{
+		`(?m)^renderers +3 total, 3 busy \(3 live, 0 seed\), 0 starting, 0 failing$`,
+		`(?m)^queue +43 queued \(3 live, 40 seed\), oldest live [0-9.]+ ?m?s, oldest seed [0-9.]+ ?m?s, 43 waiting requests$`,
+		`(?m)^ +[123] [0-9]+ +busy +live +100 +[0-9.]+ ?m?s +` + cacheID + ` +14/10[0-2]/7$`,
+		`(?m)^ +100 +3$`,
+		`(?m)^ +10 +40$`,
+		`(?m)^\S+ ` + cacheID + ` 12/9/0 fake failure for x=9$`,
+	} {
+		if !regexp.MustCompile(re).MatchString(view) {
+			t.Errorf("view lacks %s", re)
+		}
+	}
+	if n := len(regexp.MustCompile(`(?m)^ +[0-9]+ [0-9]+ +busy `).FindAllString(view, -1)); n != 3 {
+		t.Errorf("%d busy renderer rows, want 3", n)
+	}
+	if t.Failed() {
+		t.Logf("view:\n%s", view)
+	}
+	// Over TCP too, and a bad flag is an error.
+	out.Reset()
+	if err := run(context.Background(), []string{"top", "--once", "--http", d.tcp}, &out, &errb); err != nil || !strings.Contains(out.String(), "3 total") {
+		t.Errorf("top --once --http: %v\n%s", err, out.String())
+	}
+	if err := run(context.Background(), []string{"top", "--interval", "1ms", "-s", d.socket}, &out, &errb); err == nil {
+		t.Error("--interval 1ms: no error")
+	}
+}
+
+// TestTopLive: the live view redraws (clear screen, bold headings) until its context ends,
+// then leaves the alternate screen.
+func TestTopLive(t *testing.T) {
+	d := newTestDaemon(t, daemonOpts{renderers: 2, maxSeed: -1})
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &cancelAfterWriter{n: 3, cancel: cancel}
+	if err := run(ctx, []string{"top", "--interval", "100ms", "-s", d.socket}, w, &bytes.Buffer{}); err != nil {
+		t.Fatalf("top: %v", err)
+	}
+	view := w.b.String()
+	if n := strings.Count(view, "\x1b[H\x1b[2J"); n < 2 {
+		t.Errorf("%d redraws, want at least 2", n)
+	}
+	if !strings.Contains(view, "\x1b[1mrenderers \x1b[0m 2 total") || !strings.HasSuffix(view, "\x1b[?25h\x1b[?1049l") {
+		t.Errorf("live view:\n%q", view)
+	}
+}
+
+// cancelAfterWriter collects output and cancels after n writes that contain a screen.
+type cancelAfterWriter struct {
+	b      bytes.Buffer
+	n      int
+	cancel context.CancelFunc
+}
+
+func (w *cancelAfterWriter) Write(p []byte) (int, error) {
+	if bytes.Contains(p, []byte("renderers")) {
+		if w.n--; w.n == 0 {
+			w.cancel()
+		}
+	}
+	return w.b.Write(p)
+}
