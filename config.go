@@ -40,6 +40,7 @@ type Config struct {
 	AllowedUIDs       []int    `yaml:"allowed_uids"`
 	AllowedGIDs       []int    `yaml:"allowed_gids"`
 	LogLevel          string   `yaml:"log_level"`
+	LogFormat         string   `yaml:"log_format"`
 	StopTimeout       Duration `yaml:"stop_timeout"`
 
 	// Tasks (DESIGN §10): seeding and cleanup run by the daemon itself.
@@ -108,6 +109,7 @@ func defaultConfig() Config {
 		MaxConnections:    4096,
 		MaxInFlight:       100_000,
 		LogLevel:          "info",
+		LogFormat:         "text",
 		StopTimeout:       Duration(60 * time.Second),
 
 		SeedPriority:        10,
@@ -176,6 +178,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := parseLogLevel(c.LogLevel); err != nil {
 		return fmt.Errorf("log_level: %w", err)
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return fmt.Errorf("log_format: want text or json, got %q", c.LogFormat)
 	}
 	mode, err := strconv.ParseUint(c.SocketMode, 8, 32)
 	if err != nil || mode > 0o777 {

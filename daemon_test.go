@@ -503,6 +503,7 @@ func TestConfigErrors(t *testing.T) {
 		{"http: 0.0.0.0:8111\nrenderer_command: [x]\n", "not a loopback address"},
 		{"renderers: 2\n", "mapproxy_config: required"},
 		{"log_level: loud\nrenderer_command: [x]\n", "log_level:"},
+		{"log_format: xml\nrenderer_command: [x]\n", "log_format: want text or json"},
 	}
 	for _, tt := range tests {
 		dir := t.TempDir()

@@ -187,8 +187,14 @@ func rendererConfigFrom(cfg Config, script string) rendererConfig {
 	return rc
 }
 
-func newLogger(w io.Writer, level *slog.LevelVar) *slog.Logger {
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+// newLogger makes the daemon's logger: log/slog's text handler (key=value) or, with
+// log_format: json, its JSON handler (one object per line, for journald or a log shipper).
+func newLogger(w io.Writer, format string, level *slog.LevelVar) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 func parseLogLevel(s string) (slog.Level, error) {
@@ -229,7 +235,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	var level slog.LevelVar
 	lvl, _ := parseLogLevel(cfg.LogLevel)
 	level.Set(lvl)
-	log := newLogger(stderr, &level)
+	log := newLogger(stderr, cfg.LogFormat, &level)
 
 	// Read systemd's variables first: renderers must inherit neither them nor the fds.
 	notify, err := newSDNotifierFromEnv()
@@ -350,6 +356,10 @@ func reload(cf configFlags, old Config, sched *scheduler, srv *server, level *sl
 	}
 	if cfg.Socket != old.Socket || cfg.httpAddr != old.httpAddr || cfg.socketMode != old.socketMode || cfg.SocketGroup != old.SocketGroup {
 		log.Warn("reload: listener settings (socket, socket_mode, socket_group, http) change only with a restart")
+	}
+	if cfg.LogFormat != old.LogFormat {
+		log.Warn("reload: log_format changes only with a restart", "log_format", old.LogFormat)
+		cfg.LogFormat = old.LogFormat
 	}
 	if err := sched.reload(cfg); err != nil {
 		log.Error("reload failed", "error", err)

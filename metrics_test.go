@@ -473,3 +473,34 @@ func TestPromLabelEscaping(t *testing.T) {
 		t.Errorf("got %q, want %q", got, want)
 	}
 }
+
+// TestLogFormatJSON: with log_format: json every log line is a JSON object from slog's JSON
+// handler; the default stays key=value text.
+func TestLogFormatJSON(t *testing.T) {
+	for _, format := range []string{"json", "text"} {
+		t.Run(format, func(t *testing.T) {
+			d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, extraYAML: "log_format: " + format + "\n"})
+			cl := d.dial()
+			cl.send(tileReq("1", cacheID, 1, 2, 3, 100))
+			cl.read()
+			d.stop()
+			lines := strings.Split(strings.TrimSpace(d.stderr.String()), "\n")
+			if len(lines) < 3 {
+				t.Fatalf("log: %q", lines)
+			}
+			for _, l := range lines {
+				var obj map[string]any
+				isJSON := json.Unmarshal([]byte(l), &obj) == nil
+				if isJSON != (format == "json") {
+					t.Errorf("log_format %s: line %q (JSON: %v)", format, l, isJSON)
+				}
+				if format == "json" && (obj["msg"] == nil || obj["level"] == nil || obj["time"] == nil) {
+					t.Errorf("JSON line without time, level or msg: %q", l)
+				}
+			}
+			if want := map[string]string{"json": `"msg":"ready"`, "text": "msg=ready"}[format]; !strings.Contains(d.stderr.String(), want) {
+				t.Errorf("log lacks %s:\n%s", want, d.stderr.String())
+			}
+		})
+	}
+}
