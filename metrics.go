@@ -298,6 +298,7 @@ func (s *server) serveMetrics(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	b := m.appendText(make([]byte, 0, 16<<10))
+	b = appendTaskMetrics(b, s.tasks.view())
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(http.StatusOK)

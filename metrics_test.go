@@ -166,6 +166,26 @@ func (s *scrape) sum(name string, match ...string) float64 {
 	return total
 }
 
+// find returns the samples of name whose labels include match.
+func (s *scrape) find(name string, match ...string) []promSample {
+	var out []promSample
+	for _, ps := range s.samples {
+		if ps.name != metricPrefix+name {
+			continue
+		}
+		ok := true
+		for i := 0; i+1 < len(match); i += 2 {
+			if ps.labels[match[i]] != match[i+1] {
+				ok = false
+			}
+		}
+		if ok {
+			out = append(out, ps)
+		}
+	}
+	return out
+}
+
 // counters returns every counter sample keyed by its series text.
 func (s *scrape) counters() map[string]float64 {
 	out := map[string]float64{}
@@ -265,14 +285,15 @@ func promtoolCheck(t *testing.T, promtool string, body []byte) {
 }
 
 // TestMetricsScrape: /metrics under load (queued and running jobs of both classes, native and
-// HTTP clients, failures, a crash and a timeout) passes promtool, over TCP and the Unix
+// HTTP clients, a seed task, failures, a crash and a timeout) passes promtool, over TCP and the Unix
 // socket; in a quiet moment every counter equals the status document's figure; the
 // histograms keep their invariants.
 func TestMetricsScrape(t *testing.T) {
 	promtool := requireTool(t, "promtool", "prometheus")
-	d := newTestDaemon(t, daemonOpts{renderers: 2, maxSeed: 1, gate: true, tcp: true,
-		rendArgs:  []string{"-fail", "5", "-crash", "6", "-hang", "7"},
-		extraYAML: "render_timeout: 1s\n"})
+	rig := newTaskRig(t, taskRigOpts{daemonOpts: daemonOpts{renderers: 2, maxSeed: 1, gate: true, tcp: true,
+		rendArgs:  []string{"-fail", "105", "-crash", "106", "-hang", "107"}, // the task's tiles have x 0..29
+		extraYAML: "render_timeout: 1s\n"}, plannerArgs: []string{"-n", "30"}})
+	d := rig.testDaemon
 	tcp := httpClientFor("tcp", d.tcp)
 	unix := httpClientFor("unix", d.socket)
 
@@ -282,13 +303,13 @@ func TestMetricsScrape(t *testing.T) {
 		n++
 		cl.send(tileReq(fmt.Sprint(n), cacheID, x, 0, z, prio))
 	}
-	for x := 0; x < 8; x++ { // live: 5 fails, 6 crashes its renderer, 7 hangs past render_timeout
+	for x := 100; x < 108; x++ { // live: 105 fails, 106 crashes its renderer, 107 hangs past render_timeout
 		send(x, 3, 100)
 	}
 	for x := 10; x < 20; x++ {
 		send(x, 4, 10)
 	}
-	send(1, 3, 10) // joins a queued live job: merged
+	send(101, 3, 10) // joins a queued live job: merged
 	cl.send(`{"command":"tile","id":"bg","cache_identifier":"` + cacheID + `","tiles":[[30,0,5]],"priority":10,"background":true}`)
 	if r := cl.read(); r.Status != statusQueued {
 		t.Fatalf("background: got %+v", r)
@@ -299,6 +320,8 @@ func TestMetricsScrape(t *testing.T) {
 		defer posts.Done()
 		postMapProxy(t, d.tcp, "/", cacheID, 40, 0, 3, 100)
 	}()
+	task := rig.seed("all")
+	rig.waitTask(task.TaskID, "planned", func(d taskDoc) bool { return d.Planned == 30 })
 	d.waitFor("two renders running and a queue", func(s statusDoc) bool {
 		return s.Renderers.Busy == 2 && s.Queue.SeedQueued > 0 && s.Queue.LiveQueued > 0 && s.Queue.WaitingTotal > 0
 	})
@@ -321,14 +344,18 @@ func TestMetricsScrape(t *testing.T) {
 		if s.sum("renderers_busy") != 2 {
 			t.Errorf("%s: renderers_busy: got %g, want 2", name, s.sum("renderers_busy"))
 		}
+		if s.sum("tasks_active", "kind", "seed", "state", "running") != 1 || len(s.find("task_progress_ratio", "task_id", task.TaskID, "name", "all", "kind", "seed")) != 1 {
+			t.Errorf("%s: the running task is not shown", name)
+		}
 	}
 
 	// Let everything finish: one gate byte per job (the hang and the crash each take one).
-	d.release(40)
+	d.release(100)
 	for i := 0; i < n; i++ {
 		cl.read()
 	}
 	posts.Wait()
+	rig.waitEnded(task.TaskID)
 	d.waitFor("a quiet daemon", func(s statusDoc) bool {
 		return s.Queue.Length == 0 && s.Renderers.Busy == 0 && s.Renderers.Starting == 0 &&
 			s.RendererRestarts[restartExited] == 1 && s.RendererRestarts[restartTimeout] == 1
@@ -391,6 +418,16 @@ func TestMetricsScrape(t *testing.T) {
 	eq("connections_accepted_total", m2.sum("connections_accepted_total"), doc.Conns.Accepted)
 	eq("connections_refused_total", m2.sum("connections_refused_total"), doc.Conns.Refused)
 	eq("invalid_requests_total", m2.sum("invalid_requests_total"), doc.Conns.Invalid)
+	tt := doc.TaskTotals
+	for _, kind := range taskKinds {
+		eq("tasks_started_total "+kind, m2.sum("tasks_started_total", "kind", kind), tt.Started[kind])
+		for _, st := range taskEndStates {
+			eq("tasks_finished_total "+kind+" "+st, m2.sum("tasks_finished_total", "kind", kind, "state", st), tt.Finished[kind][st])
+		}
+		for _, res := range taskTileResults {
+			eq("task_metatiles_total "+kind+" "+res, m2.sum("task_metatiles_total", "kind", kind, "result", res), tt.Tiles[kind][res])
+		}
+	}
 	for f, typ := range m2.types {
 		if typ == "counter" && !checked[strings.TrimPrefix(f, metricPrefix)] {
 			t.Errorf("counter %s is not compared with the status document", f)
@@ -417,13 +454,17 @@ func TestMetricsScrape(t *testing.T) {
 		{"native seed ok", m2.sum("requests_total", "protocol", "native", "class", "seed", "result", "ok"), 11},
 		{"native seed queued", m2.sum("requests_total", "protocol", "native", "class", "seed", "result", "queued"), 1},
 		{"http live ok", m2.sum("requests_total", "protocol", "http", "class", "live", "result", "ok"), 1},
+		{"task jobs ok", m2.sum("requests_total", "protocol", "internal", "class", "seed", "result", "ok"), 30},
+		{"task done", m2.sum("tasks_finished_total", "kind", "seed", "state", "done"), 1},
+		{"task metatiles done", m2.sum("task_metatiles_total", "kind", "seed", "result", "done"), 30},
 		{"merged", m2.sum("merged_total"), 1},
-		{"renders ok", m2.sum("renders_total", "result", "ok"), 17},
+		{"renders ok", m2.sum("renders_total", "result", "ok"), 47},
+		{"renders ok at zoom 20", m2.sum("renders_total", "cache", "c", "zoom", "20", "result", "ok"), 30},
 		{"renders ok at zoom 4", m2.sum("renders_total", "zoom", "4", "result", "ok"), 10},
 		{"render errors", m2.sum("renders_total", "result", "error"), 2},
 		{"timeouts", m2.sum("renders_total", "result", "timeout"), 1},
 		{"live renders timed", m2.sum("render_duration_seconds_count", "class", "live"), 9},
-		{"seed renders timed", m2.sum("render_duration_seconds_count", "class", "seed"), 11},
+		{"seed renders timed", m2.sum("render_duration_seconds_count", "class", "seed"), 41},
 	}
 	for _, w := range wants {
 		if w.got != w.want {

@@ -62,6 +62,15 @@ type pageData struct {
 	HasRenderMS  bool
 	UptimeText   string
 	RequestTotal uint64
+	Tasks        []pageTask
+}
+
+// pageTask is a task with its progress bar.
+type pageTask struct {
+	taskDoc
+	Percent   float64 // 0–100, taskFraction
+	ETA       string
+	Completed uint64 // done + skipped + failed
 }
 
 type priorityCount struct {
@@ -150,12 +159,16 @@ func newPageData(doc statusDoc, hist []historySample, now time.Time) pageData {
 		pd.RenderSpark = newSparkline(rates)
 		pd.QueueSpark = newSparkline(queued)
 	}
+	for _, t := range doc.Tasks {
+		pd.Tasks = append(pd.Tasks, pageTask{taskDoc: t, Percent: 100 * taskFraction(t), ETA: etaText(t),
+			Completed: t.Done + t.Skipped + t.Failed})
+	}
 	return pd
 }
 
 // servePage is GET /: the status page.
 func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
-	doc, ok := s.sched.status()
+	doc, ok := s.statusDoc()
 	hist, ok2 := s.sched.history()
 	if !ok || !ok2 {
 		http.Error(w, "mapproxy-renderd is shutting down", http.StatusServiceUnavailable)

@@ -51,35 +51,45 @@ func artifactPath(t *testing.T, name string) string {
 	return filepath.Join(dir, t.Name()+"-"+name)
 }
 
-// pageLoad puts a daemon in a state worth showing: every renderer busy (gated), jobs of
-// both classes queued, one failed render in last_errors.
-func pageLoad(t *testing.T, renderers int) *testDaemon {
-	d := newTestDaemon(t, daemonOpts{renderers: renderers, maxSeed: renderers - 1, gate: true, tcp: true, rendArgs: []string{"-fail", "9"}})
+// pageLoad puts a daemon in a state worth showing, frozen (every renderer waits at the gate,
+// so nothing changes until the test releases renders): a seed task "all" of 40 metatiles
+// with 2 done, 2 of its jobs running and the rest queued; one live job running and 5 queued;
+// 40 native seed requests queued behind; one failed render in last_errors.
+func pageLoad(t *testing.T) (*taskRig, taskDoc) {
+	const renderers = 3
+	r := newTaskRig(t, taskRigOpts{daemonOpts: daemonOpts{renderers: renderers, maxSeed: 2, gate: true, tcp: true, rendArgs: []string{"-fail", "9"}},
+		plannerArgs: []string{"-n", "40"}})
 	// Runs before the daemon's stop (cleanups run last first): the gated renders finish, so
 	// the stop need not wait for stop_timeout.
-	t.Cleanup(func() { d.release(renderers + 100) })
-	cl := d.dial()
+	t.Cleanup(func() { r.release(200) })
+	cl := r.dial()
 	cl.send(tileReq("f", cacheID, 9, 0, 12, 100))
-	d.release(1)
-	if r := cl.read(); r.Status != statusError {
-		t.Fatalf("failing render: got %+v", r)
+	r.release(1)
+	if rep := cl.read(); rep.Status != statusError {
+		t.Fatalf("failing render: got %+v", rep)
 	}
+	task := r.seed("all")
+	r.waitTask(task.TaskID, "planned, 2 running", func(d taskDoc) bool { return d.Planned == 40 })
+	r.waitFor("2 seed renders running", func(s statusDoc) bool { return s.Renderers.BusySeed == 2 })
+	r.release(2)
+	task = r.waitTask(task.TaskID, "2 done", func(d taskDoc) bool { return d.Done == 2 })
+	r.waitFor("2 seed renders running again", func(s statusDoc) bool { return s.Renderers.BusySeed == 2 })
 	for x := 0; x < renderers+3; x++ {
 		cl.send(tileReq(fmt.Sprint("l", x), cacheID, 100+x, 7, 14, 100))
 	}
 	for x := 0; x < 40; x++ {
 		cl.send(tileReq(fmt.Sprint("s", x), cacheID, 200+x, 9, 16, 10))
 	}
-	d.waitFor("every renderer busy and both classes queued", func(s statusDoc) bool {
-		return s.Renderers.Busy == renderers && s.Queue.LiveQueued > 0 && s.Queue.SeedQueued > 0
+	r.waitFor("every renderer busy and both classes queued", func(s statusDoc) bool {
+		return s.Renderers.Busy == renderers && s.Queue.LiveQueued == 5 && s.Queue.SeedQueued == 76
 	})
-	return d
+	return r, r.waitTask(task.TaskID, "settled", func(d taskDoc) bool { return d.Queued == 38 })
 }
 
 // TestStatusPageHTML: GET / is an HTML page with the renderers and what they render, the
 // queue by class, the last error and both sparklines; on both listeners.
 func TestStatusPageHTML(t *testing.T) {
-	d := pageLoad(t, 3)
+	d, task := pageLoad(t)
 	for name, c := range map[string]*http.Client{"tcp": httpClientFor("tcp", d.tcp), "unix": httpClientFor("unix", d.socket)} {
 		code, hdr, body := httpGet(t, c, "/")
 		if code != http.StatusOK || !strings.HasPrefix(hdr.Get("Content-Type"), "text/html") {
@@ -88,16 +98,22 @@ func TestStatusPageHTML(t *testing.T) {
 		page := string(body)
 		for _, want := range []string{
 			`<span id="renderer-count">3</span> renderers`,
-			`3 busy (3 live, 0 seed)`,
-			cacheID, // what the renderers render
+			`3 busy (1 live, 2 seed)`,
+			`<td>` + cacheID + `</td><td>14/100/7</td><td class="n">100</td><td>live</td>`, // what the renderers render
 			`fake failure for x=9`,
 			`id="spark-renders"`, `id="spark-queue"`,
-			`<td>live</td><td class="n">3</td>`,
-			`<td>seed</td><td class="n">40</td>`,
+			`<td>live</td><td class="n">5</td>`,
+			`<td>seed</td><td class="n">76</td>`,
+			`<tr id="task-` + task.TaskID + `"><td>` + task.TaskID + `</td><td>all</td><td>seed</td><td class="running">running</td>`,
+			`aria-valuenow="5.0"`, `2 of 40`, // 2 of 40 metatiles done
 		} {
 			if !strings.Contains(page, want) {
 				t.Errorf("%s: page lacks %q", name, want)
 			}
+		}
+		// Which two task jobs run depends on which renderer read the gate bytes first.
+		if n := len(regexp.MustCompile(`<td>c</td><td>20/[0-9]+/0</td><td class="n">10</td><td>seed</td>`).FindAllString(page, -1)); n != 2 {
+			t.Errorf("%s: %d task jobs on renderers, want 2", name, n)
 		}
 		if strings.Count(page, `<td class="busy">busy</td>`) != 3 {
 			t.Errorf("%s: want 3 busy renderer rows", name)
@@ -118,11 +134,16 @@ func TestStatusPageHTML(t *testing.T) {
 // renderer count, and a screenshot is kept as an artifact (its path is logged).
 func TestStatusPageChromium(t *testing.T) {
 	chromium := requireTool(t, "chromium", "chromium")
-	d := pageLoad(t, 3)
+	d, task := pageLoad(t)
 	url := "http://" + d.tcp + "/"
 	dom := string(runChromium(t, chromium, url, "--dump-dom"))
 	if m := regexp.MustCompile(`id="renderer-count">(\d+)<`).FindStringSubmatch(dom); m == nil || m[1] != "3" {
 		t.Errorf("DOM renderer count: got %v, want 3\n%s", m, tail(dom, 3000))
+	}
+	// The task's row as the browser built it: its progress bar at 5 % (2 of 40 metatiles).
+	row := regexp.MustCompile(`(?s)<tr id="task-` + task.TaskID + `">.*?</tr>`).FindString(dom)
+	if !strings.Contains(row, `style="width: 5.0%"`) || !strings.Contains(row, "5.0 %") || !strings.Contains(row, "2 of 40") {
+		t.Errorf("DOM task row: got %q, want a 5.0 %% bar and 2 of 40", row)
 	}
 	if !strings.Contains(dom, "<polyline") || !strings.Contains(dom, "fake failure for x=9") {
 		t.Errorf("DOM lacks the sparklines or the last error:\n%s", tail(dom, 3000))

@@ -529,14 +529,26 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 	}
 }
 
-// statusReply is the status document (DESIGN §9) with the tasks, as a reply.
-func (s *server) statusReply(id *string) Reply {
+// statusDoc is the scheduler's status document with the tasks and their totals, or false
+// when the scheduler has stopped.
+func (s *server) statusDoc() (statusDoc, bool) {
 	doc, ok := s.sched.status()
 	if !ok {
-		return Reply{ID: id, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"}
+		return doc, false
 	}
 	if s.tasks != nil {
 		doc.Tasks = s.tasks.list()
+	}
+	tv := s.tasks.view()
+	doc.TaskTotals = tv.totals.doc()
+	return doc, true
+}
+
+// statusReply is the status document (DESIGN §9) with the tasks, as a reply.
+func (s *server) statusReply(id *string) Reply {
+	doc, ok := s.statusDoc()
+	if !ok {
+		return Reply{ID: id, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"}
 	}
 	b, err := json.Marshal(doc)
 	if err != nil {

@@ -112,6 +112,8 @@ type statusDoc struct {
 	LastStartError string `json:"last_start_error,omitempty"`
 	// Tasks are the task documents (DESIGN §10), newest first; added by the server.
 	Tasks []taskDoc `json:"tasks"`
+	// TaskTotals are the task counters' figures (tasks_started_total & co.) since the start.
+	TaskTotals taskTotalsDoc `json:"task_totals"`
 
 	// Requests are finished tile requests by protocol, class and result (non-zero ones), the
 	// figures of the requests_total metric.

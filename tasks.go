@@ -118,6 +118,7 @@ type taskManager struct {
 	nextID     int
 	stopping   bool
 	schedules  *scheduleLoop
+	forgotten  taskCounts // figures of the finished tasks forgetOld dropped (metrics)
 }
 
 // newTaskManager makes the manager; plannerArgv is the planner command (the bundled worker's
@@ -299,6 +300,7 @@ func (m *taskManager) forgetOld() {
 			i++
 			continue
 		}
+		m.forgotten.add(t.snapshot())
 		delete(m.tasks, t.id)
 		m.order = slices.Delete(m.order, i, i+1)
 		finished--

@@ -166,6 +166,24 @@ func topView(d statusDoc, now time.Time, ansi bool) string {
 		fmt.Fprintf(&b, "%3d %-8s %-9s %-5s %5s %9s  %-32s %s\n", rd.Renderer, pid, state, rd.Class, prio, running, truncate(rd.CacheIdentifier, 32), tile)
 	}
 
+	active := 0
+	for _, t := range d.Tasks {
+		if !t.finished() {
+			active++
+		}
+	}
+	if active > 0 {
+		b.WriteString("\n" + head(fmt.Sprintf("%-6s %-16s %-7s %-8s %-24s %15s %9s %9s", "TASK", "NAME", "KIND", "STATE", "PROGRESS", "METATILES", "RATE", "ETA")) + "\n")
+		for _, t := range d.Tasks {
+			if t.finished() {
+				continue
+			}
+			f := taskFraction(t)
+			bar := strings.Repeat("#", int(f*16)) + strings.Repeat(".", 16-int(f*16))
+			fmt.Fprintf(&b, "%-6s %-16s %-7s %-8s [%s] %5.1f%% %15s %8.1f/s %9s\n", t.TaskID, truncate(t.Name, 16), t.Kind, t.State, bar, 100*f,
+				strconv.FormatUint(t.Done+t.Skipped+t.Failed, 10)+"/"+strconv.FormatUint(t.TotalEstimate, 10), t.RatePerS, etaText(t))
+		}
+	}
 	if len(q.ByPriority) > 0 {
 		b.WriteString("\n" + head(fmt.Sprintf("%8s %10s", "PRIORITY", "QUEUED")) + "\n")
 		prios := make([]int, 0, len(q.ByPriority))

@@ -11,7 +11,7 @@ import (
 // TestTopOnce: `top --once` prints one plain view (no escapes) of a busy daemon: the
 // renderer count, what each renderer renders, the queue by class and priority, the last error.
 func TestTopOnce(t *testing.T) {
-	d := pageLoad(t, 3)
+	d, task := pageLoad(t)
 	var out, errb bytes.Buffer
 	if err := run(context.Background(), []string{"top", "--once", "-s", d.socket}, &out, &errb); err != nil {
 		t.Fatalf("top --once: %v\n%s", err, errb.String())
@@ -21,11 +21,13 @@ func TestTopOnce(t *testing.T) {
 		t.Errorf("--once output has terminal escapes:\n%q", view)
 	}
 	for _, re := range []string{
-		`(?m)^renderers +3 total, 3 busy \(3 live, 0 seed\), 0 starting, 0 failing$`,
-		`(?m)^queue +43 queued \(3 live, 40 seed\), oldest live [0-9.]+ ?m?s, oldest seed [0-9.]+ ?m?s, 43 waiting requests$`,
-		`(?m)^ +[123] [0-9]+ +busy +live +100 +[0-9.]+ ?m?s +` + cacheID + ` +14/10[0-2]/7$`,
-		`(?m)^ +100 +3$`,
-		`(?m)^ +10 +40$`,
+		`(?m)^renderers +3 total, 3 busy \(1 live, 2 seed\), 0 starting, 0 failing$`,
+		`(?m)^queue +81 queued \(5 live, 76 seed\), oldest live [0-9.]+ ?m?s, oldest seed [0-9.]+ ?m?s, 81 waiting requests$`,
+		`(?m)^ +[123] [0-9]+ +busy +live +100 +[0-9.]+ ?m?s +` + cacheID + ` +14/100/7$`,
+		`(?m)^ +[123] [0-9]+ +busy +seed +10 +[0-9.]+ ?m?s +c +20/[0-9]+/0$`,
+		`(?m)^ +100 +5$`,
+		`(?m)^ +10 +76$`,
+		`(?m)^` + task.TaskID + ` +all +seed +running +\[\.{16}\] +5\.0% +2/40 +[0-9.]+/s +\S*$`,
 		`(?m)^\S+ ` + cacheID + ` 12/9/0 fake failure for x=9$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(view) {
