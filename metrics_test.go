@@ -292,7 +292,7 @@ func TestMetricsScrape(t *testing.T) {
 	promtool := requireTool(t, "promtool", "prometheus")
 	rig := newTaskRig(t, taskRigOpts{daemonOpts: daemonOpts{renderers: 2, maxSeed: 1, gate: true, tcp: true,
 		rendArgs:  []string{"-fail", "105", "-crash", "106", "-hang", "107"}, // the task's tiles have x 0..29
-		extraYAML: "render_timeout: 1s\n"}, plannerArgs: []string{"-n", "30"}})
+		extraYAML: "render_timeout: 1s\n"}, plannerArgs:                      []string{"-n", "30"}})
 	d := rig.testDaemon
 	tcp := httpClientFor("tcp", d.tcp)
 	unix := httpClientFor("unix", d.socket)
