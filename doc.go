@@ -10,7 +10,8 @@
 //   - config.go: renderd.yaml and the flags: defaults, parsing, Validate naming the bad key.
 //   - proto.go, fastparse.go: the native protocol's requests and replies (fastparse is the
 //     reflection-free hot path, checked against encoding/json by fuzzing).
-//   - queue.go: the heap, the job table (dedup), the seed's capacity rule. No goroutines.
+//   - queue.go: the heap, the job table (dedup), the seed's capacity rule, and running counts
+//     per priority (jobs, oldest job) so that nothing walks the queue. No goroutines.
 //   - scheduler.go: the scheduler goroutine, the one owner of queue.go's state, the renderers'
 //     states and the counters. Everyone else talks to it through its channels.
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
@@ -24,6 +25,13 @@
 //   - schedules.go: the schedule loop (renderd.yaml schedules:), owned by the task manager.
 //   - taskapi.go: the task API over HTTP and the seed, tasks, task and cancel subcommands.
 //   - stats.go: the status document.
+//   - metrics.go: GET /metrics (Prometheus text, by hand) and the counters behind it that the
+//     scheduler owns (requests by protocol/class/result, histograms, renders by cache and
+//     zoom, restarts, the one-second history ring); a scrape gets a snapshot through the
+//     scheduler's channel.
+//   - metrics_tasks.go: task totals and gauges for metrics and the status document.
+//   - page.go, page.html: the status page, GET / (html/template, SVG sparklines, no JS).
+//   - top.go: the top subcommand, a live terminal view of the status document.
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
 //   - check.go: check-config's MapProxy check (the bundled worker's check mode).
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the

@@ -490,6 +490,10 @@ func TestMetricsBeforeAnyWork(t *testing.T) {
 		"queue_wait_seconds_bucket":      nClasses * (nBuckets + 1),
 		"render_duration_seconds_bucket": nClasses * (nBuckets + 1),
 		"build_info":                     1,
+		"tasks_started_total":            len(taskKinds),
+		"tasks_finished_total":           len(taskKinds) * len(taskEndStates),
+		"task_metatiles_total":           len(taskKinds) * len(taskTileResults),
+		"tasks_active":                   len(taskKinds) * len(taskActiveStates),
 	}
 	got := map[string]int{}
 	for _, ps := range s.samples {
@@ -543,5 +547,50 @@ func TestLogFormatJSON(t *testing.T) {
 				t.Errorf("log lacks %s:\n%s", want, d.stderr.String())
 			}
 		})
+	}
+}
+
+// TestTaskTotalsSurviveForgetting: the task counters keep counting the tasks the manager
+// forgets (it lists only the last keptFinishedTasks finished ones), so they never go down.
+func TestTaskTotalsSurviveForgetting(t *testing.T) {
+	m := &taskManager{tasks: map[string]*task{}}
+	add := func(i int, kind, state string, done uint64) {
+		tk := &task{id: fmt.Sprint("t", i), doc: taskDoc{TaskID: fmt.Sprint("t", i), Kind: kind, State: state, Done: done, Deleted: done}}
+		m.mu.Lock()
+		m.tasks[tk.id] = tk
+		m.order = append(m.order, tk)
+		m.forgetOld()
+		m.mu.Unlock()
+	}
+	var prev taskCounts
+	n := keptFinishedTasks + 50
+	for i := 0; i < n; i++ {
+		add(i, "seed", taskStateDone, 10)
+		v := m.view()
+		if v.totals.started[0] != prev.started[0]+1 || v.totals.tiles[0][0] != prev.tiles[0][0]+10 {
+			t.Fatalf("after task %d: started %d, done %d; before %d, %d", i, v.totals.started[0], v.totals.tiles[0][0], prev.started[0], prev.tiles[0][0])
+		}
+		prev = v.totals
+	}
+	add(n, "cleanup", taskStateRunning, 7)
+	v := m.view()
+	if len(m.order) != keptFinishedTasks+1 {
+		t.Fatalf("manager lists %d tasks, want %d (the rest forgotten)", len(m.order), keptFinishedTasks+1)
+	}
+	want := taskTotalsDoc{
+		Started:  map[string]uint64{"seed": uint64(n), "cleanup": 1, "expire": 0},
+		Finished: map[string]map[string]uint64{"seed": {"done": uint64(n), "failed": 0, "cancelled": 0}, "cleanup": {"done": 0, "failed": 0, "cancelled": 0}, "expire": {"done": 0, "failed": 0, "cancelled": 0}},
+	}
+	got := v.totals.doc()
+	if fmt.Sprint(got.Started) != fmt.Sprint(want.Started) || fmt.Sprint(got.Finished) != fmt.Sprint(want.Finished) ||
+		got.Tiles["seed"]["done"] != uint64(10*n) || got.Tiles["cleanup"]["deleted"] != 7 {
+		t.Errorf("totals: got %+v", got)
+	}
+	if len(v.active) != 1 || v.active[0].Kind != "cleanup" {
+		t.Errorf("active: got %+v, want the running cleanup", v.active)
+	}
+	var nilManager *taskManager
+	if v := nilManager.view(); v.totals.started != [3]uint64{} || v.active != nil {
+		t.Errorf("nil manager: %+v", v)
 	}
 }

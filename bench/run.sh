@@ -407,5 +407,9 @@ done
 log "writing $OUT"
 "$LG" report -in "$RESULTS" -out "$OUT" -elapsed "${SECONDS}s" -loadavg "$LOADAVG_START" \
 	-ours-ran="$OURS" -reps "$REPS" -tirex-enqueue "$TIREX_ENQUEUE" -quiet-spent "${QUIET_SPENT}s"
+# The observability figures come from Go benchmarks (bench/observability.sh), kept beside.
+if [ -f "$ROOT/bench/observability.md" ]; then
+	{ echo; cat "$ROOT/bench/observability.md"; } >> "$OUT"
+fi
 cp "$RESULTS" "$BASE/results-final.jsonl"
 log "done in ${SECONDS}s"
