@@ -3,9 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestTopOnce: `top --once` prints one plain view (no escapes) of a busy daemon: the
@@ -82,4 +86,42 @@ func (w *cancelAfterWriter) Write(p []byte) (int, error) {
 		}
 	}
 	return w.b.Write(p)
+}
+
+// TestTopInTmux runs the live view in a real terminal (tmux) and reads the screen twice: it
+// shows the daemon, and it is redrawn (the clock in its first line moves on).
+func TestTopInTmux(t *testing.T) {
+	tmux := requireTool(t, "tmux", "tmux")
+	d := newTestDaemon(t, daemonOpts{renderers: 2, maxSeed: -1})
+	sock := filepath.Join(shortTempDir(t), "tmux.sock")
+	tm := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command(tmux, append([]string{"-S", sock}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("tmux %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	// The test binary runs run() when its first argument is "daemon" (TestMain).
+	tm("new-session", "-d", "-x", "120", "-y", "40", os.Args[0], "daemon", "top", "--interval", "200ms", "-s", d.socket)
+	t.Cleanup(func() { _ = exec.Command(tmux, "-S", sock, "kill-server").Run() })
+	screen := func(cond func(string) bool) string {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			s := tm("capture-pane", "-p")
+			if cond(s) {
+				return s
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("screen never showed what was expected:\n%s", s)
+			}
+			time.Sleep(50 * time.Millisecond) // polling the terminal, bounded by the deadline
+		}
+	}
+	first := screen(func(s string) bool { return strings.Contains(s, "renderers  2 total, 0 busy") })
+	clock := regexp.MustCompile(`\d\d:\d\d:\d\d UTC`)
+	firstClock := clock.FindString(first)
+	screen(func(s string) bool { c := clock.FindString(s); return c != "" && c != firstClock })
+	tm("send-keys", "C-c")
 }

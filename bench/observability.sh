@@ -10,16 +10,22 @@ raw=$(mktemp)
 trap 'rm -f "$raw"' EXIT
 go test -run XXX -bench 'BenchmarkScrape1MQueued$' -benchtime 2s -count "$COUNT" . | tee -a "$raw"
 go test -run XXX -bench 'BenchmarkScrapeHTTP1MQueued$' -benchtime 200x -count "$COUNT" . | tee -a "$raw"
-go test -run XXX -bench 'BenchmarkNoopThroughputScrape$' -benchtime 5s -count "$COUNT" . | tee -a "$raw"
+# One repetition at a time, so that the variants interleave and a change in the machine's
+# load (other work on it) does not fall on one variant only.
+for _ in $(seq "$COUNT"); do
+	go test -run XXX -bench 'BenchmarkNoopThroughputScrape$' -benchtime 5s -count 1 . | tee -a "$raw"
+done
 
 # stats NAME UNIT: "median (min–max)" of the figure with that unit over the runs of NAME.
 stats() {
 	awk -v name="$1" -v unit="$2" '
-		$1 ~ "^"name"(-[0-9]+)?$" { for (i = 2; i < NF; i++) if ($(i+1) == unit) v[n++] = $i }
+		function fmt(x) { return x >= 1000 ? sprintf("%.0f", x) : sprintf("%.3g", x) }
+		{ nm = $1; sub(/-[0-9]+$/, "", nm) }
+		nm == name { for (i = 2; i < NF; i++) if ($(i+1) == unit) v[n++] = $i + 0 }
 		END {
 			if (n == 0) { print "n/a"; exit }
 			for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-			printf "%.3g (%.3g–%.3g)", v[int((n-1)/2)], v[0], v[n-1]
+			printf "%s (%s–%s)", fmt(v[int((n-1)/2)]), fmt(v[0]), fmt(v[n-1])
 		}' "$raw"
 }
 
