@@ -47,12 +47,12 @@ func classOf(seed bool) int {
 // requestResults are the final outcomes of a tile request: the reply statuses of DESIGN §2
 // (the status the daemon decided; MapProxy's HTTP client is sent "error" for several of them)
 // and "cancelled" for a request whose client left before its answer.
-var requestResults = []string{statusOK, statusError, statusQueued, statusBusy, statusExpired, "pending", statusShuttingDown, "cancelled"}
+var requestResults = [nResults]string{statusOK, statusError, statusQueued, statusBusy, statusExpired, "pending", statusShuttingDown, "cancelled"}
 
 const nResults = 8
 
 func resultIndex(status string) int {
-	if i := slices.Index(requestResults, status); i >= 0 {
+	if i := slices.Index(requestResults[:], status); i >= 0 {
 		return i
 	}
 	return 1 // an unknown status counts as error
