@@ -60,6 +60,7 @@ func fakeRenderer(args []string) int {
 	hang := fs.Int("hang", -1, "x that makes the renderer hang")
 	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
 	fail := fs.Int("fail", -1, "x that makes the renderer answer error")
+	skip := fs.Int("skip", -1, "x that the renderer answers ok with \"skipped\": true")
 	exitAfter := fs.Int("exit-after", 0, "exit (while idle) after answering this many jobs")
 	startOnce := fs.String("start-once", "", "start only if this file does not exist, and create it")
 	readyGate := fs.String("ready-gate", "", "FIFO to read one byte from before the ready line")
@@ -165,6 +166,8 @@ func fakeRenderer(args []string) int {
 			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "flaky first try"}`+"\n", j.ID)
 		case *failMod > 0 && int(x)%*failMod == 0:
 			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "fake failure for x=%d"}`+"\n", j.ID, x)
+		case int(x) == *skip:
+			fmt.Fprintf(out, `{"id": %q, "status": "ok", "skipped": true}`+"\n", j.ID)
 		default:
 			fakeAnswer(out, j.ID, int(x), *crash, *hang, *garbage, *fail)
 		}

@@ -58,15 +58,17 @@ func resultIndex(status string) int {
 	return 1 // an unknown status counts as error
 }
 
-// Render results per cache and zoom.
+// Render results per cache and zoom: skipped is an ok render of a job that was not forced
+// (a task's) for which the renderer found every tile fresh.
 const (
 	renderOK      = 0
-	renderError   = 1
-	renderTimeout = 2
-	nRenderResult = 3
+	renderSkipped = 1
+	renderError   = 2
+	renderTimeout = 3
+	nRenderResult = 4
 )
 
-var renderResultNames = [nRenderResult]string{"ok", "error", "timeout"}
+var renderResultNames = [nRenderResult]string{"ok", "skipped", "error", "timeout"}
 
 // durationBuckets are the histogram buckets in seconds, suited to metatile renders (a few ms
 // for a cached no-op, tens of seconds for a big metatile, render_timeout at most).
@@ -171,6 +173,8 @@ func (s *scheduler) countRender(slot *rendererSlot, c *cacheInfo, j *job, ev ren
 	s.m.renderTime[classOf(slot.seed)].observe(float64(renderNS) / 1e9)
 	res := renderOK
 	switch {
+	case ev.status == statusOK && ev.skipped:
+		res = renderSkipped
 	case ev.status == statusOK:
 	case ev.timedOut:
 		res = renderTimeout
@@ -450,7 +454,7 @@ func (m *metricsSnap) appendText(b []byte) []byte {
 	for c := range nClasses {
 		w.histogram("render_duration_seconds", &m.renderTime[c], "class", classNames[c])
 	}
-	w.family("renders_total", "counter", "Jobs rendered, by cache, zoom level and result (ok, error, timeout).")
+	w.family("renders_total", "counter", "Jobs rendered, by cache, zoom level and result (ok, skipped: every tile was fresh, error, timeout).")
 	for _, c := range m.caches {
 		for z, rs := range c.zooms {
 			if rs == ([nRenderResult]uint64{}) {

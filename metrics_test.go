@@ -291,8 +291,8 @@ func promtoolCheck(t *testing.T, promtool string, body []byte) {
 func TestMetricsScrape(t *testing.T) {
 	promtool := requireTool(t, "promtool", "prometheus")
 	rig := newTaskRig(t, taskRigOpts{daemonOpts: daemonOpts{renderers: 2, maxSeed: 1, gate: true, tcp: true,
-		rendArgs:  []string{"-fail", "105", "-crash", "106", "-hang", "107"}, // the task's tiles have x 0..29
-		extraYAML: "render_timeout: 1s\n"}, plannerArgs:                      []string{"-n", "30"}})
+		rendArgs:  []string{"-skip", "104", "-fail", "105", "-crash", "106", "-hang", "107"}, // the task's tiles have x 0..29
+		extraYAML: "render_timeout: 1s\n"}, plannerArgs:                                      []string{"-n", "30"}})
 	d := rig.testDaemon
 	tcp := httpClientFor("tcp", d.tcp)
 	unix := httpClientFor("unix", d.socket)
@@ -303,7 +303,7 @@ func TestMetricsScrape(t *testing.T) {
 		n++
 		cl.send(tileReq(fmt.Sprint(n), cacheID, x, 0, z, prio))
 	}
-	for x := 100; x < 108; x++ { // live: 105 fails, 106 crashes its renderer, 107 hangs past render_timeout
+	for x := 100; x < 108; x++ { // live: 104 is skipped (fresh), 105 fails, 106 crashes its renderer, 107 hangs past render_timeout
 		send(x, 3, 100)
 	}
 	for x := 10; x < 20; x++ {
@@ -409,11 +409,12 @@ func TestMetricsScrape(t *testing.T) {
 		eq("renderer_restarts_total "+r, m2.sum("renderer_restarts_total", "reason", r), doc.RendererRestarts[r])
 	}
 	eq("renderer_start_failures_total", m2.sum("renderer_start_failures_total"), cnt["renderer_failures"])
-	eq("renders_total ok", m2.sum("renders_total", "result", "ok"), cnt["rendered"])
+	eq("renders_total ok", m2.sum("renders_total", "result", "ok"), cnt["rendered"]-cnt["render_skipped"])
+	eq("renders_total skipped", m2.sum("renders_total", "result", "skipped"), cnt["render_skipped"])
 	eq("renders_total error", m2.sum("renders_total", "result", "error"), cnt["render_errors"])
 	eq("renders_total timeout", m2.sum("renders_total", "result", "timeout"), cnt["timed_out"])
 	for id, c := range doc.Caches {
-		eq("renders_total ok "+id, m2.sum("renders_total", "cache", id, "result", "ok"), c["rendered"])
+		eq("renders_total ok+skipped "+id, m2.sum("renders_total", "cache", id, "result", "ok")+m2.sum("renders_total", "cache", id, "result", "skipped"), c["rendered"])
 	}
 	eq("connections_accepted_total", m2.sum("connections_accepted_total"), doc.Conns.Accepted)
 	eq("connections_refused_total", m2.sum("connections_refused_total"), doc.Conns.Refused)
@@ -458,7 +459,8 @@ func TestMetricsScrape(t *testing.T) {
 		{"task done", m2.sum("tasks_finished_total", "kind", "seed", "state", "done"), 1},
 		{"task metatiles done", m2.sum("task_metatiles_total", "kind", "seed", "result", "done"), 30},
 		{"merged", m2.sum("merged_total"), 1},
-		{"renders ok", m2.sum("renders_total", "result", "ok"), 47},
+		{"renders ok", m2.sum("renders_total", "result", "ok"), 46},
+		{"renders skipped", m2.sum("renders_total", "result", "skipped"), 1},
 		{"renders ok at zoom 20", m2.sum("renders_total", "cache", "c", "zoom", "20", "result", "ok"), 30},
 		{"renders ok at zoom 4", m2.sum("renders_total", "zoom", "4", "result", "ok"), 10},
 		{"render errors", m2.sum("renders_total", "result", "error"), 2},

@@ -489,6 +489,9 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 	if ev.status == statusOK {
 		s.stats.rendered++
 		c.rendered++
+		if ev.skipped {
+			s.stats.renderSkipped++
+		}
 		s.renderRec.add(renderNS)
 		if s.log.Enabled(context.Background(), slog.LevelDebug) {
 			s.log.Debug("rendered", "job", j.seq, "cache", c.id, "z", j.key.z, "x", j.key.x, "y", j.key.y,

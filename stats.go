@@ -53,6 +53,7 @@ type counters struct {
 	failed           uint64
 	timedOut         uint64
 	renderErrors     uint64 // failed renders other than timeouts
+	renderSkipped    uint64 // ok renders (counted in rendered) that found every tile fresh
 	noRendererFailed uint64 // queued jobs failed because no renderer could start
 	dropped          uint64 // queued jobs dropped because every waiter left
 	cancelled        uint64 // requests whose client left before the answer
@@ -181,6 +182,7 @@ func (s *scheduler) statusDoc() statusDoc {
 			"rendered":           s.stats.rendered,
 			"failed":             s.stats.failed,
 			"timed_out":          s.stats.timedOut,
+			"render_skipped":     s.stats.renderSkipped,
 			"render_errors":      s.stats.renderErrors,
 			"no_renderer_failed": s.stats.noRendererFailed,
 			"dropped":            s.stats.dropped,
