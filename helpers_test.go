@@ -44,8 +44,9 @@ func TestMain(m *testing.M) {
 
 // fakeRenderer is a renderer for tests. Behaviour per job is chosen by the tile's x:
 // x == crash → exit 3; x == hang → never answer; x == garbage → write garbage;
-// x == fail → answer error; x == skip → answer ok with "skipped": true. It logs "pid cache z x y" per job to -log, and with -gate it
-// reads one byte from that FIFO before answering, so tests decide when renders finish.
+// x == fail → answer error; x == skip → answer ok with "skipped": true. It logs
+// "pid cache z x y" per job to -log, and with -gate it reads one byte from that FIFO before
+// answering, so tests decide when renders finish.
 // With -ready-gate it reads one byte from that FIFO before its ready line (tests decide when
 // start-up ends), and -env-log appends one JSON line per process start (see writeEnvLog).
 func fakeRenderer(args []string) int {
