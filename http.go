@@ -82,6 +82,9 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.tasks.handle(req))
 		return
 	}
+	if wait := s.limits.Load().httpWait; wait > 0 && !req.HasWait {
+		req.WaitMS, req.HasWait = wait.Milliseconds(), true
+	}
 	sink := newChanSink()
 	p := &pendingRequest{req: req, sink: sink}
 	s.sched.submit(p)
@@ -95,10 +98,12 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 }
 
 // forMapProxy maps statuses MapProxy 1.15 does not know to "error": it would take
-// busy, expired or shutting_down for success and serve a transparent tile.
+// busy, expired or shutting_down for success and serve a transparent tile. pending (only
+// with http_wait or wait_ms) goes out as it is: MapProxy takes it for success, which is what
+// http_wait asks for (README: "Answering MapProxy early").
 func forMapProxy(r Reply) Reply {
 	switch r.Status {
-	case statusOK, statusError, statusQueued:
+	case statusOK, statusError, statusQueued, statusPending:
 		return r
 	case statusBusy:
 		r.ErrorMessage = "renderd busy: " + r.ErrorMessage

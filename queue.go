@@ -129,6 +129,8 @@ type pendingRequest struct {
 	queuedNS int64 // longest wait in the queue over its jobs
 	renderNS int64 // longest render over its jobs
 	answered bool
+	// waitTimer runs out at wait_ms (live.go); stopped when the request is answered.
+	waitTimer *time.Timer
 }
 
 // replySink receives the one final reply of a request. deliver must not block:

@@ -21,6 +21,7 @@ const maxInternedCaches = 10000
 type schedMsg struct {
 	submit *pendingRequest
 	cancel *pendingRequest
+	due    *pendingRequest // its wait_ms ran out (live.go)
 	status chan<- statusDoc
 	reload *Config
 	done   chan<- error // reload result
@@ -218,6 +219,8 @@ func (s *scheduler) handleMsg(m schedMsg) {
 		s.handleSubmit(m.submit)
 	case m.cancel != nil:
 		s.handleCancel(m.cancel)
+	case m.due != nil:
+		s.handleDue(m.due)
 	case m.status != nil:
 		m.status <- s.statusDoc()
 	case m.reload != nil:
@@ -230,6 +233,9 @@ func (s *scheduler) answer(p *pendingRequest, r Reply) {
 		return
 	}
 	p.answered = true
+	if p.waitTimer != nil {
+		p.waitTimer.Stop()
+	}
 	r.ID = p.req.ID
 	p.sink.deliver(p, r)
 }
@@ -272,6 +278,8 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	if p.req.Background {
 		s.stats.background++
 		s.answer(p, Reply{Status: statusQueued, Merged: p.merged})
+	} else if p.req.HasWait {
+		s.armWait(p)
 	}
 }
 
@@ -314,6 +322,9 @@ func (s *scheduler) handleCancel(p *pendingRequest) {
 		return
 	}
 	p.answered = true // the client is gone: nothing more is sent to it
+	if p.waitTimer != nil {
+		p.waitTimer.Stop()
+	}
 	s.stats.cancelled++
 	for _, j := range p.jobs {
 		if j.state == jobDone {

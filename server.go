@@ -69,6 +69,7 @@ type serverLimits struct {
 	maxLine     int
 	maxInFlight int
 	maxConns    int
+	httpWait    time.Duration // http_wait: MapProxy's POSTs get pending after this (0 = wait)
 }
 
 func (s *server) setLimits(cfg Config) {
@@ -77,6 +78,7 @@ func (s *server) setLimits(cfg Config) {
 		maxLine:     cfg.MaxLineBytes,
 		maxInFlight: cfg.MaxInFlight,
 		maxConns:    cfg.MaxConnections,
+		httpWait:    time.Duration(cfg.HTTPWait),
 	})
 }
 
