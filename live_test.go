@@ -1,9 +1,17 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestWaitMSPending: a request with wait_ms whose render has not finished by then gets
@@ -87,4 +95,223 @@ func TestLiveFieldsBadInput(t *testing.T) {
 	if r := cl.read(); r.Status != statusQueued {
 		t.Errorf("background refresh: got %+v, want queued", r)
 	}
+}
+
+// procPriority returns the niceness of every thread of pid (from /proc/<pid>/task/*/stat)
+// and whether every thread is in the idle I/O class (ioprio_get).
+func procPriority(t *testing.T, pid int) (nices []int, ioIdle bool) {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ioIdle = true
+	for _, e := range ents {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, e.Name()))
+		if err != nil {
+			continue // the thread exited
+		}
+		// Fields after the command (which may hold spaces) start after the last ')'.
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		n, err := strconv.Atoi(f[16]) // field 19 of stat(5): nice
+		if err != nil {
+			t.Fatalf("stat of %d/%s: %v", pid, e.Name(), err)
+		}
+		nices = append(nices, n)
+		tid, _ := strconv.Atoi(e.Name())
+		v, _, errno := unix.Syscall(unix.SYS_IOPRIO_GET, ioprioWhoProcess, uintptr(tid), 0)
+		if errno != 0 {
+			t.Fatalf("ioprio_get %d: %v", tid, errno)
+		}
+		if v>>ioprioClassShift != ioprioClassIdle {
+			ioIdle = false
+		}
+	}
+	return nices, ioIdle
+}
+
+// lastJobPID waits for the n-th job log line and returns its renderer's pid.
+func lastJobPID(t *testing.T, d *testDaemon, n int) int {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if log := d.jobLog(); len(log) >= n {
+			pid, err := strconv.Atoi(strings.Fields(log[n-1])[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			return pid
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no job %d in the log", n)
+		}
+		time.Sleep(5 * time.Millisecond) // polling the renderer's job log, bounded by the deadline
+	}
+}
+
+func wantPriority(t *testing.T, what string, pid, nice int, ioIdle bool) {
+	t.Helper()
+	nices, idle := procPriority(t, pid)
+	for _, n := range nices {
+		if n != nice {
+			t.Errorf("%s: renderer %d thread niceness: got %v, want all %d", what, pid, nices, nice)
+			break
+		}
+	}
+	if idle != ioIdle {
+		t.Errorf("%s: renderer %d idle I/O class: got %v, want %v", what, pid, idle, ioIdle)
+	}
+}
+
+// TestSeedNice: a renderer runs a seed job at seed_nice in the idle I/O class and the next
+// live job back at the daemon's niceness, every thread of it.
+func TestSeedNice(t *testing.T) {
+	if baseNice != 0 {
+		t.Fatalf("the test process runs at niceness %d; run it at 0", baseNice)
+	}
+	if !canLowerNice() {
+		t.Fatalf("this test needs CAP_SYS_NICE or RLIMIT_NICE 20 (TestSeedNiceUnprivileged covers the rest)")
+	}
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, gate: true, extraYAML: "seed_nice: 7\n"})
+	cl := d.dial()
+	steps := []struct {
+		prio   int
+		nice   int
+		ioIdle bool
+	}{{10, 7, true}, {10, 7, true}, {100, 0, false}, {5, 7, true}, {50, 0, false}}
+	var pid0 int
+	for i, st := range steps {
+		cl.send(tileReq(fmt.Sprint(i), "c_G", i, 0, 3, st.prio))
+		pid := lastJobPID(t, d, i+1)
+		if i == 0 {
+			pid0 = pid
+		} else if pid != pid0 {
+			t.Fatalf("job %d ran on renderer %d, want the one renderer %d", i, pid, pid0)
+		}
+		wantPriority(t, fmt.Sprintf("job %d priority %d", i, st.prio), pid, st.nice, st.ioIdle)
+		d.release(1)
+		if r := cl.read(); r.Status != statusOK {
+			t.Fatalf("job %d: got %+v", i, r)
+		}
+	}
+}
+
+// TestSeedNiceUnprivileged runs the daemon as nobody with no capabilities, as the unit does:
+// with RLIMIT_NICE 20 (LimitNICE=+0) a renderer goes back from seed_nice to 0; with 0 it
+// cannot, the daemon says so, and live jobs go to a renderer that never ran a seed job.
+func TestSeedNiceUnprivileged(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("CI runs as root; this test switches to user nobody")
+		}
+		t.Skip("needs root to run the daemon as another user")
+	}
+	t.Run("LimitNICE=+0", func(t *testing.T) {
+		d := startDaemonAs(t, 20, 1)
+		cl := d.dial()
+		for i, st := range []struct{ prio, nice int }{{10, 7}, {100, 0}, {10, 7}} {
+			cl.send(tileReq(fmt.Sprint(i), "c_G", i, 0, 3, st.prio))
+			pid := lastJobPID(t, d, i+1)
+			wantPriority(t, fmt.Sprintf("job %d priority %d", i, st.prio), pid, st.nice, st.nice > 0)
+			d.release(1)
+			if r := cl.read(); r.Status != statusOK {
+				t.Fatalf("job %d: got %+v", i, r)
+			}
+		}
+	})
+	t.Run("no RLIMIT_NICE", func(t *testing.T) {
+		d := startDaemonAs(t, 0, 2)
+		cl := d.dial()
+		cl.send(tileReq("seed", "c_G", 0, 0, 3, 10))
+		seedPID := lastJobPID(t, d, 1)
+		wantPriority(t, "seed job", seedPID, 7, true)
+		d.release(1)
+		cl.read()
+		cl.send(tileReq("live1", "c_G", 1, 0, 3, 100))
+		livePID := lastJobPID(t, d, 2)
+		if livePID == seedPID {
+			t.Fatalf("the live job went to the niced renderer %d; want the other one", seedPID)
+		}
+		wantPriority(t, "live job on the other renderer", livePID, 0, false)
+		// Both busy next: a second live job can only go to the niced renderer, which stays
+		// niced (the kernel refuses) while its I/O class goes back.
+		cl.send(tileReq("live2", "c_G", 2, 0, 3, 100))
+		if pid := lastJobPID(t, d, 3); pid != seedPID {
+			t.Fatalf("live2 ran on %d, want the niced renderer %d", pid, seedPID)
+		}
+		wantPriority(t, "live job on the niced renderer", seedPID, 7, false)
+		d.release(2)
+		cl.read()
+		cl.read()
+		if log := d.stderr.String(); !strings.Contains(log, "LimitNICE=+0") || !strings.Contains(log, "cannot change the renderer's priority") {
+			t.Errorf("daemon log: want the start-up warning naming LimitNICE=+0 and the failed change, got:\n%s", log)
+		}
+	})
+}
+
+// startDaemonAs runs the test binary's daemon as user nobody, its soft and hard RLIMIT_NICE
+// set to niceLimit, with seed_nice 7 and gated fake renderers.
+func startDaemonAs(t *testing.T, niceLimit uint64, renderers int) *testDaemon {
+	t.Helper()
+	dir := shortTempDir(t)
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	bin := dir + "/mrd.test"
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d := &testDaemon{t: t, dir: dir, socket: dir + "/s.sock", log: dir + "/jobs.log", stderr: &syncBuffer{}}
+	if err := syscall.Mkfifo(dir+"/gate", 0o666); err != nil {
+		t.Fatal(err)
+	}
+	g, err := os.OpenFile(dir+"/gate", os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.gate = g
+	t.Cleanup(func() { g.Close() })
+	cfg := fmt.Sprintf("socket: %s\nsocket_mode: \"0666\"\nhttp: \"\"\nrenderers: %d\nseed_nice: 7\nstop_timeout: 20s\n"+
+		"renderer_command: [%q, fake-renderer, -log, %q, -gate, %q]\n", d.socket, renderers, bin, d.log, dir+"/gate")
+	if err := os.WriteFile(dir+"/renderd.yaml", []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "daemon", "-c", dir+"/renderd.yaml")
+	cmd.Stderr = d.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	// The child inherits RLIMIT_NICE as systemd's LimitNICE= would set it; ours is put back
+	// at once (tests in this package do not run in parallel).
+	var old unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NICE, &old); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NICE, &unix.Rlimit{Cur: niceLimit, Max: niceLimit}); err != nil {
+		if niceLimit > old.Max && !hasCapability(unix.CAP_SYS_RESOURCE) {
+			// Some containers withhold CAP_SYS_RESOURCE even from root.
+			t.Skipf("cannot raise RLIMIT_NICE to %d here (no CAP_SYS_RESOURCE): %v", niceLimit, err)
+		}
+		t.Fatal(err)
+	}
+	err = cmd.Start()
+	if rerr := unix.Setrlimit(unix.RLIMIT_NICE, &old); rerr != nil {
+		t.Fatal(rerr)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.done = make(chan error, 1)
+	go func() { d.done <- cmd.Wait() }()
+	d.cancel = func() { _ = cmd.Process.Signal(syscall.SIGTERM) }
+	t.Cleanup(func() {
+		d.stop()
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", d.stderr.String())
+		}
+	})
+	d.waitUp()
+	return d
 }

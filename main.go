@@ -264,6 +264,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 	}
 
+	raiseNiceLimit(cfg, log) // renderers inherit it: back from seed_nice after a seed job
 	sched := newScheduler(cfg, log, rendererConfigFrom(cfg, script))
 	sched.onTick = func(sum string) { _ = notify.Notify("STATUS=" + sum) }
 	if wd := notify.WatchdogInterval(); wd > 0 {

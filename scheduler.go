@@ -42,9 +42,10 @@ type rendererSlot struct {
 	initial  bool // started with the daemon; counts for the startup barrier
 	ready    bool // has been ready at least once
 	job      *job
-	started  int64 // when job started, ns since the daemon started
-	seed     bool  // the running job is in the seed class
-	failing  bool  // its last start failed; cleared when it is ready
+	started  int64          // when job started, ns since the daemon started
+	seed     bool           // the running job is in the seed class
+	failing  bool           // its last start failed; cleared when it is ready
+	prio     renderPriority // what its process runs at (nice.go)
 }
 
 // scheduler owns the queue, the job table, the renderers' states and the counters.
@@ -343,12 +344,12 @@ func (s *scheduler) dispatch() {
 		if j == nil {
 			return
 		}
-		r := s.idle[len(s.idle)-1]
-		s.idle = s.idle[:len(s.idle)-1]
+		seedClass := s.qs.rule.isSeed(int(j.priority))
+		r := s.takeIdle(seedClass)
 		slot := s.slots[r]
 		slot.state = slotBusy
 		slot.job = j
-		slot.seed = s.qs.rule.isSeed(int(j.priority))
+		slot.seed = seedClass
 		s.busy++
 		slot.started = s.now()
 		rj := renderJob{
@@ -360,6 +361,7 @@ func (s *scheduler) dispatch() {
 			recycle: s.cfg.RecycleAfter,
 			seed:    j.flags&seedJob != 0,
 			refresh: j.flags&forceJob != 0,
+			prio:    s.jobPriority(seedClass),
 		}
 		if !rj.refresh {
 			rj.refreshBefore = j.refreshBefore()
@@ -371,7 +373,7 @@ func (s *scheduler) dispatch() {
 func (s *scheduler) startRenderer(initial bool) {
 	s.nextNum++
 	r := newRenderer(s.nextNum, s.rcfg, s.events, s.hardStop, s.log)
-	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial}
+	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial, prio: renderPriority{nice: baseNice}}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -414,6 +416,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 				}
 			}
 		}
+		slot.prio = renderPriority{nice: baseNice} // a new process
 		if slot.state == slotStarting && !slot.retiring {
 			slot.state = slotIdle
 			s.idle = append(s.idle, ev.r)
@@ -437,6 +440,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 	case evDone:
 		s.finishJob(slot, ev)
 		slot.job = nil
+		slot.prio = ev.prio
 		slot.state = slotStarting
 		if ev.healthy && !slot.retiring {
 			slot.state = slotIdle

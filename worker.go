@@ -53,6 +53,7 @@ type renderJob struct {
 	// seconds, when that is not 0). Task jobs; every other job is a forced render.
 	refresh       bool
 	refreshBefore float64
+	prio          renderPriority // the process's CPU and I/O priority for this job (nice.go)
 	// handedOver counts moves to a replacement process after one that never took the job.
 	handedOver int
 }
@@ -78,7 +79,8 @@ type rendererEvent struct {
 	msg      string
 	healthy  bool
 	timedOut bool
-	skipped  bool // the renderer found every tile fresh (a job that was not forced)
+	skipped  bool           // the renderer found every tile fresh (a job that was not forced)
+	prio     renderPriority // evDone: what the process runs at now
 }
 
 // renderer owns one render subprocess at a time and replaces it when it dies, with backoff.
@@ -225,6 +227,14 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			}
 		default:
 		}
+		if j.prio != p.prio {
+			var err error
+			if p.prio, err = setPriority(p.pid, p.prio, j.prio); err != nil && !p.prioWarned {
+				p.prioWarned = true
+				r.log.Warn("cannot change the renderer's priority", "pid", p.pid, "nice", p.prio.nice,
+					"want_nice", j.prio.nice, "ioprio_idle", p.prio.ioIdle, "error", err)
+			}
+		}
 		status, msg, healthy, timedOut := p.render(j, r.hardStop)
 		if p.notTaken && j.handedOver == 0 {
 			j.handedOver++
@@ -240,7 +250,7 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			p.stop(r.log)
 			healthy = false
 		}
-		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped})
+		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped, prio: p.prio})
 		if !healthy {
 			return false, false
 		}
@@ -270,6 +280,10 @@ type rendererProcess struct {
 	// stderrTail keeps the last stderr lines: when a renderer fails to start, its reason
 	// (a MapProxy configuration error, say) goes into the start error, not only the log.
 	stderrTail lineRing
+	// prio is what the process runs at (it starts at the daemon's); prioWarned: a change
+	// failed and was logged.
+	prio       renderPriority
+	prioWarned bool
 
 	releaseOnce sync.Once
 }
@@ -314,7 +328,7 @@ func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger
 		return nil, nil, fmt.Errorf("start %s: %w", cfg.argv[0], err)
 	}
 	p := &rendererProcess{
-		cmd: cmd, pid: cmd.Process.Pid, started: time.Now(),
+		cmd: cmd, pid: cmd.Process.Pid, started: time.Now(), prio: renderPriority{nice: baseNice},
 		stdin: inW, stdout: outR, stderr: errR,
 		lines: make(chan []byte, 4), readers: make(chan struct{}), quit: make(chan struct{}), exited: make(chan struct{}),
 	}
