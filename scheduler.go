@@ -80,6 +80,7 @@ type scheduler struct {
 
 	stats     counters
 	renderRec durationRing
+	pf        *prefetcher // prefetch.go
 	connStats func() connCounters
 	onTick    func(summary string) // STATUS= for systemd; may be nil
 	onWatch   func()               // WATCHDOG=1; may be nil
@@ -101,6 +102,7 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		hardStop:  make(chan struct{}),
 		startup:   make(chan error, 1),
 		connStats: func() connCounters { return connCounters{} },
+		pf:        newPrefetcher(cfg.Prefetch),
 	}
 }
 
@@ -267,11 +269,15 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 		waiter = p
 	}
 	merged, err := s.qs.add(keys, p.req.Priority, p.req.Background, waiter, p.received)
+	if err != nil && s.makeRoomForRequest(len(keys)) { // prefetch jobs go first
+		merged, err = s.qs.add(keys, p.req.Priority, p.req.Background, waiter, p.received)
+	}
 	if err != nil {
 		s.stats.busyRejected++
 		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", len(s.qs.queue))})
 		return
 	}
+	s.noteRequest(keys, !p.req.Background && !s.qs.rule.isSeed(p.req.Priority))
 	s.stats.requested++
 	c.requested++
 	s.stats.merged += uint64(merged)
@@ -344,6 +350,7 @@ func (s *scheduler) dispatch() {
 		if j == nil {
 			return
 		}
+		s.prefetchStarted(j)
 		seedClass := s.qs.rule.isSeed(int(j.priority))
 		r := s.takeIdle(seedClass)
 		slot := s.slots[r]
@@ -407,6 +414,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 	case evReady:
 		slot.failing = false
 		s.learnCaches(ev.caches)
+		s.pf.learn(ev.grids)
 		if !slot.ready {
 			slot.ready = true
 			if slot.initial && s.startupPending > 0 {
@@ -516,6 +524,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		s.answer(w, reply)
 	}
 	j.waiters = nil
+	s.afterRender(j, ev.status == statusOK)
 }
 
 // allFailing reports whether no renderer can render: every one that is not being retired
@@ -542,6 +551,7 @@ func (s *scheduler) noRendererMsg() string {
 // failQueue answers every queued job's waiters with the start failure and drops the jobs.
 func (s *scheduler) failQueue() {
 	jobs := s.qs.drain()
+	s.pf.resync()
 	if len(jobs) == 0 {
 		return
 	}
@@ -581,6 +591,7 @@ func (s *scheduler) applyConfig(cfg Config) error {
 	s.cfg = cfg
 	s.qs.rule = capacityRule{maxSeed: cfg.maxSeed, seedBelow: cfg.SeedPriorityBelow}
 	s.qs.max = cfg.MaxQueued
+	s.pf.reconfigure(cfg.Prefetch)
 	newR := rendererConfigFrom(cfg, old.workerScript)
 	s.rcfg = newR
 	if !slices.Equal(old.argv, newR.argv) || !slices.Equal(old.env, newR.env) {

@@ -73,6 +73,7 @@ type rendererEvent struct {
 	r        *renderer
 	kind     eventKind
 	caches   map[string]metaSize
+	grids    map[string]*gridInfo // evReady: the ready line's grid details (prefetch.go)
 	err      error
 	job      *job
 	status   string
@@ -127,7 +128,7 @@ func (r *renderer) run() {
 			}
 			backoff = nextBackoff(backoff)
 		} else {
-			r.send(rendererEvent{kind: evReady, caches: caches})
+			r.send(rendererEvent{kind: evReady, caches: caches, grids: p.grids})
 			retired, proven := r.serve(p, &held)
 			if retired {
 				return
@@ -284,6 +285,7 @@ type rendererProcess struct {
 	// failed and was logged.
 	prio       renderPriority
 	prioWarned bool
+	grids      map[string]*gridInfo // from the ready line
 
 	releaseOnce sync.Once
 }
@@ -481,6 +483,7 @@ func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struc
 		if ready.Caches == nil {
 			return nil, nil
 		}
+		p.grids = parseGridInfo(line)
 		caches := make(map[string]metaSize, len(ready.Caches))
 		for id, c := range ready.Caches {
 			m := metaSize{1, 1}
