@@ -59,6 +59,7 @@ const usage = `usage:
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
+  mapproxy-renderd install-module DIR   (writes the MapProxy-side mapproxy_renderd.py into DIR)
   mapproxy-renderd version
 `
 
@@ -79,6 +80,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runClient(ctx, "status", args, stdout, stderr)
 	case "seed", "tasks", "task", "cancel":
 		return runTaskClient(ctx, cmd, args, stdout, stderr)
+	case "install-module":
+		return runInstallModule(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "mapproxy-renderd", version)
 		return nil
