@@ -82,8 +82,10 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.tasks.handle(req))
 		return
 	}
-	if wait := s.limits.Load().httpWait; wait > 0 && !req.HasWait {
-		req.WaitMS, req.HasWait = wait.Milliseconds(), true
+	// http_wait is for live requests: mapproxy-seed (priority 10) takes any answer but error
+	// for done and would move on while its tiles are still queued.
+	if lim := s.limits.Load(); lim.httpWait > 0 && !req.HasWait && req.Priority >= lim.seedBelow && !req.Background {
+		req.WaitMS, req.HasWait = lim.httpWait.Milliseconds(), true
 	}
 	sink := newChanSink()
 	p := &pendingRequest{req: req, sink: sink}

@@ -315,3 +315,23 @@ func startDaemonAs(t *testing.T, niceLimit uint64, renderers int) *testDaemon {
 	d.waitUp()
 	return d
 }
+
+// TestHTTPWaitLeavesSeedingAlone: mapproxy-seed's POSTs (priority 10) wait for the render.
+func TestHTTPWaitLeavesSeedingAlone(t *testing.T) {
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, gate: true, tcp: true, extraYAML: "http_wait: 10ms\n"})
+	got := make(chan map[string]any, 1)
+	go func() { got <- postMapProxy(t, d.tcp, "/", "c_G", 1, 1, 3, 10) }()
+	d.waitFor("seed job running", func(s statusDoc) bool { return s.Renderers.Busy == 1 })
+	d.release(1)
+	select {
+	case r := <-got:
+		if r["status"] != statusOK {
+			t.Fatalf("seed POST: got %v, want ok after the render", r)
+		}
+	case <-time.After(30 * time.Second): // postMapProxy failed the test in its goroutine
+		t.Fatal("no answer to the seed POST")
+	}
+	if n := d.status().Counters["pending"]; n != 0 {
+		t.Errorf("pending: got %d, want 0", n)
+	}
+}
