@@ -24,6 +24,10 @@
 //   - schedules.go: the schedule loop (renderd.yaml schedules:), owned by the task manager.
 //   - taskapi.go: the task API over HTTP and the seed, tasks, task and cancel subcommands.
 //   - stats.go: the status document.
+//   - live.go, nice.go, prefetch.go (DESIGN §13): wait_ms and pending, the live keys of
+//     renderd.yaml; renderer CPU and I/O priority for seed jobs; next-zoom prefetch.
+//   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
+//     install-module subcommand that writes it out.
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
 //   - check.go: check-config's MapProxy check (the bundled worker's check mode).
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the
