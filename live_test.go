@@ -335,3 +335,40 @@ func TestHTTPWaitLeavesSeedingAlone(t *testing.T) {
 		t.Errorf("pending: got %d, want 0", n)
 	}
 }
+
+func TestLiveConfig(t *testing.T) {
+	for _, tc := range []struct{ yaml, want string }{
+		{"seed_nice: 20\n", "seed_nice:"},
+		{"seed_nice: -1\n", "seed_nice:"},
+		{"http_wait: -1s\n", "http_wait:"},
+		{"prefetch: {levels: 1}\n", "prefetch.caches:"},
+		{"prefetch: {caches: [a/b]}\n", "prefetch.caches[0]:"},
+		{"prefetch: {caches: [c], levels: 9}\n", "prefetch.levels:"},
+		{"prefetch: {caches: [c], max_zoom: 256}\n", "prefetch.max_zoom:"},
+		{"prefetch: {caches: [c], priority: 1001}\n", "prefetch.priority:"},
+		{"prefetch: {caches: [c], max_queued: -1}\n", "prefetch.max_queued:"},
+		{"prefetch: {caches: [c], depth: 2}\n", "field depth not found"},
+	} {
+		c := defaultConfig()
+		c.RendererCommand = []string{"x"}
+		err := parseConfig(&c, strings.NewReader(tc.yaml))
+		if err == nil {
+			err = c.Validate()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got %v, want an error containing %q", tc.yaml, err, tc.want)
+		}
+	}
+	c := defaultConfig()
+	c.RendererCommand = []string{"x"}
+	if err := parseConfig(&c, strings.NewReader("prefetch: {caches: [osm_cache]}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	p := c.Prefetch
+	if c.SeedNice != 10 || !c.SeedIOPrioIdle || p.Levels != 1 || *p.Priority != 5 || p.MaxQueued != 10000 || p.MaxZoom != nil {
+		t.Errorf("defaults: seed_nice %d, ioprio idle %v, prefetch %+v", c.SeedNice, c.SeedIOPrioIdle, p)
+	}
+}
