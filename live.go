@@ -40,6 +40,9 @@ type PrefetchConfig struct {
 	MaxZoom   *int     `yaml:"max_zoom"`   // nothing deeper is prefetched; default: the grid's last level
 	Priority  *int     `yaml:"priority"`   // default 5, below seeding (10)
 	MaxQueued int      `yaml:"max_queued"` // queued prefetch jobs; beyond it the oldest is dropped. Default 10,000
+	// Area: "all" (default): the whole area of every live-rendered metatile; "centre": once
+	// live renders of a cache pause, only the centre of what they covered (prefetch.go).
+	Area string `yaml:"area"`
 }
 
 const (
@@ -92,6 +95,13 @@ func (c *Config) validateLive() error {
 	}
 	if p.MaxQueued < 1 {
 		return fmt.Errorf("prefetch.max_queued: must be at least 1, got %d", p.MaxQueued)
+	}
+	switch p.Area {
+	case "":
+		p.Area = "all"
+	case "all", "centre":
+	default:
+		return fmt.Errorf("prefetch.area: want all or centre, got %q", p.Area)
 	}
 	return nil
 }

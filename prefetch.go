@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"math"
 	"slices"
+	"time"
 )
 
 // Next-zoom prefetch (renderd.yaml prefetch:, DESIGN §13).
@@ -77,6 +78,9 @@ type prefetcher struct {
 	queued int // jobs in the queue with the prefetchJob flag
 	recent map[jobKey]struct{}
 	ring   []jobKey // recent's keys, oldest first
+	// Centre mode: the open bursts by cache idx, and the timer that ends the quiet period.
+	bursts map[int32]*burst
+	quiet  *time.Timer
 }
 
 func newPrefetcher(cfg *PrefetchConfig) *prefetcher {
@@ -158,6 +162,10 @@ func (s *scheduler) afterRender(j *job, ok bool) {
 	}
 	c := s.cacheList[j.key.cache]
 	if s.qs.rule.isSeed(int(j.priority)) || !pf.on(c) {
+		return
+	}
+	if pf.cfg.Area == "centre" {
+		s.addToBurst(c, j.key)
 		return
 	}
 	for _, k := range pf.children(c, j.key) {
@@ -299,4 +307,144 @@ func (g *gridInfo) ratio(z, cz int64) float64 {
 func (pf *prefetcher) resync() {
 	pf.fifo = slices.DeleteFunc(pf.fifo, func(j *job) bool { return !droppable(j) })
 	pf.queued = len(pf.fifo)
+}
+
+// Centre mode (prefetch.area: centre). A map view makes a burst of live renders of one cache
+// at one zoom; when the user zooms in, it is most often towards the middle of the view. So
+// the live-rendered metatiles of a cache are collected into a burst (their bounding box in
+// tiles), and once no live render of that cache has finished for burstQuiet, the metatiles
+// covering a box of the same size in tiles around the burst's centre at z+1 … z+levels are
+// queued: the next view if the user zooms in on the middle, a quarter of the burst's area
+// per level instead of all of it. A live render at another zoom ends a burst at once.
+
+// burstQuiet is how long live renders of a cache must pause before its burst is prefetched.
+const burstQuiet = 150 * time.Millisecond
+
+// burst is the area of recent live renders of one cache at one zoom, in tiles.
+type burst struct {
+	c                      *cacheInfo
+	z                      int32
+	minX, minY, maxX, maxY int32 // tiles [minX, maxX) × [minY, maxY)
+	last                   time.Time
+}
+
+// quietC is the channel that fires when the oldest burst may be flushed; nil without one.
+func (pf *prefetcher) quietC() <-chan time.Time {
+	if pf.quiet == nil {
+		return nil
+	}
+	return pf.quiet.C
+}
+
+func (s *scheduler) addToBurst(c *cacheInfo, k jobKey) {
+	pf := s.pf
+	if pf.bursts == nil {
+		pf.bursts = map[int32]*burst{}
+	}
+	b := pf.bursts[c.idx]
+	if b != nil && b.z != k.z {
+		s.flushBurst(b)
+		b = nil
+	}
+	mx, my := max(c.metaX, 1), max(c.metaY, 1)
+	if b == nil {
+		b = &burst{c: c, z: k.z, minX: k.x, minY: k.y, maxX: k.x + mx, maxY: k.y + my}
+		pf.bursts[c.idx] = b
+	}
+	b.minX, b.minY = min(b.minX, k.x), min(b.minY, k.y)
+	b.maxX, b.maxY = max(b.maxX, k.x+mx), max(b.maxY, k.y+my)
+	b.last = time.Now()
+	pf.armQuiet()
+}
+
+// armQuiet sets the timer to the earliest moment a burst becomes quiet.
+func (pf *prefetcher) armQuiet() {
+	var first time.Time
+	for _, b := range pf.bursts {
+		if first.IsZero() || b.last.Before(first) {
+			first = b.last
+		}
+	}
+	if first.IsZero() {
+		if pf.quiet != nil {
+			pf.quiet.Stop()
+			pf.quiet = nil
+		}
+		return
+	}
+	d := max(time.Until(first.Add(burstQuiet)), 0)
+	if pf.quiet == nil {
+		pf.quiet = time.NewTimer(d)
+		return
+	}
+	pf.quiet.Stop()
+	select { // drop a stale fire so that the next receive is this one
+	case <-pf.quiet.C:
+	default:
+	}
+	pf.quiet.Reset(d)
+}
+
+// flushBursts prefetches every burst that has been quiet for burstQuiet.
+func (s *scheduler) flushBursts() {
+	pf := s.pf
+	now := time.Now()
+	for _, b := range pf.bursts {
+		if now.Sub(b.last) >= burstQuiet {
+			s.flushBurst(b)
+		}
+	}
+	pf.quiet = nil // it fired
+	pf.armQuiet()
+}
+
+func (s *scheduler) flushBurst(b *burst) {
+	delete(s.pf.bursts, b.c.idx)
+	if s.pf.cfg == nil {
+		return
+	}
+	for _, k := range s.pf.centreChildren(b) {
+		s.queuePrefetch(k)
+	}
+}
+
+// centreChildren returns the metatile keys covering, at each prefetched level, a box of the
+// burst's size in tiles around the burst's centre.
+func (pf *prefetcher) centreChildren(b *burst) []jobKey {
+	c := b.c
+	g := pf.grids[c.id]
+	mx, my := int64(max(c.metaX, 1)), int64(max(c.metaY, 1))
+	maxZ := int64(maxZoom)
+	if pf.cfg.MaxZoom != nil {
+		maxZ = int64(*pf.cfg.MaxZoom)
+	}
+	if g != nil && len(g.GridSizes) > 0 {
+		maxZ = min(maxZ, int64(len(g.GridSizes))-1)
+	}
+	z := int64(b.z)
+	x0, y0, x1, y1 := float64(b.minX), float64(b.minY), float64(b.maxX), float64(b.maxY)
+	if w, h, ok := g.size(z); ok {
+		x1, y1 = min(x1, float64(w)), min(y1, float64(h))
+	}
+	cx, cy := (x0+x1)/2, (y0+y1)/2
+	hw, hh := (x1-x0)/2, (y1-y0)/2
+	var out []jobKey
+	for l := int64(1); l <= int64(pf.cfg.Levels) && z+l <= maxZ; l++ {
+		cz := z + l
+		r := g.ratio(z, cz)
+		lx0, ly0 := max(int64(math.Floor(cx*r-hw+1e-9)), 0), max(int64(math.Floor(cy*r-hh+1e-9)), 0)
+		lx1, ly1 := int64(math.Ceil(cx*r+hw-1e-9)), int64(math.Ceil(cy*r+hh-1e-9))
+		if w, h, ok := g.size(cz); ok {
+			lx1, ly1 = min(lx1, w), min(ly1, h)
+		}
+		if lx1 > maxCoordinate+1 || ly1 > maxCoordinate+1 {
+			break
+		}
+		for y := ly0 / my * my; y < ly1; y += my {
+			for x := lx0 / mx * mx; x < lx1; x += mx {
+				out = append(out, keyFor(c, tileCoord{int32(x), int32(y), int32(cz)}))
+			}
+		}
+	}
+	return out
 }

@@ -207,3 +207,42 @@ func TestPrefetchJobLineNotForced(t *testing.T) {
 		t.Errorf("after a live request joined: flags %b, hits %d; want forced, no longer a prefetch job, 1 hit", j.flags, s.stats.prefetchHits)
 	}
 }
+
+// TestPrefetchCentreChildren: the box of the burst's size around its centre, one level down.
+func TestPrefetchCentreChildren(t *testing.T) {
+	pf := newPrefetcher(&PrefetchConfig{Caches: []string{"c"}, Levels: 1, Area: "centre"})
+	c := &cacheInfo{id: "c", metaX: 4, metaY: 4}
+	// Live renders covered tiles x 16..27, y 8..15 at z5 (3×2 metatiles): centre (22, 12);
+	// at z6 the box 12×8 tiles around (44, 24): x 38..49, y 20..27.
+	b := &burst{c: c, z: 5, minX: 16, minY: 8, maxX: 28, maxY: 16}
+	var got []string
+	for _, k := range pf.centreChildren(b) {
+		got = append(got, fmt.Sprintf("%d,%d,%d", k.x, k.y, k.z))
+	}
+	want := "36,20,6 40,20,6 44,20,6 48,20,6 36,24,6 40,24,6 44,24,6 48,24,6"
+	if g := strings.Join(got, " "); g != want {
+		t.Errorf("got %q, want %q", g, want)
+	}
+}
+
+// TestPrefetchCentreBurst: in centre mode a view's live renders are prefetched once they
+// pause, as the box around their centre, and a live render at another zoom ends the burst.
+func TestPrefetchCentreBurst(t *testing.T) {
+	d := newTestDaemon(t, daemonOpts{renderers: 2, maxSeed: -1,
+		rendArgs:  []string{"-caches", prefetchCaches},
+		extraYAML: "prefetch: {caches: [c], area: centre, max_zoom: 6}\n"})
+	cl := d.dial()
+	// Two renderers take both at once: their renders finish well within the burst's quiet
+	// period. Two metatiles side by side at z5: x 16..23, y 8..11; centre (20, 10) → at z6 the box
+	// 8×4 tiles around (40, 20): x 36..43, y 18..21 → metatiles x 36, 40 × y 16, 20.
+	cl.send(tileReq("a", "c_G", 17, 10, 5, 100))
+	cl.send(tileReq("b", "c_G", 21, 10, 5, 100))
+	cl.read()
+	cl.read()
+	d.waitFor("the burst prefetched", func(s statusDoc) bool { return s.Counters["prefetched"] == 4 && s.Counters["rendered"] == 6 })
+	got := jobKeysLogged(d, 2)
+	slices.Sort(got)
+	if want := []string{"6/36/16", "6/36/20", "6/40/16", "6/40/20"}; !slices.Equal(got, want) {
+		t.Errorf("prefetched: got %v, want %v", got, want)
+	}
+}

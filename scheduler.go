@@ -140,6 +140,8 @@ func (s *scheduler) run(ctx context.Context) {
 			s.handleEvent(ev)
 		case <-watch:
 			s.onWatch()
+		case <-s.pf.quietC():
+			s.flushBursts()
 		case <-tick.C:
 			if s.onTick != nil {
 				if sum := s.summary(); sum != lastSummary {

@@ -5,8 +5,8 @@
 //	live renderer …   (the renderer the daemon runs; not for hand use)
 //
 // zoom replays a browsing trace (bench/live/zoom-trace.txt: a user zooming in from z8 to z14
-// and panning) against the daemon three times: without prefetch, with prefetch levels 1 and
-// levels 2. The client behaves as MapProxy does: a tile whose metatile is in the cache (a
+// and panning) against the daemon five times: without prefetch, with prefetch levels 1 and 2,
+// area all and centre. The client behaves as MapProxy does: a tile whose metatile is in the cache (a
 // file the renderer writes) is served without asking; otherwise one live request per missing
 // metatile, all of a view at once. It reports the share of tiles that were ready when asked,
 // over all views and over the views right after a zoom-in (the z+1 tiles), and the renders
@@ -329,8 +329,8 @@ func zoom(args []string) error {
 	trace := fs.String("trace", "bench/live/zoom-trace.txt", "browsing trace")
 	render := fs.Duration("render", 50*time.Millisecond, "render time")
 	think := fs.Duration("think", 500*time.Millisecond, "time the user looks at a view")
-	vw := fs.Int("view-w", 5, "view width in tiles")
-	vh := fs.Int("view-h", 4, "view height in tiles")
+	vw := fs.Int("view-w", 8, "view width in tiles (1920 px / 256, rounded up)")
+	vh := fs.Int("view-h", 5, "view height in tiles (1080 px / 256, rounded up)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -345,7 +345,9 @@ func zoom(args []string) error {
 	fmt.Printf("zoom trace %s: %d views from z%d, view %dx%d tiles, metatiles %dx%d, render %v, think %v, 2 renderers\n",
 		*trace, len(steps)+1, z0, *vw, *vh, meta, meta, *render, *think)
 	var base zoomResult
-	for i, pf := range []string{"", "prefetch: {caches: [b], levels: 1}\n", "prefetch: {caches: [b], levels: 2}\n"} {
+	modes := []string{"no prefetch", "prefetch levels 1", "prefetch levels 2", "levels 1, centre", "levels 2, centre"}
+	for i, pf := range []string{"", "prefetch: {caches: [b], levels: 1}\n", "prefetch: {caches: [b], levels: 2}\n",
+		"prefetch: {caches: [b], levels: 1, area: centre}\n", "prefetch: {caches: [b], levels: 2, area: centre}\n"} {
 		d, err := startDaemon(*bin, self, "renderers: 2\n"+pf, "-render", render.String())
 		if err != nil {
 			return err
@@ -356,7 +358,7 @@ func zoom(args []string) error {
 		if err != nil {
 			return err
 		}
-		name := []string{"no prefetch", "prefetch levels 1", "prefetch levels 2"}[i]
+		name := modes[i]
 		if i == 0 {
 			base = r
 		}
