@@ -243,8 +243,16 @@ func TestSeedNiceUnprivileged(t *testing.T) {
 		d.release(2)
 		cl.read()
 		cl.read()
-		if log := d.stderr.String(); !strings.Contains(log, "LimitNICE=+0") || !strings.Contains(log, "cannot change the renderer's priority") {
-			t.Errorf("daemon log: want the start-up warning naming LimitNICE=+0 and the failed change, got:\n%s", log)
+		// The daemon's stderr reaches us through a pipe: poll for the lines.
+		for deadline := time.Now().Add(30 * time.Second); ; {
+			log := d.stderr.String()
+			if strings.Contains(log, "LimitNICE=+0") && strings.Contains(log, "cannot change the renderer's priority") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("daemon log: want the start-up warning naming LimitNICE=+0 and the failed change, got:\n%s", log)
+			}
+			time.Sleep(10 * time.Millisecond) // polling the daemon's log, bounded by the deadline
 		}
 	})
 }
