@@ -116,7 +116,11 @@ func (pf *prefetcher) on(c *cacheInfo) bool {
 	return on
 }
 
-func droppable(j *job) bool { return j.state == jobQueued && j.flags&prefetchJob != 0 }
+// droppable reports whether j is a queued prefetch job that nobody else asked for. (A request
+// that joins a prefetch job clears prefetchJob; the other tests only make sure.)
+func droppable(j *job) bool {
+	return j.state == jobQueued && j.flags&prefetchJob != 0 && j.flags&keepJob == 0 && len(j.waiting()) == 0
+}
 
 // noteRequest runs after a request's keys were added: prefetch jobs it joined become its
 // own jobs (a hit when the request is live), and a live request for a metatile prefetched
