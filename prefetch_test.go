@@ -246,3 +246,30 @@ func TestPrefetchCentreBurst(t *testing.T) {
 		t.Errorf("prefetched: got %v, want %v", got, want)
 	}
 }
+
+// TestPrefetchSWGridThroughTheDaemon: the grid details come from the renderer's ready line;
+// a 3×2 metatile at the edge of an sw grid (GLOBAL_GEODETIC's sizes) has two children, and
+// nothing is prefetched below the grid's last level.
+func TestPrefetchSWGridThroughTheDaemon(t *testing.T) {
+	caches := `{"g_S": {"meta_size": [3, 2], "cache": "g", "grid": "S", "origin": "sw", "grid_sizes": [[1, 1], [2, 1], [4, 2], [8, 4], [16, 8]]}}`
+	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1,
+		rendArgs: []string{"-caches", caches}, extraYAML: "prefetch: {caches: [g_S], levels: 2}\n"})
+	cl := d.dial()
+	cl.send(tileReq("edge", "g_S", 3, 1, 2, 100))
+	cl.read()
+	// z3: x 6..7, y 0..3 → metatiles (6,0), (6,2). z4 (levels 2): x 12..15, y 0..7 →
+	// x 12 and 15 (the 16-wide grid ends inside the second) × y 0, 2, 4, 6.
+	d.waitFor("children rendered", func(s statusDoc) bool { return s.Counters["rendered"] == 1+2+8 && s.Queue.Length == 0 })
+	got := jobKeysLogged(d, 1)
+	slices.Sort(got)
+	want := []string{"3/6/0", "3/6/2", "4/12/0", "4/12/2", "4/12/4", "4/12/6", "4/15/0", "4/15/2", "4/15/4", "4/15/6"}
+	if !slices.Equal(got, want) {
+		t.Errorf("prefetched: got %v, want %v", got, want)
+	}
+	cl.send(tileReq("last", "g_S", 0, 0, 4, 100))
+	cl.read()
+	doc := d.waitFor("rendered", func(s statusDoc) bool { return s.Queue.Length == 0 && s.Renderers.Busy == 0 })
+	if n := doc.Counters["prefetched"]; n != uint64(len(got)) {
+		t.Errorf("a live render at the grid's last level prefetched %d more", n-uint64(len(got)))
+	}
+}
