@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"image/png"
 	"io"
 	"net/http"
 	"net/url"
@@ -155,6 +156,41 @@ func (r *moduleRig) sameAsFile(body []byte, path string) bool {
 
 const mapproxyMaxAge = "max-age=259200" // MapProxy's default tiles.expires_hours: 72
 
+// startEarlyDaemon starts a second daemon with http_wait on another socket, and an
+// unmodified MapProxy (requests_unixsocket) in front of it; it returns MapProxy's base URL.
+func (r *moduleRig) startEarlyDaemon() string {
+	t := r.t
+	repo, _ := os.Getwd()
+	sock := r.dir + "/early.sock"
+	conf, err := os.ReadFile(r.dir + "/mapproxy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	early := strings.Replace(string(conf), url.PathEscape(r.socket), url.PathEscape(sock), 1)
+	if err := os.WriteFile(r.dir+"/mapproxy-early.yaml", []byte(early), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(r.dir+"/renderd-early.yaml", []byte("socket: "+sock+"\nhttp: \"\"\nrenderers: 1\nhttp_wait: 500ms\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := &syncBuffer{}
+	go func() {
+		done <- run(ctx, []string{"-f", r.dir + "/mapproxy-early.yaml", "-c", r.dir + "/renderd-early.yaml"}, io.Discard, log)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(90 * time.Second):
+			t.Errorf("second daemon did not stop")
+		}
+	})
+	(&testDaemon{t: t, socket: sock, done: done, stderr: log, cancel: cancel}).waitUp()
+	return r.serveWSGI(filepath.Join(repo, "examples/mapproxy_wsgi.py"), []string{"MAPPROXY_CONFIG=" + r.dir + "/mapproxy-early.yaml"})
+}
+
 func TestMapProxyModuleEndToEnd(t *testing.T) {
 	r := newModuleRig(t)
 
@@ -234,6 +270,34 @@ func TestMapProxyModuleEndToEnd(t *testing.T) {
 		if fi, err := os.Stat(r.tileFile(3, 1, 1)); err != nil || !fi.ModTime().After(old.Add(time.Hour)) || !r.sameAsFile(body, r.tileFile(3, 1, 1)) {
 			t.Errorf("without the module: want the re-rendered tile at once, got %d bytes, %q", len(body), cc)
 		}
+	})
+
+	// http_wait with unmodified MapProxy: what README "Answering MapProxy early" says.
+	t.Run("http_wait: unmodified MapProxy serves a transparent tile cached for 72 h", func(t *testing.T) {
+		r.t = t
+		plainEarly := r.startEarlyDaemon()
+		r.setDelay(3)
+		defer r.setDelay(0)
+		body, cc := r.fetch(plainEarly, 3, 6, 1)
+		if !strings.Contains(cc, mapproxyMaxAge) {
+			t.Errorf("Cache-Control %q, want MapProxy's %s", cc, mapproxyMaxAge)
+		}
+		if _, err := os.Stat(r.tileFile(3, 6, 1)); err == nil {
+			t.Fatalf("the tile is on disk already: the daemon did not answer early")
+		}
+		img, err := png.Decode(bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := img.Bounds()
+		for y := b.Min.Y; y < b.Max.Y; y++ {
+			for x := b.Min.X; x < b.Max.X; x++ {
+				if _, _, _, a := img.At(x, y).RGBA(); a != 0 {
+					t.Fatalf("pixel (%d, %d) is not transparent: MapProxy served something else than its empty tile", x, y)
+				}
+			}
+		}
+		r.waitFile(r.tileFile(3, 6, 1), "the render that went on", func(_ os.FileInfo, err error) bool { return err == nil })
 	})
 
 	t.Run("refuses a MapProxy whose classes differ", func(t *testing.T) {
