@@ -59,7 +59,7 @@ const usage = `usage:
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
-  mapproxy-renderd install-module DIR   (writes the MapProxy-side mapproxy_renderd.py into DIR)
+  mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
   mapproxy-renderd version
 `
 
