@@ -52,6 +52,11 @@ type Config struct {
 	SeedMaxFailureRatio float64    `yaml:"seed_max_failure_ratio"` // of the last 1,000 metatiles
 	PlannerCommand      []string   `yaml:"planner_command"`        // default: the bundled worker's plan mode
 	Schedules           []Schedule `yaml:"schedules"`
+	// Live helpers (live.go, prefetch.go, DESIGN §13).
+	SeedNice       int             `yaml:"seed_nice"`
+	SeedIOPrioIdle bool            `yaml:"seed_ioprio_idle"`
+	HTTPWait       Duration        `yaml:"http_wait"`
+	Prefetch       *PrefetchConfig `yaml:"prefetch"`
 
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
@@ -117,6 +122,8 @@ func defaultConfig() Config {
 		SeedRetries:         3,
 		SeedRetryBackoff:    Duration(time.Second),
 		SeedMaxFailureRatio: 0.1,
+		SeedNice:            10,
+		SeedIOPrioIdle:      true,
 	}
 }
 
@@ -199,6 +206,9 @@ func (c *Config) Validate() error {
 		return errors.New("mapproxy_config: required (-f) when renderer_command is not set")
 	}
 	if err := c.validateTasks(); err != nil {
+		return err
+	}
+	if err := c.validateLive(); err != nil {
 		return err
 	}
 	if c.HTTP != nil {

@@ -32,6 +32,10 @@
 //   - metrics_tasks.go: task totals and gauges for metrics and the status document.
 //   - page.go, page.html: the status page, GET / (html/template, SVG sparklines, no JS).
 //   - top.go: the top subcommand, a live terminal view of the status document.
+//   - live.go, nice.go, prefetch.go (DESIGN §13): wait_ms and pending, the live keys of
+//     renderd.yaml; renderer CPU and I/O priority for seed jobs; next-zoom prefetch.
+//   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
+//     install-module subcommand that writes it out.
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
 //   - check.go: check-config's MapProxy check (the bundled worker's check mode).
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the

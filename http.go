@@ -84,6 +84,11 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, s.tasks.handle(req))
 		return
 	}
+	// http_wait is for live requests: mapproxy-seed (priority 10) takes any answer but error
+	// for done and would move on while its tiles are still queued.
+	if lim := s.limits.Load(); lim.httpWait > 0 && !req.HasWait && req.Priority >= lim.seedBelow && !req.Background {
+		req.WaitMS, req.HasWait = lim.httpWait.Milliseconds(), true
+	}
 	sink := newChanSink()
 	p := &pendingRequest{req: req, sink: sink, proto: protoHTTP}
 	s.sched.submit(p)
@@ -97,10 +102,12 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 }
 
 // forMapProxy maps statuses MapProxy 1.15 does not know to "error": it would take
-// busy, expired or shutting_down for success and serve a transparent tile.
+// busy, expired or shutting_down for success and serve a transparent tile. pending (only
+// with http_wait or wait_ms) goes out as it is: MapProxy takes it for success, which is what
+// http_wait asks for (README: "Answering MapProxy early").
 func forMapProxy(r Reply) Reply {
 	switch r.Status {
-	case statusOK, statusError, statusQueued:
+	case statusOK, statusError, statusQueued, statusPending:
 		return r
 	case statusBusy:
 		r.ErrorMessage = "renderd busy: " + r.ErrorMessage

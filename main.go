@@ -60,6 +60,7 @@ const usage = `usage:
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
   mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
+  mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
   mapproxy-renderd version
 `
 
@@ -82,6 +83,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runTaskClient(ctx, cmd, args, stdout, stderr)
 	case "top":
 		return runTop(ctx, args, stdout, stderr)
+	case "install-module":
+		return runInstallModule(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "mapproxy-renderd", version)
 		return nil
@@ -273,6 +276,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 	}
 
+	raiseNiceLimit(cfg, log) // renderers inherit it: back from seed_nice after a seed job
 	sched := newScheduler(cfg, log, rendererConfigFrom(cfg, script))
 	sched.onTick = func(sum string) { _ = notify.Notify("STATUS=" + sum) }
 	if wd := notify.WatchdogInterval(); wd > 0 {

@@ -96,8 +96,8 @@ func TestManPageCoversConfigAndUsage(t *testing.T) {
 	}
 
 	for _, f := range regexp.MustCompile(`-{1,2}[a-z][a-z-]*`).FindAllString(usage, -1) {
-		if strings.HasPrefix(f, "-renderd") || f == "-config" {
-			continue // pieces of mapproxy-renderd and check-config
+		if strings.HasPrefix(f, "-renderd") || f == "-config" || f == "-module" {
+			continue // pieces of mapproxy-renderd, check-config and install-module
 		}
 		if !regexp.MustCompile(`\\fB` + regexp.QuoteMeta(troffEscape(f)) + `\b|\n\.B[IR]? ` + regexp.QuoteMeta(troffEscape(f)) + `\b`).MatchString(man) {
 			t.Errorf("flag %s (usage) is not in the man page (as bold %s)", f, troffEscape(f))

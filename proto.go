@@ -17,6 +17,7 @@ const (
 	statusQueued       = "queued"
 	statusBusy         = "busy"
 	statusExpired      = "expired"
+	statusPending      = "pending"
 	statusShuttingDown = "shutting_down"
 )
 
@@ -55,6 +56,11 @@ type Request struct {
 	// missing or stale (older than RefreshBefore, unix seconds, when that is set).
 	NoForce       bool
 	RefreshBefore float64
+	// WaitMS: with HasWait, answer pending when the job has not finished after this many ms (§13).
+	WaitMS  int64
+	HasWait bool
+	// Refresh: re-render tiles that exist (the module's stale-while-refresh path, §13).
+	Refresh bool
 }
 
 // Reply is the one final answer to a request.
@@ -92,6 +98,8 @@ type wireRequest struct {
 	TaskID          json.RawMessage `json:"task_id"`
 	SeedConfig      json.RawMessage `json:"seed_config"`
 	Seed            json.RawMessage `json:"seed"`
+	WaitMS          json.RawMessage `json:"wait_ms"`
+	Refresh         json.RawMessage `json:"refresh"`
 }
 
 var errEmptyLine = errors.New("empty line")
@@ -233,7 +241,7 @@ func parseTileFields(req *Request, w *wireRequest) error {
 			return errors.New("background must be true or false")
 		}
 	}
-	return nil
+	return parseLiveFields(req, w)
 }
 
 // validateCacheIdentifier enforces DESIGN §2: non-empty, at most 256 bytes, no '/', no control characters.

@@ -130,6 +130,8 @@ type pendingRequest struct {
 	queuedNS int64 // longest wait in the queue over its jobs
 	renderNS int64 // longest render over its jobs
 	answered bool
+	// waitTimer runs out at wait_ms (live.go); stopped when the request is answered.
+	waitTimer *time.Timer
 }
 
 // replySink receives the one final reply of a request. deliver must not block:
@@ -378,11 +380,7 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 		} else {
 			qs.nextSeq++
 			j = &job{key: k, seq: qs.nextSeq, enqueued: now, priority: int16(priority), index: -1}
-			qs.jobs[k] = j
-			heap.Push(&qs.queue, j)
-			l := &qs.levels[priority]
-			l.count++
-			l.fifo = append(l.fifo, j)
+			qs.insert(j)
 		}
 		if keep {
 			j.flags |= keepJob
@@ -466,13 +464,30 @@ func (qs *queueState) removeWaiter(j *job, w *pendingRequest) (dropped bool) {
 	if j.state != jobQueued || len(j.waiting()) > 0 || j.flags&keepJob != 0 {
 		return false
 	}
+	qs.drop(j)
+	return true
+}
+
+// insert queues a new job (its key is not in the table; its seq is the newest) and counts it.
+// Every job enters the queue here, so the per-priority counts stay exact.
+func (qs *queueState) insert(j *job) {
+	qs.jobs[j.key] = j
+	heap.Push(&qs.queue, j)
+	l := &qs.levels[j.priority]
+	l.count++
+	l.fifo = append(l.fifo, j)
+}
+
+// drop removes a queued job from the queue and the table without running it, keeping the
+// counts exact; its waiters (if any) are the caller's to answer.
+func (qs *queueState) drop(j *job) {
 	heap.Remove(&qs.queue, int(j.index))
 	delete(qs.jobs, j.key)
 	j.state = jobDone
 	p := int(j.priority)
 	qs.levels[p].count--
+	qs.waiting -= len(j.waiting())
 	qs.settle(p)
-	return true
 }
 
 // drain empties the queue (shutdown) and returns the jobs that were queued.

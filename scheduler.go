@@ -21,6 +21,7 @@ const maxInternedCaches = 10000
 type schedMsg struct {
 	submit  *pendingRequest
 	cancel  *pendingRequest
+	due     *pendingRequest // its wait_ms ran out (live.go)
 	status  chan<- statusDoc
 	metrics chan<- *metricsSnap
 	history chan<- []historySample
@@ -43,11 +44,12 @@ type rendererSlot struct {
 	initial  bool // started with the daemon; counts for the startup barrier
 	ready    bool // has been ready at least once
 	job      *job
-	started  int64 // when job started, ns since the daemon started
-	seed     bool  // the running job is in the seed class
-	num      int   // the renderer's number (for logs, the status page)
-	pid      int   // its current process, once ready
-	failing  bool  // its last start failed; cleared when it is ready
+	started  int64          // when job started, ns since the daemon started
+	seed     bool           // the running job is in the seed class
+	num      int            // the renderer's number (for logs, the status page)
+	pid      int            // its current process, once ready
+	failing  bool           // its last start failed; cleared when it is ready
+	prio     renderPriority // what its process runs at (nice.go)
 }
 
 // scheduler owns the queue, the job table, the renderers' states and the counters.
@@ -83,6 +85,7 @@ type scheduler struct {
 	stats     counters
 	m         metricsState
 	renderRec durationRing
+	pf        *prefetcher // prefetch.go
 	connStats func() connCounters
 	onTick    func(summary string) // STATUS= for systemd; may be nil
 	onWatch   func()               // WATCHDOG=1; may be nil
@@ -105,6 +108,7 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		startup:   make(chan error, 1),
 		connStats: func() connCounters { return connCounters{} },
 		m:         metricsState{restarts: make(map[string]uint64)},
+		pf:        newPrefetcher(cfg.Prefetch),
 	}
 }
 
@@ -142,6 +146,8 @@ func (s *scheduler) run(ctx context.Context) {
 			s.handleEvent(ev)
 		case <-watch:
 			s.onWatch()
+		case <-s.pf.quietC():
+			s.flushBursts()
 		case now := <-tick.C:
 			s.sample(now)
 			if s.onTick != nil {
@@ -225,6 +231,8 @@ func (s *scheduler) handleMsg(m schedMsg) {
 		s.handleSubmit(m.submit)
 	case m.cancel != nil:
 		s.handleCancel(m.cancel)
+	case m.due != nil:
+		s.handleDue(m.due)
 	case m.status != nil:
 		m.status <- s.statusDoc()
 	case m.metrics != nil:
@@ -242,6 +250,9 @@ func (s *scheduler) answer(p *pendingRequest, r Reply) {
 	}
 	p.answered = true
 	s.countRequest(p, r.Status)
+	if p.waitTimer != nil {
+		p.waitTimer.Stop()
+	}
 	r.ID = p.req.ID
 	p.sink.deliver(p, r)
 }
@@ -277,11 +288,15 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 		s.answer(p, errorReply(nil, err.Error()))
 		return
 	}
+	if err != nil && s.makeRoomForRequest(len(keys)) { // prefetch jobs go first
+		merged, err = s.qs.add(keys, p.req.Priority, p.req.Background, waiter, p.received)
+	}
 	if err != nil {
 		s.stats.busyRejected++
 		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", len(s.qs.queue))})
 		return
 	}
+	s.noteRequest(keys, !p.req.Background && !s.qs.rule.isSeed(p.req.Priority))
 	s.stats.requested++
 	c.requested++
 	s.stats.merged += uint64(merged)
@@ -289,6 +304,8 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	if p.req.Background {
 		s.stats.background++
 		s.answer(p, Reply{Status: statusQueued, Merged: p.merged})
+	} else if p.req.HasWait {
+		s.armWait(p)
 	}
 }
 
@@ -331,6 +348,9 @@ func (s *scheduler) handleCancel(p *pendingRequest) {
 		return
 	}
 	p.answered = true // the client is gone: nothing more is sent to it
+	if p.waitTimer != nil {
+		p.waitTimer.Stop()
+	}
 	s.stats.cancelled++
 	s.countRequest(p, "cancelled")
 	for _, j := range p.jobs {
@@ -350,12 +370,13 @@ func (s *scheduler) dispatch() {
 		if j == nil {
 			return
 		}
-		r := s.idle[len(s.idle)-1]
-		s.idle = s.idle[:len(s.idle)-1]
+		s.prefetchStarted(j)
+		seedClass := s.qs.rule.isSeed(int(j.priority))
+		r := s.takeIdle(seedClass)
 		slot := s.slots[r]
 		slot.state = slotBusy
 		slot.job = j
-		slot.seed = s.qs.rule.isSeed(int(j.priority))
+		slot.seed = seedClass
 		s.busy++
 		slot.started = s.now()
 		s.m.queueWait[classOf(slot.seed)].observe(float64(slot.started-j.enqueued) / 1e9)
@@ -368,6 +389,7 @@ func (s *scheduler) dispatch() {
 			recycle: s.cfg.RecycleAfter,
 			seed:    j.flags&seedJob != 0,
 			refresh: j.flags&forceJob != 0,
+			prio:    s.jobPriority(seedClass),
 		}
 		if !rj.refresh {
 			rj.refreshBefore = j.refreshBefore()
@@ -379,7 +401,7 @@ func (s *scheduler) dispatch() {
 func (s *scheduler) startRenderer(initial bool) {
 	s.nextNum++
 	r := newRenderer(s.nextNum, s.rcfg, s.events, s.hardStop, s.log)
-	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial, num: s.nextNum}
+	s.slots[r] = &rendererSlot{state: slotStarting, initial: initial, num: s.nextNum, prio: renderPriority{nice: baseNice}}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -414,6 +436,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 		slot.failing = false
 		slot.pid = ev.pid
 		s.learnCaches(ev.caches)
+		s.pf.learn(ev.grids)
 		if !slot.ready {
 			slot.ready = true
 			if slot.initial && s.startupPending > 0 {
@@ -423,6 +446,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 				}
 			}
 		}
+		slot.prio = renderPriority{nice: baseNice} // a new process
 		if slot.state == slotStarting && !slot.retiring {
 			slot.state = slotIdle
 			s.idle = append(s.idle, ev.r)
@@ -448,6 +472,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 	case evDone:
 		s.finishJob(slot, ev)
 		slot.job = nil
+		slot.prio = ev.prio
 		slot.state = slotStarting
 		if ev.healthy && !slot.retiring {
 			slot.state = slotIdle
@@ -529,6 +554,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		s.answer(w, reply)
 	}
 	j.waiters = nil
+	s.afterRender(j, ev.status == statusOK)
 }
 
 // allFailing reports whether no renderer can render: every one that is not being retired
@@ -555,6 +581,7 @@ func (s *scheduler) noRendererMsg() string {
 // failQueue answers every queued job's waiters with the start failure and drops the jobs.
 func (s *scheduler) failQueue() {
 	jobs := s.qs.drain()
+	s.pf.resync()
 	if len(jobs) == 0 {
 		return
 	}
@@ -595,6 +622,7 @@ func (s *scheduler) applyConfig(cfg Config) error {
 	s.cfg = cfg
 	s.qs.rule = capacityRule{maxSeed: cfg.maxSeed, seedBelow: cfg.SeedPriorityBelow}
 	s.qs.max = cfg.MaxQueued
+	s.pf.reconfigure(cfg.Prefetch)
 	newR := rendererConfigFrom(cfg, old.workerScript)
 	s.rcfg = newR
 	if !slices.Equal(old.argv, newR.argv) || !slices.Equal(old.env, newR.env) {

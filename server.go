@@ -69,6 +69,8 @@ type serverLimits struct {
 	maxLine     int
 	maxInFlight int
 	maxConns    int
+	httpWait    time.Duration // http_wait: MapProxy's live POSTs get pending after this (0 = wait)
+	seedBelow   int           // seed_priority_below: http_wait leaves the seed class alone
 }
 
 func (s *server) setLimits(cfg Config) {
@@ -77,6 +79,8 @@ func (s *server) setLimits(cfg Config) {
 		maxLine:     cfg.MaxLineBytes,
 		maxInFlight: cfg.MaxInFlight,
 		maxConns:    cfg.MaxConnections,
+		httpWait:    time.Duration(cfg.HTTPWait),
+		seedBelow:   cfg.SeedPriorityBelow,
 	})
 }
 

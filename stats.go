@@ -61,6 +61,10 @@ type counters struct {
 	invalid          uint64 // tile requests refused by the scheduler (unknown cache, …)
 	shutdownDropped  uint64 // queued jobs answered shutting_down
 	rendererFailures uint64 // renderer processes that failed to start
+	pending          uint64 // requests answered pending at wait_ms (live.go)
+	prefetched       uint64 // prefetch jobs queued (prefetch.go)
+	prefetchHits     uint64 // live requests for a prefetch job, queued or recently rendered
+	prefetchDropped  uint64 // prefetch jobs dropped for room
 }
 
 // connCounters come from the listeners (atomics there, copied here).
@@ -191,6 +195,10 @@ func (s *scheduler) statusDoc() statusDoc {
 			"invalid":            s.stats.invalid,
 			"shutdown_dropped":   s.stats.shutdownDropped,
 			"renderer_failures":  s.stats.rendererFailures,
+			"pending":            s.stats.pending,
+			"prefetched":         s.stats.prefetched,
+			"prefetch_hits":      s.stats.prefetchHits,
+			"prefetch_dropped":   s.stats.prefetchDropped,
 		},
 		RenderMS: s.renderRec.percentiles(),
 		Caches:   make(map[string]map[string]uint64),

@@ -53,6 +53,7 @@ type renderJob struct {
 	// seconds, when that is not 0). Task jobs; every other job is a forced render.
 	refresh       bool
 	refreshBefore float64
+	prio          renderPriority // the process's CPU and I/O priority for this job (nice.go)
 	// handedOver counts moves to a replacement process after one that never took the job.
 	handedOver int
 }
@@ -85,15 +86,17 @@ type rendererEvent struct {
 	r        *renderer
 	kind     eventKind
 	caches   map[string]metaSize
+	grids    map[string]*gridInfo // evReady: the ready line's grid details (prefetch.go)
 	err      error
 	job      *job
 	status   string
 	msg      string
 	healthy  bool
 	timedOut bool
-	skipped  bool   // the renderer found every tile fresh (a job that was not forced)
-	pid      int    // evReady: the process's pid
-	reason   string // evRestart: one of restartReasons
+	skipped  bool           // the renderer found every tile fresh (a job that was not forced)
+	pid      int            // evReady: the process's pid
+	reason   string         // evRestart: one of restartReasons
+	prio     renderPriority // evDone: what the process runs at now
 }
 
 // renderer owns one render subprocess at a time and replaces it when it dies, with backoff.
@@ -140,7 +143,7 @@ func (r *renderer) run() {
 			}
 			backoff = nextBackoff(backoff)
 		} else {
-			r.send(rendererEvent{kind: evReady, caches: caches, pid: p.pid})
+			r.send(rendererEvent{kind: evReady, caches: caches, grids: p.grids, pid: p.pid})
 			retired, proven, reason := r.serve(p, &held)
 			if retired {
 				return
@@ -241,6 +244,14 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			}
 		default:
 		}
+		if j.prio != p.prio {
+			var err error
+			if p.prio, err = setPriority(p.pid, p.prio, j.prio); err != nil && !p.prioWarned {
+				p.prioWarned = true
+				r.log.Warn("cannot change the renderer's priority", "pid", p.pid, "nice", p.prio.nice,
+					"want_nice", j.prio.nice, "ioprio_idle", p.prio.ioIdle, "error", err)
+			}
+		}
 		status, msg, healthy, timedOut := p.render(j, r.hardStop)
 		if p.notTaken && j.handedOver == 0 {
 			j.handedOver++
@@ -257,7 +268,7 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			p.stop(r.log)
 			healthy, reason = false, restartRecycle
 		}
-		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped})
+		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped, prio: p.prio})
 		if !healthy {
 			return false, false, reason
 		}
@@ -287,6 +298,11 @@ type rendererProcess struct {
 	// stderrTail keeps the last stderr lines: when a renderer fails to start, its reason
 	// (a MapProxy configuration error, say) goes into the start error, not only the log.
 	stderrTail lineRing
+	// prio is what the process runs at (it starts at the daemon's); prioWarned: a change
+	// failed and was logged.
+	prio       renderPriority
+	prioWarned bool
+	grids      map[string]*gridInfo // from the ready line
 
 	releaseOnce sync.Once
 }
@@ -331,7 +347,7 @@ func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger
 		return nil, nil, fmt.Errorf("start %s: %w", cfg.argv[0], err)
 	}
 	p := &rendererProcess{
-		cmd: cmd, pid: cmd.Process.Pid, started: time.Now(),
+		cmd: cmd, pid: cmd.Process.Pid, started: time.Now(), prio: renderPriority{nice: baseNice},
 		stdin: inW, stdout: outR, stderr: errR,
 		lines: make(chan []byte, 4), readers: make(chan struct{}), quit: make(chan struct{}), exited: make(chan struct{}),
 	}
@@ -484,6 +500,7 @@ func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struc
 		if ready.Caches == nil {
 			return nil, nil
 		}
+		p.grids = parseGridInfo(line)
 		caches := make(map[string]metaSize, len(ready.Caches))
 		for id, c := range ready.Caches {
 			m := metaSize{1, 1}

@@ -18,6 +18,10 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   ``{"ready": true, "caches": {"<identifier>": {"meta_size": [mx, my]}, ...}}``
   is written, one entry per cache and grid, keyed by MapProxy's cache
   identifier (``<cache>_<grid>``, the ``cache_identifier`` MapProxy sends).
+  Each entry also names the MapProxy cache and grid and describes the grid
+  for the daemon's prefetch: ``"cache"``, ``"grid"``, ``"origin"`` ("nw" or
+  "sw"), ``"grid_sizes"`` ([w, h] per level) and, only when they do not halve
+  per level, ``"resolutions"``.
   meta_size is the metatile size in use: [1, 1] when the cache renders single
   tiles (e.g. its source cannot do metatiles). Tiles x//mx, y//my at the same
   z share a metatile. If loading fails the reason goes to stderr and the
@@ -83,10 +87,12 @@ class Config(object):
         self.conf = load_configuration(path, seed=seed, renderd=True)
         self.managers = {}
         self.defaults = {}
+        self.names = {}
         with self.conf:
-            for cache_conf in self.conf.caches.values():
+            for name, cache_conf in self.conf.caches.items():
                 for _grid, _extent, tm in cache_conf.caches():
                     self.managers[tm.identifier] = tm
+                    self.names[tm.identifier] = name
                     self.defaults[tm.identifier] = (tm._expire_timestamp, tm._refresh_before)
 
 
@@ -122,7 +128,8 @@ class Worker(object):
                 meta_size = [int(n) for n in tm.meta_grid.meta_size]
             else:
                 meta_size = [1, 1]
-            result[ident] = {'meta_size': meta_size}
+            result[ident] = dict(meta_size=meta_size, cache=self.live.names[ident],
+                                 **grid_details(tm.grid))
         return result
 
     def handle(self, job):
@@ -188,6 +195,24 @@ class Worker(object):
         if missing:
             reply['missing'] = [list(c) for c in missing]
         return reply
+
+
+def grid_details(grid):
+    """What the daemon's prefetch needs to know of a grid (its ready line).
+
+    origin: "nw" or "sw" (MapProxy's internal y counts from that corner);
+    grid_sizes: [w, h] in tiles per level; resolutions only when they do not
+    halve from one level to the next (the daemon assumes halving otherwise).
+    """
+    details = {
+        'grid': grid.name,
+        'origin': 'nw' if grid.origin == 'ul' else 'sw',
+        'grid_sizes': [[int(w), int(h)] for w, h in grid.grid_sizes],
+    }
+    res = list(grid.resolutions)
+    if any(abs(a / b - 2.0) > 1e-9 for a, b in zip(res, res[1:])):
+        details['resolutions'] = res
+    return details
 
 
 def parse_tiles(tiles, grid):
