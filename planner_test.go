@@ -385,108 +385,37 @@ func (r *plannerRig) age(rels []string, when time.Time) {
 	}
 }
 
-func TestPlannerMatchesMapProxySeed(t *testing.T) {
-	r := newPlannerRig(t)
-	seedConfig := filepath.Join(r.dir, "seed.yaml")
-	seed := func(name string) map[string]any {
-		return map[string]any{"kind": "seed", "seed_config": seedConfig, "name": name}
-	}
+// seedSide runs one seed.yaml entry (kind "seed" or "cleanup") on side a of a plannerRig; for
+// a cleanup it returns how many tiles it says it removed.
+type seedSide func(t *testing.T, kind, name string) (removed uint64)
 
-	t.Run("errors", func(t *testing.T) {
-		r.t = t
-		for _, tc := range []struct {
-			spec map[string]any
-			want string
-		}{
-			{seed("nope"), `unknown seed "nope"`},
-			{map[string]any{"kind": "cleanup", "seed_config": seedConfig, "name": "geo_union"}, `unknown cleanup "geo_union"`},
-			{map[string]any{"kind": "seed", "seed_config": filepath.Join(r.dir, "bad-seed.yaml"), "name": "x"}, "invalid configuration"},
-			{map[string]any{"kind": "seed", "seed_config": filepath.Join(r.dir, "missing.yaml"), "name": "x"}, "missing.yaml"},
-			{map[string]any{"kind": "seed", "inline": map[string]any{"cache": "no_cache"}}, "cache no_cache not found"},
-			{map[string]any{"kind": "seed", "inline": map[string]any{"cache": "inl_cache", "coverage": "nope"}, "seed_config": seedConfig}, `unknown coverage "nope"`},
-			{map[string]any{"kind": "bogus"}, `"kind" must be`},
-			{map[string]any{"kind": "seed", "seed_config": seedConfig}, `exactly one of "name" and "inline"`},
-		} {
-			run := r.plan(tc.spec)
-			if run.code != 1 || len(run.lines) != 1 || !strings.Contains(run.lines[0].Error, tc.want) {
-				t.Errorf("%v: got exit %d, lines %+v; want exit 1 and one error line containing %q\n%s",
-					tc.spec, run.code, run.lines, tc.want, tail(run.stderr, 1000))
-			}
-		}
-	})
-
-	t.Run("list", func(t *testing.T) {
-		r.t = t
-		run := r.planOK(map[string]any{"kind": "list", "seed_config": seedConfig})
-		l := run.lines[0]
-		if want := []string{"geo_union", "inl_box", "inl_poly", "merc_area", "merc_refresh", "multi"}; !slices.Equal(l.Seeds, want) {
-			t.Errorf("seeds: got %v, want %v", l.Seeds, want)
-		}
-		if want := []string{"geo_poly", "merc_old"}; !slices.Equal(l.Cleanups, want) {
-			t.Errorf("cleanups: got %v, want %v", l.Cleanups, want)
-		}
-	})
-
+// compareWithMapProxySeed runs seed.yaml entries on side a with sideA and on side b with plain
+// mapproxy-seed, and fails unless both caches hold the same tiles after each: three seeds (a
+// sw-origin grid, non-4x4 metatiles, WKT and GeoJSON polygons, a union, level lists, a seed
+// of two caches), a rerun, a refresh_before seed after some tiles were made old, and two
+// cleanups (MapProxy's tile walker and its level directories).
+func (r *plannerRig) compareWithMapProxySeed(t *testing.T, sideA seedSide) {
 	// Each seed adds to the caches of both sides, which must stay equal.
-	for _, tc := range []struct {
-		name  string
-		tasks []string
-	}{
-		{"geo_union", []string{"geo_cache_GLOBAL_GEODETIC"}},                           // sw-origin grid, 2x2, union of bbox and WKT polygon
-		{"merc_area", []string{"merc_cache_GLOBAL_WEBMERCATOR"}},                       // 3x2 metatiles, GeoJSON polygon, levels [3, 5, 8]
-		{"multi", []string{"merc_cache_GLOBAL_GEODETIC", "geo_cache_GLOBAL_GEODETIC"}}, // two caches: two tasks
-	} {
-		t.Run("seed "+tc.name, func(t *testing.T) {
+	for _, name := range []string{"geo_union", "merc_area", "multi"} {
+		t.Run("seed "+name, func(t *testing.T) {
 			r.t = t
 			before := len(r.tiles("a"))
-			run := r.planOK(seed(tc.name))
-			var tasks []string
-			for _, task := range run.lines[0].Tasks {
-				tasks = append(tasks, task.CacheIdentifier)
-			}
-			if !slices.Equal(tasks, tc.tasks) {
-				t.Errorf("tasks line: got %v, want %v", tasks, tc.tasks)
-			}
-			last := 0.0
-			for _, l := range run.lines {
-				if l.Progress != nil {
-					if *l.Progress < last || *l.Progress > 1 {
-						t.Errorf("progress went from %v to %v", last, *l.Progress)
-					}
-					last = *l.Progress
-				}
-			}
-			if last != 1 {
-				t.Errorf("last progress: got %v, want 1", last)
-			}
-			if skipped := r.render(run); skipped != 0 {
-				t.Errorf("the worker skipped %d of %d planned metatiles of a first seed", skipped, len(run.tiles))
-			}
-			r.mapproxySeed("--seed", tc.name)
-			n := r.sameTiles(tc.name)
+			sideA(t, "seed", name)
+			r.mapproxySeed("--seed", name)
+			n := r.sameTiles(name)
 			if n-before < 10 {
-				t.Errorf("seed %s added only %d tiles", tc.name, n-before)
+				t.Errorf("seed %s added only %d tiles", name, n-before)
 			}
-			t.Logf("seed %s: %d metatiles planned, %d tiles added, equal to mapproxy-seed's", tc.name, len(run.tiles), n-before)
+			t.Logf("seed %s: %d tiles added, equal to mapproxy-seed's", name, n-before)
 		})
 	}
 
-	t.Run("a seed that is done plans nothing and the worker skips fresh metatiles", func(t *testing.T) {
+	t.Run("a seed that is done changes nothing", func(t *testing.T) {
 		r.t = t
-		if run := r.planOK(seed("geo_union")); len(run.tiles) != 0 {
-			t.Errorf("rerun planned %d metatiles, want 0: %+v", len(run.tiles), run.tiles[0])
-		}
 		before := r.tiles("a")
-		rep := r.worker.job(map[string]any{"cache_identifier": "geo_cache_GLOBAL_GEODETIC", "tiles": [][]int{{2, 1, 2}}, "refresh": false, "seed": true})
-		if !rep.Skipped {
-			t.Errorf("refresh false on a cached metatile: got %+v, want skipped", rep)
-		}
+		sideA(t, "seed", "geo_union")
 		if after := r.tiles("a"); !mapsEqual(before, after) {
-			t.Errorf("a skipped job changed tile files")
-		}
-		rep = r.worker.job(map[string]any{"cache_identifier": "geo_cache_GLOBAL_GEODETIC", "tiles": [][]int{{2, 1, 2}}, "seed": true})
-		if rep.Skipped {
-			t.Errorf("a forced job (refresh absent) was skipped")
+			t.Errorf("rerunning a finished seed changed tile files")
 		}
 	})
 
@@ -513,21 +442,10 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 			aged = append(aged, tile)
 			isAged[tile] = true
 		}
-		old := time.Now().Add(-48 * time.Hour).Truncate(time.Second)
-		r.age(aged, old)
+		r.age(aged, time.Now().Add(-48*time.Hour).Truncate(time.Second))
 		before := map[string]map[string]time.Time{"a": r.tiles("a"), "b": r.tiles("b")}
 
-		start := time.Now()
-		run := r.planOK(seed("merc_refresh"))
-		for _, l := range run.tiles {
-			if l.RefreshBefore == nil || start.Sub(time.Unix(int64(*l.RefreshBefore), 0)) > 24*time.Hour+time.Minute ||
-				start.Sub(time.Unix(int64(*l.RefreshBefore), 0)) < 24*time.Hour-time.Minute {
-				t.Fatalf("metatile line without refresh_before one day ago: %+v", l)
-			}
-		}
-		if skipped := r.render(run); skipped != 0 {
-			t.Errorf("the worker skipped %d of %d stale metatiles", skipped, len(run.tiles))
-		}
+		sideA(t, "seed", "merc_refresh")
 		r.mapproxySeed("--seed", "merc_refresh")
 		r.sameTiles("merc_refresh")
 
@@ -543,7 +461,7 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 		}
 		movedA, movedB := moved("a"), moved("b")
 		if !slices.Equal(movedA, movedB) {
-			t.Fatalf("rewritten tiles differ: planner+worker %d %v, mapproxy-seed %d %v", len(movedA), firstN(movedA, 10), len(movedB), firstN(movedB, 10))
+			t.Fatalf("rewritten tiles differ: side a %d %v, mapproxy-seed %d %v", len(movedA), firstN(movedA, 10), len(movedB), firstN(movedB, 10))
 		}
 		// MapProxy's walker tests a metatile's main (lower left) tile: a metatile is rewritten
 		// whole when that tile is stale, and not at all otherwise.
@@ -559,27 +477,7 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 			t.Errorf("rewritten tiles: got %d %v, want the %d tiles of metatiles whose main tile was stale %v",
 				len(movedA), firstN(movedA, 10), len(want), firstN(want, 10))
 		}
-		t.Logf("refresh_before: %d of %d tiles aged, %d metatiles planned, %d tiles rewritten on each side",
-			len(aged), len(before["a"]), len(run.tiles), len(movedA))
-	})
-
-	t.Run("inline seeds equal their seed.yaml entries", func(t *testing.T) {
-		r.t = t
-		for _, tc := range []struct {
-			named  string
-			inline map[string]any
-		}{
-			{"inl_box", map[string]any{"cache": "inl_cache", "levels": map[string]int{"from": 0, "to": 6}, "bbox": []float64{8, 47.5, 12, 50}, "srs": "EPSG:4326"}},
-			{"inl_poly", map[string]any{"cache": "inl_cache", "grids": []string{"GLOBAL_WEBMERCATOR"}, "levels": []int{7}, "coverage": "poly"}},
-		} {
-			before := len(r.tiles("a"))
-			run := r.planOK(map[string]any{"kind": "seed", "seed_config": seedConfig, "inline": tc.inline})
-			r.render(run)
-			r.mapproxySeed("--seed", tc.named)
-			if n := r.sameTiles("inline " + tc.named); n-before < 5 {
-				t.Errorf("inline %v added only %d tiles", tc.inline, n-before)
-			}
-		}
+		t.Logf("refresh_before: %d of %d tiles aged, %d tiles rewritten on each side", len(aged), len(before["a"]), len(movedA))
 	})
 
 	t.Run("cleanups remove what mapproxy-seed removes", func(t *testing.T) {
@@ -604,17 +502,135 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 		}
 		for _, name := range []string{"geo_poly", "merc_old"} { // tile walker; level directories
 			before := len(r.tiles("a"))
-			run := r.planOK(map[string]any{"kind": "cleanup", "seed_config": seedConfig, "name": name})
+			removed := sideA(t, "cleanup", name)
 			r.mapproxySeed("--cleanup", name)
 			n := r.sameTiles("cleanup " + name)
-			done := run.lines[len(run.lines)-1]
-			if done.Removed == nil || int(*done.Removed) != before-n || before == n {
-				t.Errorf("cleanup %s: planner says removed %s, files went from %d to %d", name, jsonString(done.Removed), before, n)
+			if int(removed) != before-n || before == n {
+				t.Errorf("cleanup %s: says it removed %d, files went from %d to %d", name, removed, before, n)
 			}
 			if name == "merc_old" && before-n != oldL8 {
 				t.Errorf("cleanup merc_old removed %d tiles, want the %d old ones at level 8", before-n, oldL8)
 			}
 			t.Logf("cleanup %s: removed %d tiles, as mapproxy-seed did", name, before-n)
+		}
+	})
+}
+
+func TestPlannerMatchesMapProxySeed(t *testing.T) {
+	r := newPlannerRig(t)
+	seedConfig := filepath.Join(r.dir, "seed.yaml")
+	seed := func(name string) map[string]any {
+		return map[string]any{"kind": "seed", "seed_config": seedConfig, "name": name}
+	}
+
+	t.Run("errors", func(t *testing.T) {
+		r.t = t
+		for _, tc := range []struct {
+			spec map[string]any
+			want string
+		}{
+			{seed("nope"), `unknown seed "nope"`},
+			{map[string]any{"kind": "cleanup", "seed_config": seedConfig, "name": "geo_union"}, `unknown cleanup "geo_union"`},
+			{map[string]any{"kind": "seed", "seed_config": filepath.Join(r.dir, "bad-seed.yaml"), "name": "x"}, "invalid configuration"},
+			{map[string]any{"kind": "seed", "seed_config": filepath.Join(r.dir, "missing.yaml"), "name": "x"}, "missing.yaml"},
+			{map[string]any{"kind": "seed", "inline": map[string]any{"cache": "no_cache"}}, "cache no_cache not found"},
+			{map[string]any{"kind": "seed", "inline": map[string]any{"cache": "inl_cache", "coverage": "nope"}, "seed_config": seedConfig}, `unknown coverage "nope"`},
+			{map[string]any{"kind": "bogus"}, `"kind" must be`},
+			{map[string]any{"kind": "seed", "seed_config": seedConfig}, `give "name" or "inline"`},
+		} {
+			run := r.plan(tc.spec)
+			if run.code != 1 || len(run.lines) != 1 || !strings.Contains(run.lines[0].Error, tc.want) {
+				t.Errorf("%v: got exit %d, lines %+v; want exit 1 and one error line containing %q\n%s",
+					tc.spec, run.code, run.lines, tc.want, tail(run.stderr, 1000))
+			}
+		}
+	})
+
+	t.Run("list", func(t *testing.T) {
+		r.t = t
+		run := r.planOK(map[string]any{"kind": "list", "seed_config": seedConfig})
+		l := run.lines[0]
+		if want := []string{"geo_union", "inl_box", "inl_poly", "merc_area", "merc_refresh", "multi"}; !slices.Equal(l.Seeds, want) {
+			t.Errorf("seeds: got %v, want %v", l.Seeds, want)
+		}
+		if want := []string{"geo_poly", "merc_old"}; !slices.Equal(l.Cleanups, want) {
+			t.Errorf("cleanups: got %v, want %v", l.Cleanups, want)
+		}
+	})
+
+	// The daemon's part, played here: plan, then one "refresh": false seed job per metatile.
+	planSide := func(t *testing.T, kind, name string) uint64 {
+		start := time.Now()
+		run := r.planOK(map[string]any{"kind": kind, "seed_config": seedConfig, "name": name})
+		last := 0.0
+		for _, l := range run.lines {
+			if l.Progress != nil {
+				if *l.Progress < last || *l.Progress > 1 {
+					t.Errorf("%s %s: progress went from %v to %v", kind, name, last, *l.Progress)
+				}
+				last = *l.Progress
+			}
+		}
+		if last != 1 {
+			t.Errorf("%s %s: last progress %v, want 1", kind, name, last)
+		}
+		if name == "multi" {
+			if got, want := run.tasks(), []string{"merc_cache_GLOBAL_GEODETIC", "geo_cache_GLOBAL_GEODETIC"}; !slices.Equal(got, want) {
+				t.Errorf("tasks line: got %v, want %v", got, want)
+			}
+		}
+		for _, l := range run.tiles {
+			ago := start.Sub(time.Unix(int64(derefOr(l.RefreshBefore, 0)), 0))
+			if name == "merc_refresh" && (ago > 24*time.Hour+time.Minute || ago < 24*time.Hour-time.Minute) {
+				t.Fatalf("metatile line without refresh_before one day ago: %+v", l)
+			}
+			if name != "merc_refresh" && l.RefreshBefore != nil {
+				t.Fatalf("metatile line with a refresh_before the seed does not have: %+v", l)
+			}
+		}
+		if skipped := r.render(run); skipped != 0 {
+			t.Errorf("%s %s: the worker skipped %d of the %d planned metatiles", kind, name, skipped, len(run.tiles))
+		}
+		t.Logf("%s %s: %d metatiles planned", kind, name, len(run.tiles))
+		return derefOr(run.lines[len(run.lines)-1].Removed, 0)
+	}
+	r.compareWithMapProxySeed(t, planSide)
+
+	t.Run("inline seeds equal their seed.yaml entries", func(t *testing.T) {
+		r.t = t
+		for _, tc := range []struct {
+			named  string
+			inline map[string]any
+		}{
+			{"inl_box", map[string]any{"cache": "inl_cache", "levels": map[string]int{"from": 0, "to": 6}, "bbox": []float64{8, 47.5, 12, 50}, "srs": "EPSG:4326"}},
+			{"inl_poly", map[string]any{"cache": "inl_cache", "grids": []string{"GLOBAL_WEBMERCATOR"}, "levels": []int{7}, "coverage": "poly"}},
+		} {
+			before := len(r.tiles("a"))
+			run := r.planOK(map[string]any{"kind": "seed", "seed_config": seedConfig, "name": "inline:inl_cache", "inline": tc.inline})
+			r.render(run)
+			r.mapproxySeed("--seed", tc.named)
+			if n := r.sameTiles("inline " + tc.named); n-before < 5 {
+				t.Errorf("inline %v added only %d tiles", tc.inline, n-before)
+			}
+		}
+	})
+
+	t.Run("a seed that is done plans nothing and the worker skips fresh metatiles", func(t *testing.T) {
+		r.t = t
+		if run := r.planOK(seed("inl_box")); len(run.tiles) != 0 {
+			t.Errorf("rerun planned %d metatiles, want 0: %+v", len(run.tiles), run.tiles[0])
+		}
+		before := r.tiles("a")
+		rep := r.worker.job(map[string]any{"cache_identifier": "inl_cache_GLOBAL_WEBMERCATOR", "tiles": [][]int{{2, 2, 2}}, "refresh": false, "seed": true})
+		if !rep.Skipped {
+			t.Errorf("refresh false on a cached metatile: got %+v, want skipped", rep)
+		}
+		if after := r.tiles("a"); !mapsEqual(before, after) {
+			t.Errorf("a skipped job changed tile files")
+		}
+		rep = r.worker.job(map[string]any{"cache_identifier": "inl_cache_GLOBAL_WEBMERCATOR", "tiles": [][]int{{2, 2, 2}}, "seed": true})
+		if rep.Skipped {
+			t.Errorf("a forced job (refresh absent) was skipped")
 		}
 	})
 
@@ -709,7 +725,9 @@ func mapsEqual(a, b map[string]time.Time) bool {
 	return true
 }
 
-func jsonString(v any) string {
-	b, _ := json.Marshal(v)
-	return string(b)
+func derefOr[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
 }

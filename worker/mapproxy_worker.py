@@ -63,11 +63,11 @@ rendering.
 
 * stdin: ONE JSON line, the spec: ``{"kind": "seed"|"cleanup"|"list",
   "seed_config": "/abs/seed.yaml", "name": "NAME"}`` (a seeds: or cleanups:
-  entry) or, instead of "name", ``"inline": {"cache": "c", "grids": [...],
-  "levels": {"from": 0, "to": 12} | [2, 3], "coverage": "NAME" (from
-  seed_config's coverages:) | "bbox": [...], "srs": "EPSG:4326",
-  "refresh_before": {"days": 7}}`` (cleanup: "remove_before" / "remove_all"
-  instead of refresh_before), and optionally ``"cursor": <value of an earlier
+  entry) or ``"inline": {"cache": "c", "grids": [...], "levels": {"from": 0,
+  "to": 12} | [2, 3], "coverage": "NAME" (from seed_config's coverages:) |
+  "bbox": [...], "srs": "EPSG:4326", "refresh_before": {"days": 7}}``
+  (cleanup: "remove_before" / "remove_all" instead of refresh_before; "name"
+  is then only a label), and optionally ``"cursor": <value of an earlier
   cursor line>`` to resume a seed (a cleanup starts over: it is idempotent).
 * stdout, one JSON object per line (stdout carries nothing else):
   ``{"tasks": [{"cache_identifier": "...", "levels": [...]}, ...]}`` first;
@@ -561,9 +561,10 @@ def plan_tasks(spec, mapproxy_conf):
         return kind, {'seeds': sorted(seed_conf.seed_tasks_names()),
                       'cleanups': sorted(seed_conf.cleanup_tasks_names())}
     name, inline = spec.get('name'), spec.get('inline')
-    if (name is None) == (inline is None):
-        raise PlanError('%s: give exactly one of "name" and "inline"' % kind)
+    if name is None and inline is None:
+        raise PlanError('%s: give "name" or "inline"' % kind)
     if inline is not None:
+        # With "inline", "name" is only the daemon's label for the task.
         seed_conf = inline_seed_conf(kind, inline, raw, mapproxy_conf)
         name = INLINE_NAME
     else:
