@@ -35,10 +35,12 @@ func requireShapely(t *testing.T) {
 }
 
 // plannerRig holds an upstream WMS, two MapProxy configurations that differ only in the cache
-// directory (a.yaml: planner and worker, with a renderd address as in production; b.yaml:
-// plain mapproxy-seed, no renderd), one seed.yaml and the bundled worker script.
+// directory (a.yaml: planner and worker or the daemon, with a renderd address as in
+// production; b.yaml: plain mapproxy-seed, no renderd), one seed.yaml and the bundled worker
+// script.
 type plannerRig struct {
-	t      *testing.T
+	t      *testing.T // the running (sub)test
+	top    *testing.T // the test that owns the rig's processes
 	dir    string
 	script string
 	worker *plannerWorker
@@ -122,9 +124,16 @@ func newPlannerRig(t *testing.T) *plannerRig {
 	}
 	mr.writeYAML("a.yaml", conf("cache_a", true))
 	mr.writeYAML("b.yaml", conf("cache_b", false))
-	r := &plannerRig{t: t, dir: dir, script: filepath.Join(dir, "mapproxy_worker.py")}
-	r.worker = startPlannerWorker(t, r.script, filepath.Join(dir, "a.yaml"))
-	return r
+	return &plannerRig{t: t, top: t, dir: dir, script: filepath.Join(dir, "mapproxy_worker.py")}
+}
+
+// renderer returns the rig's bundled worker in renderer mode (on a.yaml), started on first use.
+func (r *plannerRig) renderer() *plannerWorker {
+	if r.worker == nil {
+		r.worker = startPlannerWorker(r.top, r.script, filepath.Join(r.dir, "a.yaml"))
+	}
+	r.worker.t = r.t
+	return r.worker
 }
 
 // planLine is any line of the planner protocol.
@@ -289,7 +298,7 @@ func (r *plannerRig) render(run planRun) (skipped int) {
 		if l.RefreshBefore != nil {
 			job["refresh_before"] = *l.RefreshBefore
 		}
-		if r.worker.job(job).Skipped {
+		if r.renderer().job(job).Skipped {
 			skipped++
 		}
 	}
@@ -621,14 +630,14 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 			t.Errorf("rerun planned %d metatiles, want 0: %+v", len(run.tiles), run.tiles[0])
 		}
 		before := r.tiles("a")
-		rep := r.worker.job(map[string]any{"cache_identifier": "inl_cache_GLOBAL_WEBMERCATOR", "tiles": [][]int{{2, 2, 2}}, "refresh": false, "seed": true})
+		rep := r.renderer().job(map[string]any{"cache_identifier": "inl_cache_GLOBAL_WEBMERCATOR", "tiles": [][]int{{2, 2, 2}}, "refresh": false, "seed": true})
 		if !rep.Skipped {
 			t.Errorf("refresh false on a cached metatile: got %+v, want skipped", rep)
 		}
 		if after := r.tiles("a"); !mapsEqual(before, after) {
 			t.Errorf("a skipped job changed tile files")
 		}
-		rep = r.worker.job(map[string]any{"cache_identifier": "inl_cache_GLOBAL_WEBMERCATOR", "tiles": [][]int{{2, 2, 2}}, "seed": true})
+		rep = r.renderer().job(map[string]any{"cache_identifier": "inl_cache_GLOBAL_WEBMERCATOR", "tiles": [][]int{{2, 2, 2}}, "seed": true})
 		if rep.Skipped {
 			t.Errorf("a forced job (refresh absent) was skipped")
 		}
