@@ -14,6 +14,7 @@ import (
 // queue) against plain mapproxy-seed on a separate cache, with the scenario of
 // compareWithMapProxySeed (planner_test.go).
 func TestSeedTasksMatchMapProxySeed(t *testing.T) {
+	t.Parallel() // minutes of subprocesses: overlap with the other MapProxy tests
 	r := newPlannerRig(t)
 	socket := filepath.Join(r.dir, "renderd.sock")
 	conf := "socket: " + socket + "\nrenderers: 2\nmax_seed_renderers: 2\nrender_timeout: 60s\nseed_config: " + filepath.Join(r.dir, "seed.yaml") + "\n"

@@ -405,7 +405,13 @@ done
 
 # ---------------------------------------------------------------------------
 log "writing $OUT"
+# bench/seed.sh's section is not ours to regenerate: keep it.
+SEED_SECTION=$BASE/seed-section.md
+sed -n '/^<!-- bench\/seed.sh: begin -->$/,/^<!-- bench\/seed.sh: end -->$/p' "$OUT" 2>/dev/null >"$SEED_SECTION" || true
 "$LG" report -in "$RESULTS" -out "$OUT" -elapsed "${SECONDS}s" -loadavg "$LOADAVG_START" \
 	-ours-ran="$OURS" -reps "$REPS" -tirex-enqueue "$TIREX_ENQUEUE" -quiet-spent "${QUIET_SPENT}s"
+if [ -s "$SEED_SECTION" ]; then
+	{ echo; cat "$SEED_SECTION"; } >>"$OUT"
+fi
 cp "$RESULTS" "$BASE/results-final.jsonl"
 log "done in ${SECONDS}s"

@@ -544,34 +544,44 @@ def inline_seed_conf(kind, inline, raw_seed_conf, mapproxy_conf):
     return SeedingConfiguration(conf, mapproxy_conf=mapproxy_conf)
 
 
-def plan_tasks(spec, mapproxy_conf):
-    """Return (kind, tasks) for a seed or cleanup spec, or (kind, names) for list."""
+def check_spec(spec):
+    """Reject what is wrong with the spec itself, before MapProxy is loaded."""
     kind = spec.get('kind')
     if kind not in ('seed', 'cleanup', 'list'):
         raise PlanError('"kind" must be "seed", "cleanup" or "list", got %s' % json.dumps(kind))
     path = spec.get('seed_config')
     if path is not None and (not isinstance(path, str) or not path):
         raise PlanError('"seed_config" must be a path')
+    if kind == 'list':
+        if not path:
+            raise PlanError('list needs "seed_config"')
+        return
+    name, inline = spec.get('name'), spec.get('inline')
+    if name is None and inline is None:
+        raise PlanError('%s: give "name" or "inline"' % kind)
+    if inline is None:
+        if not isinstance(name, str) or not name:
+            raise PlanError('"name" must be a string')
+        if not path:
+            raise PlanError('%s %s: no "seed_config"' % (kind, name))
+
+
+def plan_tasks(spec, mapproxy_conf):
+    """Return (kind, tasks) for a seed or cleanup spec, or (kind, names) for list;
+    check_spec(spec) has passed."""
+    kind, path = spec['kind'], spec.get('seed_config')
     raw = seed_conf = None
     if path:
         raw, seed_conf = load_seed_yaml(path, mapproxy_conf)
     if kind == 'list':
-        if seed_conf is None:
-            raise PlanError('list needs "seed_config"')
         return kind, {'seeds': sorted(seed_conf.seed_tasks_names()),
                       'cleanups': sorted(seed_conf.cleanup_tasks_names())}
     name, inline = spec.get('name'), spec.get('inline')
-    if name is None and inline is None:
-        raise PlanError('%s: give "name" or "inline"' % kind)
     if inline is not None:
         # With "inline", "name" is only the daemon's label for the task.
         seed_conf = inline_seed_conf(kind, inline, raw, mapproxy_conf)
         name = INLINE_NAME
     else:
-        if not isinstance(name, str) or not name:
-            raise PlanError('"name" must be a string')
-        if seed_conf is None:
-            raise PlanError('%s %s: no "seed_config"' % (kind, name))
         names = seed_conf.seed_tasks_names() if kind == 'seed' else seed_conf.cleanup_tasks_names()
         if name not in names:
             raise PlanError('unknown %s %s; %s has: %s' % (
@@ -690,6 +700,7 @@ def plan_main(argv):
             if not path:
                 raise PlanError('no configuration: pass a path or set MAPPROXY_CONFIG')
             spec = read_spec(sys.stdin.buffer)
+            check_spec(spec)
             from mapproxy.config.loader import load_configuration, ConfigurationError
             try:
                 # renderd=True: the planner never creates tiles, and it then
