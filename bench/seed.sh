@@ -76,7 +76,7 @@ printf 'from mapproxy.wsgiapp import make_wsgi_app\napplication = make_wsgi_app(
 UPSTREAM_PID=$!
 PIDS+=("$UPSTREAM_PID")
 for _ in $(seq 300); do
-	grep -q listening "$BASE/upstream.out" && break
+	grep -qs listening "$BASE/upstream.out" && break
 	sleep 0.1
 done
 UPSTREAM=$(sed -n 's/^listening on //p' "$BASE/upstream.out")
@@ -161,6 +161,7 @@ run_one() {
 	d0=$(cpu_tree "$DAEMON_PID")
 	u0=$(cpu_tree "$UPSTREAM_PID")
 	t0=$(date +%s.%N)
+	trap 'log "$mode failed; its output and the daemon log:"; tail -20 "$BASE/seed.out" "$BASE/daemon.log" >&2' ERR
 	case $mode in
 	mapproxy-seed)
 		/usr/bin/time -f '%U %S' -o "$BASE/time.out" \
@@ -175,6 +176,7 @@ run_one() {
 			"$BIN" seed -s "$BASE/seed.yaml" --socket "$SOCK" --wait big >"$BASE/seed.out" 2>&1
 		;;
 	esac
+	trap - ERR
 	t1=$(date +%s.%N)
 	d1=$(cpu_tree "$DAEMON_PID")
 	u1=$(cpu_tree "$UPSTREAM_PID")
