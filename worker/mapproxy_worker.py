@@ -739,7 +739,6 @@ def plan_main(argv):
     return 0
 
 
-
 def main(argv):
     if len(argv) > 1 and argv[1] == 'check':
         return check(argv[2:])
