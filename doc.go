@@ -41,6 +41,8 @@
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the
 //     packaged renderd.yaml, maintainer scripts); deb_test.go builds, installs and purges it,
 //     man_test.go keeps the man page and README's key table in step with Config.
+//   - worker/mapproxy_worker.py (embedded as bundledWorker): the bundled renderer, and in
+//     "plan" mode the planner that walks seed.yaml tasks with MapProxy's own seed code.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);

@@ -102,7 +102,7 @@ Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $size
 Depends: $libc_dep, adduser, python3, python3-mapproxy, python3-requests
-Recommends: python3-requests-unixsocket
+Recommends: python3-requests-unixsocket, python3-shapely
 Suggests: mapproxy, socat
 Section: web
 Priority: optional

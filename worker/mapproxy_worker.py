@@ -2,7 +2,8 @@
 
 Run as ``/usr/bin/python3 mapproxy_worker.py [mapproxy.yaml]``; without an
 argument the configuration path comes from the environment variable
-MAPPROXY_CONFIG. Needs Python 3 and MapProxy (Debian: python3-mapproxy 1.15).
+MAPPROXY_CONFIG. Needs Python 3 and MapProxy (Debian: python3-mapproxy 1.15);
+seed coverages from polygons (WKT, GeoJSON) need Shapely (python3-shapely).
 
 ``mapproxy_worker.py check [mapproxy.yaml]`` (mapproxy-renderd check-config)
 loads the configuration exactly as a renderer does at start (and as
@@ -33,13 +34,18 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   every tile of the metatile is rewritten, cached or not (MapProxy asks when
   any tile is missing or stale, and mapproxy-seed's refresh_before decision
   is not in the request). With "refresh": false a metatile is rendered only
-  when one of its tiles is missing or stale by the cache's own rules.
+  when one of its tiles is missing or stale (TileManager.is_cached) by the
+  cache's own rules, or, with ``"refresh_before": <unix seconds>``, when one
+  is not newer than that (as mapproxy-seed's refresh_before; a refresh_before
+  in the cache's own configuration still takes precedence, as in MapProxy).
+  refresh_before is ignored when "refresh" is true.
   With "seed" true (mapproxy-seed asked for the tile) the configuration is the
   one mapproxy-seed loads (seed_only sources render); otherwise the one
   MapProxy's web processes load (seed_only sources are blank).
   ``{"id": "...", "command": "ping"}`` is answered ok.
 * Reply: exactly one line per job, after the tiles are stored:
-  ``{"id": ..., "status": "ok"}``, or
+  ``{"id": ..., "status": "ok"}`` (with ``"skipped": true`` when "refresh"
+  was false and no metatile of the job needed a render), or
   ``{"id": ..., "status": "error", "error_message": "..."}``.
   "ok" also when the source is legitimately blank (no sources, outside its
   coverage, a response that may not be cached): nothing is stored then and the
@@ -49,6 +55,40 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   Empty lines are not jobs and get no reply.
 * End of stdin: exit 0. SIGINT is ignored (the daemon owns the lifecycle;
   closing stdin or SIGTERM stops the process).
+
+Planner mode: ``/usr/bin/python3 mapproxy_worker.py plan [mapproxy.yaml]``
+(configuration as above). It enumerates what ``mapproxy-seed -f mapproxy.yaml
+-s seed.yaml --seed NAME`` would render, or runs what ``--cleanup NAME`` would
+remove, with MapProxy's own seed code: the configuration is loaded with
+seed=True, seed.yaml with mapproxy.seed.config, and every SeedTask (one per
+cache and grid) is walked by mapproxy.seed.seeder.TileWalker with the setup of
+seed_task(); only the worker pool is ours, and it writes lines instead of
+rendering.
+
+* stdin: ONE JSON line, the spec: ``{"kind": "seed"|"cleanup"|"list",
+  "seed_config": "/abs/seed.yaml", "name": "NAME"}`` (a seeds: or cleanups:
+  entry) or ``"inline": {"cache": "c", "grids": [...], "levels": {"from": 0,
+  "to": 12} | [2, 3], "coverage": "NAME" (from seed_config's coverages:) |
+  "bbox": [...], "srs": "EPSG:4326", "refresh_before": {"days": 7}}``
+  (cleanup: "remove_before" / "remove_all" instead of refresh_before; "name"
+  is then only a label), and optionally ``"cursor": <value of an earlier
+  cursor line>`` to resume a seed (a cleanup starts over: it is idempotent).
+* stdout, one JSON object per line (stdout carries nothing else):
+  ``{"tasks": [{"cache_identifier": "...", "levels": [...]}, ...]}`` first;
+  then per metatile to render (the walker's is-cached filter already applied)
+  ``{"cache_identifier": "...", "tile": [x, y, z], "progress": 0.42}`` plus
+  ``"refresh_before": <unix seconds>`` when the seed has one; now and then
+  ``{"cursor": {...}, "progress": 0.42}`` (resuming from it re-walks at most
+  the current branch: MapProxy's SeedProgress identifier, plus the task index);
+  for a cleanup ``{"removed": n, "progress": p}`` with n cumulative (caches
+  MapProxy cleans by whole levels, e.g. MBTiles, do not say how many: n does
+  not grow for them); for list ``{"seeds": [...], "cleanups": [...]}``; last
+  ``{"done": true, "removed": n}``. progress runs 0..1 over all tasks,
+  (i + p_i) / n. On a bad spec, seed.yaml or name: ``{"error": "..."}`` and
+  exit 1. Lines are flushed one by one: a reader that stops reading blocks the
+  walk (back-pressure). A cursor line follows every 1000 metatiles
+  (MAPPROXY_WORKER_CURSOR_EVERY overrides that), 2 s of walking, and the end
+  of every task.
 
 One job at a time, single-threaded: with renderd=True MapProxy reuses Mapnik
 map objects, which assumes one thread per process.
@@ -153,9 +193,13 @@ class Worker(object):
         refresh = job.get('refresh', True)
         if not isinstance(refresh, bool):
             return error('"refresh" must be true or false')
-        return self.render(conf, tm, coords, refresh)
+        refresh_before = job.get('refresh_before')
+        if refresh_before is not None and (
+                not isinstance(refresh_before, (int, float)) or isinstance(refresh_before, bool)):
+            return error('"refresh_before" must be a number (unix seconds)')
+        return self.render(conf, tm, coords, refresh, refresh_before)
 
-    def render(self, conf, tm, coords, refresh):
+    def render(self, conf, tm, coords, refresh, refresh_before=None):
         from mapproxy.cache.tile import Tile
         from mapproxy.config import local_base_config
         from mapproxy.source import SourceError
@@ -166,6 +210,12 @@ class Worker(object):
             tm._expire_timestamp, tm._refresh_before = 2**32, {}
         else:
             tm._expire_timestamp, tm._refresh_before = conf.defaults[tm.identifier]
+            if refresh_before is not None:
+                # What mapproxy-seed's seed_task() does with a seed's
+                # refresh_before: it replaces the expire timestamp, while a
+                # refresh_before in the cache's own configuration still wins
+                # (TileManager.expire_timestamp), in the walker as here.
+                tm._expire_timestamp = refresh_before
 
         # Group coordinates by metatile, keeping order.
         metatiles = {}
@@ -177,13 +227,19 @@ class Worker(object):
             metatiles.setdefault(members[0], (coord, members))
 
         missing = []
+        skipped = 0
         try:
             with local_base_config(conf.conf.base_config), tm.session():
                 creator = tm.creator()
                 for coord, members in metatiles.values():
+                    if not refresh and all(tm.is_cached(Tile(c)) for c in members):
+                        # Nothing missing or stale: no render, and no lock.
+                        skipped += 1
+                        continue
                     # create_tiles renders the whole metatile containing coord
                     # unless all its tiles are cached and fresh (never, when
-                    # forced). One coordinate per call: no creator threads.
+                    # forced); it checks again under the metatile's lock. One
+                    # coordinate per call: no creator threads.
                     creator.create_tiles([Tile(coord)])
                     missing.extend(c for c in members if not tm.cache.is_cached(Tile(c)))
         except SourceError as e:
@@ -192,6 +248,8 @@ class Worker(object):
             log.exception('rendering %s %s failed', tm.identifier, coords)
             return error('%s: %s' % (type(e).__name__, e))
         reply = {'status': 'ok'}
+        if skipped == len(metatiles):
+            reply['skipped'] = True
         if missing:
             reply['missing'] = [list(c) for c in missing]
         return reply
@@ -308,9 +366,409 @@ def mapproxy_version():
         return '(unknown version)'
 
 
+# ---------------------------------------------------------------------------
+# Planner mode: enumerate a seed's metatiles or run a cleanup with MapProxy's
+# own seed code (mapproxy.seed.config and mapproxy.seed.seeder).
+
+class PlanError(Exception):
+    """A bad spec, seed.yaml or MapProxy configuration: reported as {"error": ...}."""
+
+
+class PlanOutput(object):
+    """Writes protocol lines. Every line is flushed at once: the daemon applies
+    back-pressure by not reading, so a full pipe simply blocks the walker."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def line(self, obj):
+        self.raw(json.dumps(obj) + '\n')
+
+    def raw(self, text):
+        """Write one preformatted line (with its newline)."""
+        self.out.write(text)
+        self.out.flush()
+
+
+class PlanWalk(object):
+    """State shared by the worker pool and progress logger of every task of one plan run."""
+
+    CURSOR_EVERY_TILES = 1000
+    CURSOR_EVERY_S = 2.0
+
+    def __init__(self, out, n_tasks):
+        every = os.environ.get('MAPPROXY_WORKER_CURSOR_EVERY')  # tests: cursor lines more often
+        if every:
+            self.CURSOR_EVERY_TILES = int(every)
+        self.out = out
+        self.n = max(n_tasks, 1)
+        self.index = 0          # the task being walked
+        self.ident = None
+        self.ident_json = 'null'
+        self.refresh_json = ''    # ', "refresh_before": <seconds>' when the seed has one
+        self.since_cursor = 0
+        self.last_cursor = time.monotonic()
+        self.removed = 0
+
+    def overall(self, task_progress):
+        p = (self.index + min(max(task_progress, 0.0), 1.0)) / self.n
+        return round(min(p, 1.0), 6)
+
+    def cursor(self, seed_progress):
+        levels = seed_progress.current_progress_identifier()
+        if levels is not None:
+            levels = [list(l) for l in levels]
+        self.out.line({'cursor': {'task': self.index, 'cache_identifier': self.ident, 'levels': levels},
+                       'progress': self.overall(seed_progress.progress)})
+        self.since_cursor = 0
+        self.last_cursor = time.monotonic()
+
+    def maybe_cursor(self, seed_progress):
+        if (self.since_cursor >= self.CURSOR_EVERY_TILES
+                or time.monotonic() - self.last_cursor >= self.CURSOR_EVERY_S):
+            self.cursor(seed_progress)
+
+
+class PlanSeedPool(object):
+    """Stands in for MapProxy's TileWorkerPool: instead of rendering, every
+    metatile the TileWalker hands over (already filtered by its is-cached
+    check) becomes one protocol line."""
+
+    def __init__(self, walk):
+        self.walk = walk
+
+    def process(self, tiles, progress):
+        w = self.walk
+        # work_on_metatiles=False (rescale_tiles) hands over the uncached tiles
+        # of one metatile: the renderer renders that metatile once.
+        tile = next((t for t in tiles if t is not None), None)
+        if tile is not None:
+            # The hot path: formatted by hand, the same JSON json.dumps would give.
+            w.out.raw('{"cache_identifier": %s, "tile": [%d, %d, %d], "progress": %r%s}\n' % (
+                w.ident_json, tile[0], tile[1], tile[2], w.overall(progress.progress), w.refresh_json))
+            w.since_cursor += 1
+        w.maybe_cursor(progress)
+
+    def stop(self, force=False):
+        pass
+
+
+class PlanCleanupPool(object):
+    """Stands in for TileWorkerPool with TileCleanupWorker, in this process:
+    removes the tiles the walker found stale and counts them."""
+
+    def __init__(self, walk, task):
+        self.walk = walk
+        self.tm = task.tile_manager
+
+    def process(self, tiles, progress):
+        with self.tm.session():
+            self.tm.remove_tile_coords(tiles)
+        self.walk.removed += len(tiles)
+        self.walk.out.line({'removed': self.walk.removed, 'progress': self.walk.overall(progress.progress)})
+
+    def stop(self, force=False):
+        pass
+
+
+class PlanProgressLog(object):
+    """The progress_logger the TileWalker calls while it descends: gives cursor
+    lines during long stretches where every tile is already cached."""
+
+    progress_store = None
+
+    def __init__(self, walk, seed):
+        self.walk = walk
+        self.seed = seed
+
+    def log_progress(self, progress, level, bbox, tiles):
+        if self.seed and time.monotonic() - self.walk.last_cursor >= self.walk.CURSOR_EVERY_S:
+            self.walk.cursor(progress)
+
+    def log_step(self, progress):
+        pass
+
+    def log_message(self, msg):
+        log.info('%s', msg)
+
+
+def read_spec(stream):
+    line = stream.readline()
+    if not line.strip():
+        raise PlanError('no spec: want one JSON line on stdin')
+    try:
+        spec = json.loads(line.decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PlanError('invalid spec: %s' % e)
+    if not isinstance(spec, dict):
+        raise PlanError('invalid spec: want a JSON object')
+    return spec
+
+
+def load_seed_yaml(path, mapproxy_conf):
+    """MapProxy's own loader, with the validation messages in the error."""
+    from mapproxy.seed.config import load_seed_tasks_conf
+    from mapproxy.seed.spec import validate_seed_conf
+    from mapproxy.util.yaml import load_yaml_file, YAMLError
+
+    try:
+        raw = load_yaml_file(path)
+    except (OSError, YAMLError) as e:
+        raise PlanError('seed_config %s: %s' % (path, e))
+    if not isinstance(raw, dict):
+        raise PlanError('seed_config %s: not a YAML mapping' % path)
+    if 'views' not in raw:
+        errors, informal_only = validate_seed_conf(raw)
+        if not informal_only:
+            raise PlanError('seed_config %s: invalid configuration: %s' % (path, '; '.join(errors)))
+    return raw, load_seed_tasks_conf(path, mapproxy_conf)
+
+
+INLINE_NAME = 'inline'
+INLINE_BBOX_COVERAGE = '__renderd_inline_bbox__'
+
+
+def inline_seed_conf(kind, inline, raw_seed_conf, mapproxy_conf):
+    """Build the in-memory seed.yaml for an inline seed or cleanup (one entry
+    named "inline") and load it with MapProxy's SeedingConfiguration."""
+    from mapproxy.seed.config import SeedingConfiguration
+    from mapproxy.seed.spec import validate_seed_conf
+
+    if not isinstance(inline, dict):
+        raise PlanError('"inline" must be an object')
+    allowed = {'cache', 'grids', 'levels', 'coverage', 'bbox', 'srs'}
+    allowed |= {'refresh_before'} if kind == 'seed' else {'remove_before', 'remove_all'}
+    unknown = sorted(set(inline) - allowed)
+    if unknown:
+        raise PlanError('inline %s: unknown field %s' % (kind, ', '.join(unknown)))
+    cache = inline.get('cache')
+    if not isinstance(cache, str) or not cache:
+        raise PlanError('inline %s: "cache" must name a cache' % kind)
+    entry = {'caches': [cache]}
+    for key in ('grids', 'levels', 'refresh_before', 'remove_before', 'remove_all'):
+        if inline.get(key) is not None:
+            entry[key] = inline[key]
+    coverages = dict((raw_seed_conf or {}).get('coverages') or {})
+    coverage, bbox = inline.get('coverage'), inline.get('bbox')
+    if coverage is not None and bbox is not None:
+        raise PlanError('inline %s: give "coverage" or "bbox", not both' % kind)
+    if coverage is not None:
+        if not isinstance(coverage, str) or coverage not in coverages:
+            raise PlanError('inline %s: unknown coverage %s; seed_config has: %s' % (
+                kind, json.dumps(coverage), ', '.join(sorted(coverages)) or 'none'))
+        entry['coverages'] = [coverage]
+    elif bbox is not None:
+        coverages[INLINE_BBOX_COVERAGE] = {'bbox': bbox, 'srs': inline.get('srs') or 'EPSG:4326'}
+        entry['coverages'] = [INLINE_BBOX_COVERAGE]
+    elif inline.get('srs') is not None:
+        raise PlanError('inline %s: "srs" needs "bbox"' % kind)
+    conf = {'coverages': coverages, ('seeds' if kind == 'seed' else 'cleanups'): {INLINE_NAME: entry}}
+    errors, informal_only = validate_seed_conf(conf)
+    if not informal_only:
+        raise PlanError('inline %s: %s' % (kind, '; '.join(errors)))
+    return SeedingConfiguration(conf, mapproxy_conf=mapproxy_conf)
+
+
+def check_spec(spec):
+    """Reject what is wrong with the spec itself, before MapProxy is loaded."""
+    kind = spec.get('kind')
+    if kind not in ('seed', 'cleanup', 'list'):
+        raise PlanError('"kind" must be "seed", "cleanup" or "list", got %s' % json.dumps(kind))
+    path = spec.get('seed_config')
+    if path is not None and (not isinstance(path, str) or not path):
+        raise PlanError('"seed_config" must be a path')
+    if kind == 'list':
+        if not path:
+            raise PlanError('list needs "seed_config"')
+        return
+    name, inline = spec.get('name'), spec.get('inline')
+    if name is None and inline is None:
+        raise PlanError('%s: give "name" or "inline"' % kind)
+    if inline is None:
+        if not isinstance(name, str) or not name:
+            raise PlanError('"name" must be a string')
+        if not path:
+            raise PlanError('%s %s: no "seed_config"' % (kind, name))
+
+
+def plan_tasks(spec, mapproxy_conf):
+    """Return (kind, tasks) for a seed or cleanup spec, or (kind, names) for list;
+    check_spec(spec) has passed."""
+    kind, path = spec['kind'], spec.get('seed_config')
+    raw = seed_conf = None
+    if path:
+        raw, seed_conf = load_seed_yaml(path, mapproxy_conf)
+    if kind == 'list':
+        return kind, {'seeds': sorted(seed_conf.seed_tasks_names()),
+                      'cleanups': sorted(seed_conf.cleanup_tasks_names())}
+    name, inline = spec.get('name'), spec.get('inline')
+    if inline is not None:
+        # With "inline", "name" is only the daemon's label for the task.
+        seed_conf = inline_seed_conf(kind, inline, raw, mapproxy_conf)
+        name = INLINE_NAME
+    else:
+        names = seed_conf.seed_tasks_names() if kind == 'seed' else seed_conf.cleanup_tasks_names()
+        if name not in names:
+            raise PlanError('unknown %s %s; %s has: %s' % (
+                kind, json.dumps(name), path, ', '.join(sorted(names)) or 'none'))
+    if kind == 'seed':
+        return kind, seed_conf.seeds([name])
+    return kind, seed_conf.cleanups([name])
+
+
+def parse_cursor(cursor, tasks):
+    """Return (first task index, SeedProgress identifier) from a cursor line's value."""
+    if cursor is None:
+        return 0, None
+    if not isinstance(cursor, dict) or not isinstance(cursor.get('task'), int):
+        raise PlanError('invalid cursor %s' % json.dumps(cursor))
+    index, levels = cursor['task'], cursor.get('levels')
+    if not 0 <= index <= len(tasks):
+        raise PlanError('cursor task %d outside 0..%d' % (index, len(tasks)))
+    want = tasks[index].tile_manager.identifier if index < len(tasks) else None
+    if cursor.get('cache_identifier') != want:
+        raise PlanError('cursor is for %s, task %d of this seed is %s' % (
+            cursor.get('cache_identifier'), index, want or 'past the end'))
+    if levels is not None:
+        if not isinstance(levels, list) or not all(
+                isinstance(l, list) and len(l) == 2 and all(isinstance(n, int) for n in l) for l in levels):
+            raise PlanError('invalid cursor levels %s' % json.dumps(levels))
+        # SeedProgress compares (i, subtiles) tuples.
+        levels = [tuple(l) for l in levels]
+    return index, levels
+
+
+def plan_seed(tasks, first, old_levels, out):
+    """Walk every SeedTask as mapproxy.seed.seeder.seed_task does, emitting metatiles,
+    from task index first and its SeedProgress identifier old_levels on."""
+    from mapproxy.seed.seeder import TileWalker, SeedProgress
+
+    walk = PlanWalk(out, len(tasks))
+    for i, task in enumerate(tasks):
+        walk.index, walk.ident = i, task.tile_manager.identifier
+        if i < first:
+            continue
+        seed_progress = SeedProgress(old_progress_identifier=old_levels if i == first else None)
+        # The setup of seed_task(), minus the worker processes.
+        if task.coverage is False:
+            continue
+        if task.refresh_timestamp is not None:
+            task.tile_manager._expire_timestamp = task.refresh_timestamp
+        task.tile_manager.minimize_meta_requests = False
+        walk.ident_json = json.dumps(walk.ident)
+        walk.refresh_json = ''
+        if task.refresh_timestamp is not None:
+            walk.refresh_json = ', "refresh_before": %s' % json.dumps(task.refresh_timestamp)
+        walker = TileWalker(task, PlanSeedPool(walk), handle_uncached=True, handle_stale=False,
+                            skip_geoms_for_last_levels=0, progress_logger=PlanProgressLog(walk, True),
+                            seed_progress=seed_progress,
+                            work_on_metatiles=not task.tile_manager.rescale_tiles)
+        walker.walk()
+        task.tile_manager.cleanup()
+        # The next task starts from scratch: a cursor here resumes there.
+        walk.index, walk.ident = i + 1, tasks[i + 1].tile_manager.identifier if i + 1 < len(tasks) else None
+        walk.out.line({'cursor': {'task': i + 1, 'cache_identifier': walk.ident, 'levels': None},
+                       'progress': walk.overall(0.0)})
+        walk.since_cursor, walk.last_cursor = 0, time.monotonic()
+    out.line({'done': True, 'removed': 0})
+
+
+def plan_cleanup(tasks, out):
+    """Run mapproxy.seed.cleanup.cleanup() in this process, counting removed tiles."""
+    from mapproxy.seed.seeder import TileWalker
+    from mapproxy.util.fs import cleanup_directory
+
+    walk = PlanWalk(out, len(tasks))
+    for i, task in enumerate(tasks):
+        walk.index, walk.ident = i, task.tile_manager.identifier
+        if task.coverage is False:
+            continue
+        cache = task.tile_manager.cache
+        if task.complete_extent and callable(getattr(cache, 'level_location', None)):
+            # simple_cleanup(), with a file handler that counts what it removes.
+            def remove(filename):
+                os.remove(filename)
+                walk.removed += 1
+            for j, level in enumerate(task.levels):
+                cleanup_directory(cache.level_location(level), task.remove_timestamp,
+                                  file_handler=remove, remove_empty_dirs=True)
+                out.line({'removed': walk.removed, 'progress': walk.overall((j + 1) / len(task.levels))})
+        elif task.complete_extent and callable(getattr(cache, 'remove_level_tiles_before', None)):
+            # cache_cleanup(): the cache removes whole levels and does not say how many tiles.
+            for j, level in enumerate(task.levels):
+                cache.remove_level_tiles_before(level, task.remove_timestamp)
+                task.tile_manager.cleanup()
+                out.line({'removed': walk.removed, 'progress': walk.overall((j + 1) / len(task.levels))})
+        else:
+            # tilewalker_cleanup(), with the removal in this process.
+            task.tile_manager._expire_timestamp = task.remove_timestamp
+            task.tile_manager.minimize_meta_requests = False
+            walker = TileWalker(task, PlanCleanupPool(walk, task), handle_stale=True,
+                                work_on_metatiles=False, progress_logger=PlanProgressLog(walk, False),
+                                skip_geoms_for_last_levels=0)
+            walker.walk()
+        task.tile_manager.cleanup()
+        out.line({'removed': walk.removed, 'progress': walk.overall(1.0)})
+    out.line({'done': True, 'removed': walk.removed})
+
+
+def plan_main(argv):
+    """``mapproxy_worker.py plan [mapproxy.yaml]``: see the module docstring."""
+    out = PlanOutput(take_stdout())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    level = os.environ.get('MAPPROXY_WORKER_LOG_LEVEL', 'WARNING').upper()
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.WARNING),
+                        format='%(levelname)s %(name)s: %(message)s')
+    try:
+        try:
+            path = argv[2] if len(argv) > 2 else os.environ.get('MAPPROXY_CONFIG')
+            if not path:
+                raise PlanError('no configuration: pass a path or set MAPPROXY_CONFIG')
+            spec = read_spec(sys.stdin.buffer)
+            check_spec(spec)
+            from mapproxy.config.loader import load_configuration, ConfigurationError
+            try:
+                # renderd=True: the planner never creates tiles, and it then
+                # needs no requests library for a renderd.address.
+                mapproxy_conf = load_configuration(path, seed=True, renderd=True)
+            except Exception as e:
+                raise PlanError('cannot load %s: %s: %s' % (path, type(e).__name__, e))
+            with mapproxy_conf:
+                try:
+                    kind, tasks = plan_tasks(spec, mapproxy_conf)
+                except ConfigurationError as e:
+                    raise PlanError(str(e))
+                if kind == 'list':
+                    out.line(tasks)
+                    out.line({'done': True, 'removed': 0})
+                    return 0
+                if kind == 'seed':
+                    first, old_levels = parse_cursor(spec.get('cursor'), tasks)
+                out.line({'tasks': [{'cache_identifier': t.tile_manager.identifier,
+                                     'levels': list(t.levels)} for t in tasks]})
+                if kind == 'seed':
+                    plan_seed(tasks, first, old_levels, out)
+                else:
+                    plan_cleanup(tasks, out)
+        except PlanError as e:
+            out.line({'error': str(e)})
+            return 1
+        except BrokenPipeError:
+            raise
+        except Exception as e:
+            log.exception('planning failed')
+            out.line({'error': '%s: %s' % (type(e).__name__, e)})
+            return 1
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
 def main(argv):
     if len(argv) > 1 and argv[1] == 'check':
         return check(argv[2:])
+    if len(argv) > 1 and argv[1] == 'plan':
+        return plan_main(argv)
     out = take_stdout()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     level = os.environ.get('MAPPROXY_WORKER_LOG_LEVEL', 'WARNING').upper()
