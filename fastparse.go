@@ -279,7 +279,7 @@ func appendJobLine(dst []byte, id string, j renderJob) []byte {
 		dst = append(dst, `]],"refresh":true`...)
 	} else {
 		dst = append(dst, `]],"refresh":false`...)
-		if j.refreshBefore > 0 {
+		if j.refreshBefore >= 0 {
 			dst = append(dst, `,"refresh_before":`...)
 			dst = strconv.AppendFloat(dst, j.refreshBefore, 'f', -1, 64)
 		}

@@ -23,7 +23,7 @@ type taskItem struct {
 	tile          tileCoord
 	hasTile       bool
 	progress      float64 // fraction of the walk done; < 0 when the item does not say
-	refreshBefore float64 // unix seconds; 0 = the cache's own rules
+	refreshBefore float64 // unix seconds; < 0 = none (the cache's own rules). 0 is a value: MapProxy uses it for caches without timestamps
 	removed       uint64  // cumulative tiles removed (cleanup); valid when hasRemoved
 	hasRemoved    bool
 	cursor        json.RawMessage // where to resume from; nil when the item has none
@@ -128,7 +128,7 @@ type plannerLine struct {
 	CacheIdentifier string          `json:"cache_identifier"`
 	Tile            []int64         `json:"tile"`
 	Progress        *float64        `json:"progress"`
-	RefreshBefore   float64         `json:"refresh_before"`
+	RefreshBefore   *float64        `json:"refresh_before"`
 	Cursor          json.RawMessage `json:"cursor"`
 	Removed         *uint64         `json:"removed"`
 	Done            bool            `json:"done"`
@@ -211,7 +211,10 @@ func (p *plannerSource) readItems(br *bufio.Reader) error {
 		if l.Error != nil {
 			return errors.New(*l.Error)
 		}
-		it := taskItem{progress: -1, cursor: l.Cursor, refreshBefore: l.RefreshBefore}
+		it := taskItem{progress: -1, cursor: l.Cursor, refreshBefore: -1}
+		if l.RefreshBefore != nil {
+			it.refreshBefore = *l.RefreshBefore
+		}
 		if l.Progress != nil {
 			it.progress = *l.Progress
 		}

@@ -53,7 +53,7 @@ type Request struct {
 	PrioritySet bool
 
 	// Set by tasks only, never from the wire: render the metatile only when a tile of it is
-	// missing or stale (older than RefreshBefore, unix seconds, when that is set).
+	// missing or stale (older than RefreshBefore, unix seconds, when that is not negative).
 	NoForce       bool
 	RefreshBefore float64
 	// WaitMS: with HasWait, answer pending when the job has not finished after this many ms (§13).

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -203,5 +204,13 @@ func TestJobLineIsValidJSON(t *testing.T) {
 	}
 	if err := json.Unmarshal(line, &k); err != nil || k.Refresh == nil || *k.Refresh || k.RefreshBefore != 1700000000.25 {
 		t.Fatalf("job line %s: %+v %v", line, k, err)
+	}
+	// 0 is a refresh_before (MapProxy's "everything" for caches without timestamps); a
+	// negative one is none.
+	if line := appendJobLine(nil, "19", renderJob{cache: "c", refreshBefore: 0}); !bytes.Contains(line, []byte(`"refresh_before":0`)) {
+		t.Errorf("job line %s lacks refresh_before 0", line)
+	}
+	if line := appendJobLine(nil, "20", renderJob{cache: "c", refreshBefore: -1}); bytes.Contains(line, []byte(`refresh_before`)) {
+		t.Errorf("job line %s has a refresh_before", line)
 	}
 }

@@ -162,9 +162,9 @@ type cacheInfo struct {
 }
 
 // refreshBefore is what a job that is not forced sends to the renderer: the latest
-// refresh_before its waiters asked for (0: the cache's own rules).
+// refresh_before its waiters asked for (negative: none; the cache's own rules).
 func (j *job) refreshBefore() float64 {
-	rb := 0.0
+	rb := -1.0
 	for _, w := range j.waiting() {
 		rb = max(rb, w.req.RefreshBefore)
 	}

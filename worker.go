@@ -50,7 +50,7 @@ type renderJob struct {
 	recycle int
 	seed    bool
 	// refresh false: render only what is missing or stale (older than refreshBefore, unix
-	// seconds, when that is not 0). Task jobs; every other job is a forced render.
+	// seconds, when that is not negative). Task jobs; every other job is a forced render.
 	refresh       bool
 	refreshBefore float64
 	prio          renderPriority // the process's CPU and I/O priority for this job (nice.go)
