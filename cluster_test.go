@@ -463,3 +463,99 @@ func firstOf(m map[string]string) string {
 	}
 	return ""
 }
+
+// TestClusterMapProxyOneMetatile: three real MapProxy front ends (each with its own lock
+// directories, as on separate hosts, and one shared tile cache) post through HAProxy to
+// three daemons running the bundled MapProxy renderer. 1,000 requests for the tiles of
+// one metatile, spread over the three front ends, make exactly one render cluster-wide.
+func TestClusterMapProxyOneMetatile(t *testing.T) {
+	requireMapProxy(t)
+	requireHAProxy(t)
+	repo, _ := os.Getwd()
+	dir := shortTempDir(t)
+	rig := &mapproxyRig{t: t, dir: dir}
+	upstream := rig.serveWSGI(filepath.Join(repo, "examples/upstream.yaml"), nil)
+
+	// config writes a MapProxy configuration whose cache is shared and whose locks are local.
+	config := func(name, renderd string) string {
+		conf := rig.readYAML(filepath.Join(repo, "examples/mapproxy.yaml"))
+		conf["sources"].(map[string]any)["upstream_wms"].(map[string]any)["req"].(map[string]any)["url"] = upstream + "service"
+		conf["globals"].(map[string]any)["cache"] = map[string]any{
+			"base_dir":      dir + "/cache_data", // the shared file system
+			"lock_dir":      dir + "/" + name + "/locks",
+			"tile_lock_dir": dir + "/" + name + "/tile_locks",
+		}
+		conf["globals"].(map[string]any)["renderd"] = map[string]any{"address": renderd}
+		rig.writeYAML(name+".yaml", conf)
+		return filepath.Join(dir, name+".yaml")
+	}
+	var daemons []*clusterDaemon
+	for n := 1; n <= 3; n++ {
+		mp := config(fmt.Sprintf("render-%d", n), "http://127.0.0.1:1")
+		daemons = append(daemons, newClusterDaemon(t, dir, n, nil, "renderers: 2\n", "-f", mp))
+	}
+	h := startClusterHAProxy(t, dir, []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
+	h.waitStates(map[string]string{"r1": "UP", "r2": "UP", "r3": "UP"})
+	var fronts []string
+	for n := 1; n <= 3; n++ {
+		mp := config(fmt.Sprintf("front-%d", n), "http://"+h.front)
+		fronts = append(fronts, rig.serveWSGI(filepath.Join(repo, "examples/mapproxy_wsgi.py"), []string{"MAPPROXY_CONFIG=" + mp}))
+	}
+
+	const wms = "wms_cache_GLOBAL_WEBMERCATOR"
+	const requests = 1000
+	work := make(chan int)
+	var mu sync.Mutex
+	codes := map[int]int{}
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < 60; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &http.Client{Timeout: 2 * time.Minute}
+			for i := range work {
+				// The 16 tiles of the 4x4 metatile at z 7 whose top-left tile is (32, 20).
+				u := fmt.Sprintf("%swmts/wmsl/GLOBAL_WEBMERCATOR/7/%d/%d.png", fronts[i%3], 32+i%4, 20+(i/4)%4)
+				code := 0
+				if resp, err := client.Get(u); err == nil {
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					code = resp.StatusCode
+					if code == 200 && !isPNG(b) {
+						code = -1
+					}
+				}
+				mu.Lock()
+				codes[code]++
+				mu.Unlock()
+			}
+		}()
+	}
+	for i := 0; i < requests; i++ {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	took := time.Since(start)
+	if codes[200] != requests {
+		t.Errorf("responses: got %v (status → count; -1 = not a PNG), want %d × 200", codes, requests)
+	}
+	var rendered, posted, merged uint64
+	var by []string
+	for _, d := range daemons {
+		s := d.status()
+		rendered += s.Caches[wms]["rendered"]
+		posted += s.Counters["requested"]
+		merged += s.Counters["merged"]
+		by = append(by, fmt.Sprintf("%s: %d rendered of %d posted", d.name, s.Caches[wms]["rendered"], s.Counters["requested"]))
+	}
+	if rendered != 1 {
+		t.Errorf("renders cluster-wide: got %d (%s), want exactly 1", rendered, strings.Join(by, ", "))
+	}
+	if files := rig.pngFiles("wms_cache_EPSG3857/07"); len(files) != 16 {
+		t.Errorf("tiles in the shared cache: got %d, want the metatile's 16", len(files))
+	}
+	t.Logf("%d requests for one metatile over 3 MapProxy front ends in %v: %d POSTs reached the daemons (%d merged), %d render; %s",
+		requests, took.Round(time.Millisecond), posted, merged, rendered, strings.Join(by, ", "))
+}
