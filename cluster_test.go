@@ -455,6 +455,36 @@ func TestClusterSpreadAndFailover(t *testing.T) {
 			t.Errorf("after the return, metatile %s rendered by %v, want only its owner %s", m.key(), r, daemons[owner[m.key()]].name)
 		}
 	}
+
+	// 5. The CLI through HAProxy: a tile request without an id gets MapProxy's, so it goes
+	// to the metatile's owner; one HAProxy cannot place is refused with its JSON error.
+	cli := func(args ...string) (string, error) {
+		var out strings.Builder
+		err := run(t.Context(), append([]string{"request"}, args...), &out, io.Discard)
+		return out.String(), err
+	}
+	for _, m := range tiles[:30] {
+		before = snapshot()
+		line := fmt.Sprintf(`{"command":"tile","cache_identifier":%q,"tiles":[[%d,%d,12]]}`, cacheID, m.x, m.y)
+		if out, err := cli("--http", "http://"+h.front+"/", line); err != nil || !strings.Contains(out, `"status":"ok"`) {
+			t.Fatalf("request --http through HAProxy: got %q, %v", out, err)
+		}
+		if r := renders(before)[m.key()]; len(r) != 1 || r[0] != owner[m.key()] {
+			t.Errorf("request --http for %s: rendered by %v, want its owner %s", m.key(), r, daemons[owner[m.key()]].name)
+		}
+	}
+	out, err := cli("--http", "http://"+h.front, `{"command":"ping"}`)
+	if err == nil || !strings.Contains(out, "no id in the request body") {
+		t.Errorf("ping through HAProxy: got %q, %v; want HAProxy's error and exit status 1", out, err)
+	}
+	var st strings.Builder
+	if err := run(t.Context(), []string{"status", "--http", "http://" + daemons[0].addr}, &st, io.Discard); err != nil || !strings.Contains(st.String(), `"renderers"`) {
+		t.Errorf("status --http URL of a daemon: got %q, %v; want the status document", st.String(), err)
+	}
+	// host:port is still the native protocol, straight to one daemon.
+	if out, err := cli("--http", daemons[0].addr, `{"command":"health","id":"h"}`); err != nil || !strings.Contains(out, `"status":"ok"`) {
+		t.Errorf("request --http host:port (native): got %q, %v", out, err)
+	}
 }
 
 func firstOf(m map[string]string) string {

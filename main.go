@@ -54,8 +54,8 @@ const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
                    [--socket PATH] [--http ADDR]
   mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
-  mapproxy-renderd request [-s socket | --http host:port | -f … | -c …] [--timeout d] '<json>'
-  mapproxy-renderd status  [-s socket | --http host:port | -f … | -c …]
+  mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
+  mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
