@@ -137,6 +137,22 @@ func (h *clusterHAProxy) states() map[string]string {
 	return st
 }
 
+// command sends one command to HAProxy's admin socket and fails on an answer.
+func (h *clusterHAProxy) command(cmd string) {
+	h.t.Helper()
+	c, err := net.Dial("unix", h.stats)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(lcDeadline))
+	io.WriteString(c, cmd+"\n")
+	b, _ := io.ReadAll(c)
+	if out := strings.TrimSpace(string(b)); out != "" {
+		h.t.Fatalf("haproxy %q: %s", cmd, out)
+	}
+}
+
 // waitStates waits until HAProxy reports every server in want with that status.
 func (h *clusterHAProxy) waitStates(want map[string]string) {
 	h.t.Helper()
@@ -456,7 +472,32 @@ func TestClusterSpreadAndFailover(t *testing.T) {
 		}
 	}
 
-	// 5. The CLI through HAProxy: a tile request without an id gets MapProxy's, so it goes
+	// 5. Draining r1 as README says (HAProxy's admin socket): its metatiles go to the
+	// others; back to ready, they return to it.
+	h.command("set server renderers/r1 state drain")
+	h.waitStates(map[string]string{"r1": "DRAIN"})
+	before = snapshot()
+	if failed := postAll(t, h.front, tiles[:600]); len(failed) > 0 {
+		t.Fatalf("with r1 drained, %d of 600 requests failed, e.g. %v", len(failed), firstOf(failed))
+	}
+	for k, r := range renders(before) {
+		if len(r) != 1 || r[0] == 0 || (owner[k] != 0 && r[0] != owner[k]) {
+			t.Errorf("with r1 drained, metatile %s (owner %s) rendered by %v", k, daemons[owner[k]].name, r)
+		}
+	}
+	h.command("set server renderers/r1 state ready")
+	h.waitStates(map[string]string{"r1": "UP"})
+	before = snapshot()
+	if failed := postAll(t, h.front, tiles[:600]); len(failed) > 0 {
+		t.Fatalf("after the drain, %d of 600 requests failed, e.g. %v", len(failed), firstOf(failed))
+	}
+	for k, r := range renders(before) {
+		if len(r) != 1 || r[0] != owner[k] {
+			t.Errorf("after the drain, metatile %s rendered by %v, want its owner %s", k, r, daemons[owner[k]].name)
+		}
+	}
+
+	// 6. The CLI through HAProxy: a tile request without an id gets MapProxy's, so it goes
 	// to the metatile's owner; one HAProxy cannot place is refused with its JSON error.
 	cli := func(args ...string) (string, error) {
 		var out strings.Builder
