@@ -346,13 +346,14 @@ func (s *server) gate(h http.Handler) http.Handler {
 // closeListeners stops accepting (health checks say "stopping" from now on). Connections
 // already open keep being served.
 func (s *server) closeListeners() {
-	s.stopOnce.Do(func() { close(s.stopCh) })
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, l := range s.listeners {
 		l.Close()
 	}
 	s.listeners = nil
+	s.mu.Unlock()
+	// Only now: "stopping" promises that no new connection is accepted.
+	s.stopOnce.Do(func() { close(s.stopCh) })
 }
 
 // shutdown closes every connection once its replies are written (the scheduler has answered
