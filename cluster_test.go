@@ -4,6 +4,7 @@ package main
 // examples/cluster/haproxy.cfg (addresses and check interval changed, nothing else).
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -103,10 +104,15 @@ type clusterHAProxy struct {
 	stats string // admin socket
 }
 
-func startClusterHAProxy(t *testing.T, dir string, daemons []string) *clusterHAProxy {
+// startClusterHAProxy starts HAProxy in front of daemons, listening on front (a free port
+// when "").
+func startClusterHAProxy(t *testing.T, dir, front string, daemons []string) *clusterHAProxy {
 	t.Helper()
 	exe := requireHAProxy(t)
-	h := &clusterHAProxy{t: t, front: freeTCPAddr(t), stats: dir + "/haproxy.sock"}
+	if front == "" {
+		front = freeTCPAddr(t)
+	}
+	h := &clusterHAProxy{t: t, front: front, stats: dir + "/haproxy.sock"}
 	cfg := clusterHAProxyConfig(t, dir, h.front, daemons)
 	if out, err := exec.Command(exe, "-c", "-f", cfg).CombinedOutput(); err != nil {
 		t.Fatalf("haproxy -c: %v\n%s", err, out)
@@ -323,7 +329,7 @@ func TestClusterSpreadAndFailover(t *testing.T) {
 		daemons = append(daemons, newClusterDaemon(t, dir, n, cmd, "renderers: 4\n"))
 	}
 	victim := daemons[1]
-	h := startClusterHAProxy(t, dir, []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
+	h := startClusterHAProxy(t, dir, "", []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
 	h.waitStates(map[string]string{"r1": "UP", "r2": "UP", "r3": "UP"})
 
 	var tiles []metatile
@@ -565,7 +571,7 @@ func TestClusterMapProxyOneMetatile(t *testing.T) {
 		mp := config(fmt.Sprintf("render-%d", n), "http://127.0.0.1:1")
 		daemons = append(daemons, newClusterDaemon(t, dir, n, nil, "renderers: 2\n", "-f", mp))
 	}
-	h := startClusterHAProxy(t, dir, []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
+	h := startClusterHAProxy(t, dir, "", []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
 	h.waitStates(map[string]string{"r1": "UP", "r2": "UP", "r3": "UP"})
 	var fronts []string
 	for n := 1; n <= 3; n++ {
@@ -629,4 +635,124 @@ func TestClusterMapProxyOneMetatile(t *testing.T) {
 	}
 	t.Logf("%d requests for one metatile over 3 MapProxy front ends in %v: %d POSTs reached the daemons (%d merged), %d render; %s",
 		requests, took.Round(time.Millisecond), posted, merged, rendered, strings.Join(by, ", "))
+}
+
+// nativeCall sends one native-protocol request to addr (TCP) and returns the reply.
+func nativeCall(t *testing.T, addr, line string) Reply {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, lcDeadline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	cl := &client{t: t, c: c, r: bufio.NewReader(c)}
+	cl.send(line)
+	return cl.read()
+}
+
+// TestClusterSeedTask: a seed task started on one daemon with cluster: (HAProxy's address)
+// sends each metatile through HAProxy with MapProxy's id, so every metatile is rendered
+// exactly once in the whole cluster, by its owner, and the task counts them all done.
+func TestClusterSeedTask(t *testing.T) {
+	requireHAProxy(t)
+	dir := shortTempDir(t)
+	exe := lcExecutable(t)
+	front := freeTCPAddr(t)
+	seedConfig := filepath.Join(dir, "seed.yaml")
+	if err := os.WriteFile(seedConfig, []byte("seeds:\n  all: {caches: [c]}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const n = 900
+	planner, _ := json.Marshal([]string{exe, "fake-planner", "-n", strconv.Itoa(n), "-cache", cacheID})
+	var daemons []*clusterDaemon
+	for i := 1; i <= 3; i++ {
+		extra := "renderers: 4\n"
+		if i == 1 {
+			extra += fmt.Sprintf("seed_config: %s\nplanner_command: %s\ncluster: http://%s/\n", seedConfig, planner, front)
+		}
+		daemons = append(daemons, newClusterDaemon(t, dir, i, []string{exe, "fake-renderer", "-delay", "1ms"}, extra))
+	}
+	h := startClusterHAProxy(t, dir, front, []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
+	h.waitStates(map[string]string{"r1": "UP", "r2": "UP", "r3": "UP"})
+
+	rep := nativeCall(t, daemons[0].addr, `{"command":"seed","id":"s","task":"all"}`)
+	if rep.Status != statusQueued {
+		t.Fatalf("seed: got %+v", rep)
+	}
+	id := taskOf(t, rep).TaskID
+	var doc taskDoc
+	deadline := time.Now().Add(2 * lcDeadline)
+	for {
+		doc = taskOf(t, nativeCall(t, daemons[0].addr, `{"command":"task","task_id":"`+id+`"}`))
+		if doc.finished() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the task did not end; it is %+v", doc)
+		}
+		time.Sleep(20 * time.Millisecond) // polling the task, bounded by the deadline
+	}
+	if doc.State != taskStateDone || doc.Planned != n || doc.Done != n || doc.Failed != 0 {
+		t.Fatalf("task: got %+v, want done with %d planned and done", doc, n)
+	}
+	seen := map[string][]string{}
+	for _, d := range daemons {
+		for k, c := range d.jobs() {
+			for ; c > 0; c-- {
+				seen[k] = append(seen[k], d.name)
+			}
+		}
+	}
+	if len(seen) != n {
+		t.Errorf("distinct metatiles rendered: got %d, want %d", len(seen), n)
+	}
+	per := map[string]int{}
+	for k, by := range seen {
+		if len(by) != 1 {
+			t.Errorf("metatile %s rendered by %v, want exactly once", k, by)
+			continue
+		}
+		per[by[0]]++
+	}
+	for _, d := range daemons {
+		if per[d.name] < n/5 {
+			t.Errorf("%s rendered %d of %d metatiles; the task's work is not split (%v)", d.name, per[d.name], n, per)
+		}
+	}
+	// The metatiles went through HAProxy as MapProxy's requests: every daemon counted them as
+	// requests at the task's priority, including the one that runs the task.
+	for _, d := range daemons {
+		if got := d.status().Counters["requested"]; got != uint64(per[d.name]) {
+			t.Errorf("%s: %d requests, want %d (its share)", d.name, got, per[d.name])
+		}
+	}
+	t.Logf("seed task of %d metatiles on %s through HAProxy: rendered per daemon %v", n, daemons[0].name, per)
+}
+
+func TestClusterConfigValidation(t *testing.T) {
+	for _, tc := range []struct {
+		yaml string
+		ok   bool
+	}{
+		{"cluster: http://127.0.0.1:8111/", true},
+		{"cluster: http://haproxy.local:8111", true},
+		{"cluster: 127.0.0.1:8111", false},
+		{"cluster: https://haproxy.local/", true},
+		{"cluster: ftp://127.0.0.1:8111/", false},
+		{"cluster: http://", false},
+		{"cluster: http://u:p@127.0.0.1:8111/", false},
+	} {
+		c := defaultConfig()
+		c.RendererCommand = []string{"/bin/true"}
+		err := parseConfig(&c, strings.NewReader(tc.yaml))
+		if err == nil {
+			err = c.Validate()
+		}
+		if tc.ok && err != nil {
+			t.Errorf("%s: got %v, want it accepted", tc.yaml, err)
+		}
+		if !tc.ok && (err == nil || !strings.HasPrefix(err.Error(), "cluster: ")) {
+			t.Errorf("%s: got %v, want an error naming cluster", tc.yaml, err)
+		}
+	}
 }
