@@ -1,7 +1,8 @@
 #!/bin/bash
 # bench/cluster.sh — several mapproxy-renderd daemons behind HAProxy (DESIGN §15,
 # examples/cluster): renders/s with 50 ms renders for 1, 2 and 3 daemons × 4 renderers,
-# and the latency HAProxy adds per request. Writes the section "Several daemons behind
+# a seed task spread over 3 daemons by cluster: against one that renders its own, and the
+# latency HAProxy adds per request. Writes the section "Several daemons behind
 # HAProxy" at the end of BENCHMARKS.md (replacing an earlier one; bench/run.sh keeps it).
 #
 # Everything runs on this machine on loopback: the daemons (bench/renderer as their
@@ -13,6 +14,7 @@
 # Environment:
 #   REPS=3            repetitions (the report shows the median and min–max)
 #   DURATION=10s      length of each throughput run
+#   SEED_N=1200       metatiles of the seed task
 #   BENCH_OUT=FILE    the report to update (default: <repo>/BENCHMARKS.md)
 #   BENCH_KEEP=1      keep the temp dir (configs, logs, raw results)
 set -euo pipefail
@@ -85,11 +87,13 @@ mkdir -p "$BIN"
 (cd "$ROOT" && go build -o "$BIN/mapproxy-renderd" . && go build -o "$BIN/renderer" ./bench/renderer &&
 	go build -o "$BIN/clusterload" ./bench/clusterload)
 
-# start_cluster N SLEEP: N daemons (4 renderers each, renders taking SLEEP) and HAProxy in
-# front of them. Sets DAEMONS (their addresses) and FRONT (HAProxy's).
+# start_cluster N SLEEP [YAML]: N daemons (4 renderers each, renders taking SLEEP) and
+# HAProxy in front of them; YAML is added to the first daemon's renderd.yaml (@FRONT@ stands
+# for HAProxy's address). Sets DAEMONS (their addresses) and FRONT (HAProxy's).
 start_cluster() {
-	local n=$1 sleep=$2 i port cfg hcfg
+	local n=$1 sleep=$2 extra=${3:-} i port cfg hcfg
 	DAEMONS=()
+	FRONT=127.0.0.1:$(free_port)
 	for ((i = 1; i <= n; i++)); do
 		port=$(free_port)
 		cfg=$BASE/renderd-$i.yaml
@@ -101,12 +105,14 @@ renderer_command: ["$BIN/renderer", "-sleep", "$sleep", "-meta", "0"]
 log_level: warn
 stop_timeout: 5s
 EOF
+		if ((i == 1)) && [ -n "$extra" ]; then
+			printf '%s\n' "${extra//@FRONT@/$FRONT}" >>"$cfg"
+		fi
 		"$BIN/mapproxy-renderd" -c "$cfg" >>"$BASE/daemon-$i.log" 2>&1 &
 		PIDS+=($!)
 		DAEMONS+=("127.0.0.1:$port")
 		wait_until "daemon $i" curl -sf "http://127.0.0.1:$port/healthz"
 	done
-	FRONT=127.0.0.1:$(free_port)
 	hcfg=$BASE/haproxy.cfg
 	# The example with this machine's addresses, no logging, and only N servers.
 	sed -e '/^    log \/dev\/log local0$/d' \
@@ -121,6 +127,9 @@ EOF
 	PIDS+=($!)
 	wait_until "HAProxy: $n servers up" bash -c "[ \"\$(echo 'show stat' | socat stdio UNIX-CONNECT:$BASE/haproxy.sock | grep -c '^renderers,r[0-9],.*,UP,')\" = $n ]"
 }
+
+SEED_N=${SEED_N:-1200}
+printf 'seeds:\n  all: {caches: [bench]}\n' >"$BASE/seed.yaml"
 
 START=0
 measure() { # measure LABEL MODE URL ARGS…: one clusterload run, its line added to RESULTS
@@ -137,6 +146,26 @@ for ((rep = 1; rep <= REPS; rep++)); do
 		measure "throughput $n" closed "http://$FRONT/" -window 64 -duration "$DURATION" -warmup 100
 		stop_all
 	done
+	for mode in local cluster; do
+		if [ $mode = local ]; then n=1; else n=3; fi
+		log "rep $rep: a seed task of $SEED_N metatiles started on daemon 1: $mode ($n daemon(s) × 4 renderers, 50 ms renders)"
+		extra="seed_config: $BASE/seed.yaml
+planner_command: [\"$BIN/clusterload\", \"plan\", \"-n\", \"$SEED_N\"]"
+		if [ $mode = cluster ]; then
+			extra="$extra
+cluster: http://@FRONT@/"
+		fi
+		start_cluster "$n" 50ms "$extra"
+		t0=$(date +%s.%N)
+		"$BIN/mapproxy-renderd" seed --http "${DAEMONS[0]}" --wait all >"$BASE/seed-$mode-$rep.log" 2>&1 || log "the seed task failed (see seed-$mode-$rep.log)"
+		t1=$(date +%s.%N)
+		# The last line is the task's final state: "t1 all seed done 1200/1200 metatiles …".
+		tail -1 "$BASE/seed-$mode-$rep.log" | awk -v m="$mode" -v a="$t0" -v b="$t1" '{
+			split($5, c, "/"); ok = ($4 == "done") ? c[1] : 0
+			printf "{\"label\":\"seed %s\",\"state\":\"%s\",\"completed\":%d,\"failed\":%d,\"per_s\":%.3f,\"seconds\":%.3f}\n", m, $4, ok, c[2] - ok, ok / (b - a), b - a }' |
+			tee -a "$RESULTS" >&2
+		stop_all
+	done
 	log "rep $rep: latency, one daemon, renders take no time, one request at a time"
 	start_cluster 1 0s
 	measure "direct" latency "http://${DAEMONS[0]}/" -n 2000 -warmup 200
@@ -148,9 +177,9 @@ done
 
 log "writing the report section into $OUT"
 HAPROXY_VERSION=$(haproxy -v | awk 'NR == 1 {print $3}')
-/usr/bin/python3 - "$RESULTS" "$OUT" "$REPS" "$DURATION" "$HAPROXY_VERSION" "$(nproc)" "$SECONDS" <<'EOF'
+/usr/bin/python3 - "$RESULTS" "$OUT" "$REPS" "$DURATION" "$HAPROXY_VERSION" "$(nproc)" "$SECONDS" "$SEED_N" <<'EOF'
 import json, statistics, sys, datetime
-results, out, reps, duration, hv, cpus, elapsed = sys.argv[1:]
+results, out, reps, duration, hv, cpus, elapsed, seed_n = sys.argv[1:]
 rows = [json.loads(l) for l in open(results) if l.strip()]
 def vals(label, key):
     return [r[key] for r in rows if r["label"] == label]
@@ -193,6 +222,20 @@ if v3 and base:
     r = statistics.median(v3) / statistics.median(base)
     s.append("")
     s.append("Goal: ≥ 2.7× at 3 daemons (near-linear): %.2f× — **%s**." % (r, "met" if r >= 2.7 else "not met"))
+s.append("")
+s.append("**A seed task across hosts** (`cluster:`). A seed task of %s metatiles (planned by `clusterload plan`, "
+         "as fast as the daemon reads them) started on daemon 1 with `mapproxy-renderd seed --wait`, timed from start to "
+         "end: *local*, one daemon renders its own task; *cluster*, daemon 1 has `cluster:` set to HAProxy's address and "
+         "sends every metatile through HAProxy to its owner among 3 daemons. Same 50 ms renders, 4 renderers each, "
+         "all seed-class (priority 10)." % seed_n)
+s.append("")
+s.append("| task | metatiles/s | vs local | ideal | not done |")
+s.append("|---|---|---|---|---|")
+loc = vals("seed local", "per_s")
+for mode, name, ideal in (("local", "local: 1 daemon renders its task", 80), ("cluster", "cluster: through HAProxy to 3 daemons", 240)):
+    v = vals("seed " + mode, "per_s")
+    ratio = "%.2f×" % (statistics.median(v) / statistics.median(loc)) if v and loc else "n/a"
+    s.append("| %s | %s | %s | %d | %d |" % (name, cell(v), ratio, ideal, sum(vals("seed " + mode, "failed"))))
 s.append("")
 s.append("**Latency HAProxy adds.** One daemon, renders that take no time, one request at a time (2,000 timed after 200 "
          "warm-up, twice per repetition in alternating order), each on a new connection as MapProxy makes them: "

@@ -4,6 +4,7 @@
 //
 //	clusterload closed  -url U -window 64 -duration 10s   closed loop: renders/s, latency
 //	clusterload latency -url U -n 2000                     one request at a time: latency
+//	clusterload plan -n 3000                               a planner (planner_command) for seed tasks
 //
 // Every request names its own metatile (8×8 apart at -z, from index -start), so nothing is
 // merged. It prints one JSON line: completed, failed, per_s, p50_ms, p90_ms, p99_ms and the
@@ -12,6 +13,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha1"
 	"encoding/hex"
@@ -31,8 +33,15 @@ import (
 )
 
 func main() {
+	if len(os.Args) >= 2 && os.Args[1] == "plan" {
+		if err := plan(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "clusterload plan:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) < 2 || (os.Args[1] != "closed" && os.Args[1] != "latency") {
-		fmt.Fprintln(os.Stderr, "usage: clusterload closed|latency [flags]")
+		fmt.Fprintln(os.Stderr, "usage: clusterload closed|latency|plan [flags]")
 		os.Exit(2)
 	}
 	if err := run(os.Args[1], os.Args[2:]); err != nil {
@@ -200,4 +209,30 @@ func busyShare(a, b [2]uint64) float64 {
 		return 0
 	}
 	return float64(b[0]-a[0]) / float64(b[1]-a[1])
+}
+
+// plan is a planner for the daemon's seed tasks (the planner protocol of README "Seeding"):
+// it reads the spec line and plans -n metatiles 8 apart at -z, each its own, without
+// looking at any cache, as fast as the daemon reads them.
+func plan(args []string) error {
+	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
+	n := fs.Int("n", 3000, "metatiles to plan")
+	cache := fs.String("cache", "bench_GLOBAL_WEBMERCATOR", "cache identifier")
+	z := fs.Int("z", 18, "zoom level")
+	start := fs.Int("start", 0, "index of the first metatile")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+		return fmt.Errorf("no spec line: %w", err)
+	}
+	out := bufio.NewWriterSize(os.Stdout, 64<<10)
+	fmt.Fprintf(out, "{\"tasks\": [{\"cache_identifier\": %q, \"levels\": [%d]}]}\n", *cache, *z)
+	for i := 0; i < *n; i++ {
+		k := *start + i
+		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, %d, %d], \"progress\": %g}\n",
+			*cache, 8*(k%32768), 8*(k/32768), *z, float64(i+1)/float64(*n))
+	}
+	fmt.Fprintln(out, `{"done": true}`)
+	return out.Flush()
 }
