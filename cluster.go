@@ -138,7 +138,8 @@ func (c *clusterRoute) cancel(p *pendingRequest) {
 	}
 }
 
-// close aborts what is in flight, drops what is pending and waits for the workers.
+// close aborts what is in flight, drops what is pending and waits for the workers. It may
+// be called more than once.
 func (c *clusterRoute) close() {
 	c.stop()
 	c.wg.Wait()

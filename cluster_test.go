@@ -757,20 +757,21 @@ func TestClusterConfigValidation(t *testing.T) {
 	}
 }
 
-// TestClusterSeedTaskCancel: a task that sends its metatiles through HAProxy stops sending
-// when it is cancelled, and its requests in flight (at most clusterInFlight) are aborted on
-// its side. HAProxy 2.6 does not pass the hang-up on, so the daemons finish those jobs, and
-// nothing beyond them.
+// TestClusterSeedTaskCancel: a task that sends its metatiles through HAProxy has at most
+// clusterInFlight of them in flight, stops sending when it is cancelled, and aborts those
+// on its side. HAProxy 2.6 does not pass the hang-up on, so the daemons finish them, and
+// nothing beyond them. The renderers wait at a gate, so nothing is answered before the end.
 func TestClusterSeedTaskCancel(t *testing.T) {
 	requireHAProxy(t)
 	dir := shortTempDir(t)
 	exe := lcExecutable(t)
 	front := freeTCPAddr(t)
+	gate := lcFIFO(t, dir+"/gate")
 	seedConfig := filepath.Join(dir, "seed.yaml")
 	if err := os.WriteFile(seedConfig, []byte("seeds:\n  all: {caches: [c]}\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	const n = 5000
+	const n = 1000
 	planner, _ := json.Marshal([]string{exe, "fake-planner", "-n", strconv.Itoa(n), "-cache", cacheID})
 	var daemons []*clusterDaemon
 	for i := 1; i <= 3; i++ {
@@ -778,58 +779,49 @@ func TestClusterSeedTaskCancel(t *testing.T) {
 		if i == 1 {
 			extra += fmt.Sprintf("seed_config: %s\nplanner_command: %s\ncluster: http://%s/\n", seedConfig, planner, front)
 		}
-		daemons = append(daemons, newClusterDaemon(t, dir, i, []string{exe, "fake-renderer", "-delay", "20ms"}, extra))
+		daemons = append(daemons, newClusterDaemon(t, dir, i, []string{exe, "fake-renderer", "-gate", dir + "/gate"}, extra))
 	}
 	h := startClusterHAProxy(t, dir, front, []string{daemons[0].addr, daemons[1].addr, daemons[2].addr})
 	h.waitStates(map[string]string{"r1": "UP", "r2": "UP", "r3": "UP"})
+	counts := func() (requested, rendered, busy uint64) {
+		for _, d := range daemons {
+			s := d.status()
+			requested += s.Counters["requested"]
+			rendered += s.Counters["rendered"]
+			busy += uint64(s.Queue.Length + s.Queue.Running)
+		}
+		return
+	}
+	waitCounts := func(what string, cond func(requested, rendered, busy uint64) bool) {
+		t.Helper()
+		deadline := time.Now().Add(lcDeadline)
+		for {
+			r, d, b := counts()
+			if cond(r, d, b) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s: %d requested, %d rendered, %d queued or running", what, r, d, b)
+			}
+			time.Sleep(20 * time.Millisecond) // polling the daemons, bounded by the deadline
+		}
+	}
 
 	rep := nativeCall(t, daemons[0].addr, `{"command":"seed","id":"s","task":"all"}`)
 	if rep.Status != statusQueued {
 		t.Fatalf("seed: got %+v", rep)
 	}
 	id := taskOf(t, rep).TaskID
-	queued := func() (q int) {
-		for _, d := range daemons {
-			q += d.status().Queue.Length
-		}
-		return q
-	}
-	// 256 requests in flight through HAProxy: the daemons queue what their renderers cannot take.
-	deadline := time.Now().Add(lcDeadline)
-	for queued() < 100 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the task's requests did not queue up at the daemons (queued %d)", queued())
-		}
-		time.Sleep(20 * time.Millisecond) // polling the daemons, bounded by the deadline
-	}
+	waitCounts("the task's requests in flight", func(r, _, _ uint64) bool { return r >= clusterInFlight })
 	rep = nativeCall(t, daemons[0].addr, `{"command":"cancel","task_id":"`+id+`"}`)
-	doc := taskOf(t, rep)
-	if doc.State != taskStateCancelled {
-		t.Fatalf("cancel: got %+v", doc)
+	if d := taskOf(t, rep); d.State != taskStateCancelled || d.Done != 0 {
+		t.Fatalf("cancel: got %+v, want cancelled with nothing done", d)
 	}
-	// Every request that reached a daemon was answered to the task before the cancel or was
-	// among the at most clusterInFlight in flight at that moment.
-	limit := doc.Done + doc.Failed + doc.Retried + clusterInFlight
-	deadline = time.Now().Add(lcDeadline)
-	for {
-		var requested, rendered, q uint64
-		for _, d := range daemons {
-			s := d.status()
-			requested += s.Counters["requested"]
-			rendered += s.Counters["rendered"]
-			q += uint64(s.Queue.Length + s.Queue.Running)
-		}
-		if requested > limit {
-			t.Fatalf("requests at the daemons: %d, want at most %d (answered %d + %d in flight)", requested, limit, limit-clusterInFlight, clusterInFlight)
-		}
-		if q == 0 {
-			t.Logf("cancelled a cluster task of %d metatiles: %d requests had reached the daemons (%d answered to the task), %d rendered",
-				n, requested, doc.Done+doc.Failed+doc.Retried, rendered)
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after the cancel %d jobs are still queued or running at the daemons", q)
-		}
-		time.Sleep(20 * time.Millisecond) // polling the daemons, bounded by the deadline
+	if _, err := gate.Write(make([]byte, 2*clusterInFlight)); err != nil {
+		t.Fatal(err)
+	}
+	waitCounts("the daemons to finish", func(_, _, b uint64) bool { return b == 0 })
+	if r, d, _ := counts(); r != clusterInFlight || d != clusterInFlight {
+		t.Errorf("after the cancel: %d requests reached the daemons and %d were rendered, want the %d in flight and no more", r, d, clusterInFlight)
 	}
 }

@@ -772,6 +772,10 @@ func (t *task) fail(reason string) {
 // dropped, jobs a live request merged into stay, running renders finish. Retries are
 // forgotten.
 func (t *task) abandon() {
+	if t.cluster != nil {
+		// Close first: a worker freed by one cancel must not send another metatile.
+		t.cluster.close()
+	}
 	for p := range t.outstanding {
 		t.route.cancel(p)
 	}
