@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"strings"
 	"time"
 )
 
@@ -31,7 +33,8 @@ func (c *clientFlags) register(fs *flag.FlagSet, sIsSocket bool) {
 	if sIsSocket {
 		fs.StringVar(&c.socket, "s", "", usage)
 	}
-	fs.StringVar(&c.tcp, "http", "", "TCP address of the daemon, host:port (instead of the socket)")
+	fs.StringVar(&c.tcp, "http", "", "TCP address of the daemon, host:port (native protocol, instead of the socket); "+
+		"request and status also take an http:// URL (HTTP, e.g. through HAProxy, see README)")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Minute, "give up after this long")
 }
 
@@ -96,6 +99,7 @@ func runClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 		return err
 	}
 	var line []byte
+	var err error
 	switch cmd {
 	case "status":
 		if fs.NArg() > 0 {
@@ -115,13 +119,19 @@ func runClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 			line = buf.Bytes()
 		}
 	}
-	network, addr, err := cl.address()
-	if err != nil {
-		return err
-	}
 	ctx, cancel := context.WithTimeout(ctx, cl.timeout)
 	defer cancel()
-	r, reply, err := exchange(ctx, network, addr, line)
+	var r Reply
+	var reply []byte
+	if strings.HasPrefix(cl.tcp, "http://") || strings.HasPrefix(cl.tcp, "https://") {
+		r, reply, err = httpExchange(ctx, cmd, cl.tcp, line)
+	} else {
+		var network, addr string
+		if network, addr, err = cl.address(); err != nil {
+			return err
+		}
+		r, reply, err = exchange(ctx, network, addr, line)
+	}
 	if err != nil {
 		return err
 	}
@@ -137,4 +147,64 @@ func runClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 		return err
 	}
 	return exitStatus(r)
+}
+
+// httpExchange sends the request the way MapProxy does, as an HTTP POST to url (status: GET
+// url's /status), so that it can go through HAProxy (examples/cluster), and returns the
+// parsed reply and its line. A tile request for one tile without an id gets MapProxy's id
+// for it (mapproxyRequestID), the key HAProxy hashes to pick the daemon; to reach the
+// metatile's owner, name its top-left tile, as MapProxy does.
+func httpExchange(ctx context.Context, cmd, url string, line []byte) (Reply, []byte, error) {
+	method, body := http.MethodPost, line
+	if cmd == "status" {
+		method, body = http.MethodGet, nil
+		url = strings.TrimSuffix(url, "/") + "/status"
+	} else {
+		var err error
+		if body, err = withMapProxyID(line); err != nil {
+			return Reply{}, nil, err
+		}
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
+	if err != nil {
+		return Reply{}, nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return Reply{}, nil, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return Reply{}, nil, err
+	}
+	raw = bytes.TrimSpace(raw)
+	if cmd == "status" && resp.StatusCode == http.StatusOK {
+		// GET /status answers the document itself; wrap it as the status command's reply.
+		raw = append(append([]byte(`{"status":"ok","stats":`), raw...), '}')
+	}
+	var r Reply
+	if err := json.Unmarshal(raw, &r); err != nil {
+		return Reply{}, nil, fmt.Errorf("HTTP %s: the answer is not a JSON reply: %s", resp.Status, truncate(string(raw), 500))
+	}
+	return r, append(raw, '\n'), nil
+}
+
+// withMapProxyID adds MapProxy's request id to a tile request for one tile that has none.
+// Anything else is sent as it is (the daemon judges it).
+func withMapProxyID(line []byte) ([]byte, error) {
+	req, err := parseRequest(line)
+	if err != nil || req.Command != "tile" || req.ID != nil || len(req.Tiles) != 1 {
+		return line, nil
+	}
+	id, err := mapproxyRequestID(req.CacheIdentifier, req.Tiles[0])
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(line, &m); err != nil {
+		return line, nil
+	}
+	m["id"], _ = json.Marshal(id)
+	return json.Marshal(m)
 }

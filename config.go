@@ -57,6 +57,9 @@ type Config struct {
 	SeedIOPrioIdle bool            `yaml:"seed_ioprio_idle"`
 	HTTPWait       Duration        `yaml:"http_wait"`
 	Prefetch       *PrefetchConfig `yaml:"prefetch"`
+	// Cluster is HAProxy's URL (examples/cluster): a task sends each metatile there, as
+	// MapProxy would, so that its owner renders it (DESIGN §15). "" = this daemon renders.
+	Cluster string `yaml:"cluster"`
 
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
@@ -406,6 +409,12 @@ func (c *Config) validateTasks() error {
 	}
 	if len(c.PlannerCommand) == 0 && len(c.RendererCommand) > 0 && c.MapProxyConfig == "" && c.SeedConfig != "" {
 		return errors.New("planner_command: required for seed_config when there is no mapproxy_config")
+	}
+	if c.Cluster != "" {
+		u, err := url.Parse(c.Cluster)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.Fragment != "" {
+			return fmt.Errorf("cluster: want HAProxy's address as an http:// (or https://) URL, e.g. http://127.0.0.1:8111/, got %q", c.Cluster)
+		}
 	}
 	if len(c.Schedules) > 0 && c.SeedConfig == "" {
 		return errors.New("schedules: need seed_config (or -s seed.yaml)")

@@ -17,6 +17,9 @@
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
 //   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
 //   - http.go: the HTTP routes, MapProxy 1.15's renderd protocol among them.
+//   - health.go: GET /healthz and the native health command: may this daemon be sent work now.
+//   - cluster.go: MapProxy's request id (sha1 of a Python repr), the key HAProxy hashes to
+//     split metatiles across hosts (examples/cluster, DESIGN §15).
 //   - client.go: the client subcommands (request, status) and how they reach the daemon.
 //   - tasks.go: tasks (DESIGN §10): the task manager (task table, API) and one goroutine per
 //     task that reads its source with back-pressure and feeds the scheduler as a client does.

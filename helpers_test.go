@@ -43,10 +43,11 @@ func TestMain(m *testing.M) {
 }
 
 // fakeRenderer is a renderer for tests. Behaviour per job is chosen by the tile's x:
-// x == crash → exit 3; x == hang → never answer; x == garbage → write garbage;
-// x == fail → answer error; x == skip → answer ok with "skipped": true. It logs
-// "pid cache z x y" per job to -log, and with -gate it reads one byte from that FIFO before
-// answering, so tests decide when renders finish.
+// x == crash → exit 3; x == hang → never answer; x == stall → never answer, exit when
+// stdin ends (the daemon died); x == garbage → write garbage; x == fail → answer error;
+// x == skip → answer ok with "skipped": true. It logs "pid cache z x y" per job to -log,
+// and with -gate it reads one byte from that FIFO before answering, so tests decide when
+// renders finish.
 // With -ready-gate it reads one byte from that FIFO before its ready line (tests decide when
 // start-up ends), and -env-log appends one JSON line per process start (see writeEnvLog).
 func fakeRenderer(args []string) int {
@@ -59,6 +60,7 @@ func fakeRenderer(args []string) int {
 	stderrLines := fs.Int("stderr-lines", 0, "write this many numbered lines to stderr first")
 	crash := fs.Int("crash", -1, "x that makes the renderer exit")
 	hang := fs.Int("hang", -1, "x that makes the renderer hang")
+	stall := fs.Int("stall", -1, "x that the renderer never answers; it exits when its stdin ends")
 	garbage := fs.Int("garbage", -1, "x that makes the renderer write garbage")
 	fail := fs.Int("fail", -1, "x that makes the renderer answer error")
 	skip := fs.Int("skip", -1, "x that the renderer answers ok with \"skipped\": true")
@@ -163,6 +165,10 @@ func fakeRenderer(args []string) int {
 			time.Sleep(*delay) // the simulated render
 		}
 		switch {
+		case int(x) == *stall:
+			for in.Scan() { // the daemon's jobs go unanswered until it is gone
+			}
+			return 0
 		case flakyFail:
 			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "flaky first try"}`+"\n", j.ID)
 		case *failMod > 0 && int(x)%*failMod == 0:

@@ -21,6 +21,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("DELETE /tasks/{id}", s.serveCancelTask)
 	mux.HandleFunc("GET /metrics", s.serveMetrics)
 	mux.HandleFunc("GET /{$}", s.servePage)
+	mux.HandleFunc("GET /healthz", s.serveHealthz)
 	mux.HandleFunc("/", s.serveNoRoute)
 	return mux
 }
@@ -82,6 +83,9 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		return
 	case "seed", "tasks", "task", "cancel":
 		writeJSON(w, http.StatusOK, s.tasks.handle(req))
+		return
+	case "health":
+		writeJSON(w, http.StatusOK, s.health().reply(req.ID))
 		return
 	}
 	// http_wait is for live requests: mapproxy-seed (priority 10) takes any answer but error

@@ -54,8 +54,8 @@ const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
                    [--socket PATH] [--http ADDR]
   mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
-  mapproxy-renderd request [-s socket | --http host:port | -f … | -c …] [--timeout d] '<json>'
-  mapproxy-renderd status  [-s socket | --http host:port | -f … | -c …]
+  mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
+  mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
@@ -270,12 +270,6 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 			return err
 		}
 	}
-	closeAll := func() {
-		for _, l := range listeners {
-			l.Close()
-		}
-	}
-
 	raiseNiceLimit(cfg, log) // renderers inherit it: back from seed_nice after a seed job
 	sched := newScheduler(cfg, log, rendererConfigFrom(cfg, script))
 	sched.onTick = func(sum string) { _ = notify.Notify("STATUS=" + sum) }
@@ -283,6 +277,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		sched.watchdog = wd
 		sched.onWatch = func() { _ = notify.Notify("WATCHDOG=1") }
 	}
+	srv := newServer(cfg, sched, log)
 	schedCtx, stopSched := context.WithCancel(context.Background())
 	defer stopSched()
 	go sched.run(schedCtx)
@@ -292,26 +287,35 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		defer t.Stop()
 		<-sched.done
 	}
+	// abandonStart stops a daemon whose renderers never became ready: requests that waited
+	// for them are answered shutting_down.
+	abandonStart := func() {
+		srv.closeListeners()
+		stopScheduler(0)
+		flushCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.shutdown(flushCtx)
+	}
 
+	// Serve from now on, so that health checks get "starting" (503) rather than silence;
+	// every other request waits until the renderers are ready (srv.openUp).
+	srv.start(listeners)
 	_ = notify.Notify("STATUS=starting " + strconv.Itoa(cfg.Renderers) + " renderers")
 	select {
 	case err := <-sched.startup:
 		if err != nil {
-			closeAll()
-			stopScheduler(0)
+			abandonStart()
 			return fmt.Errorf("renderers did not start: %w", err)
 		}
 	case <-ctx.Done():
-		closeAll()
-		stopScheduler(0)
+		abandonStart()
 		return nil
 	}
 
 	tasks := newTaskManager(cfg, sched, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env, log)
 	tasks.start()
-	srv := newServer(cfg, sched, log)
-	srv.tasks = tasks
-	srv.start(listeners)
+	srv.tasks = tasks // before openUp: handlers use it only once the server is open
+	srv.openUp()
 	addrs := make([]string, 0, len(listeners))
 	for _, l := range listeners {
 		addrs = append(addrs, l.Addr().Network()+":"+l.Addr().String())

@@ -152,14 +152,14 @@ func slowParse(line []byte) (Request, error) {
 	}
 	var ferr error
 	switch req.Command {
-	case "ping", "status":
+	case "ping", "status", "health":
 		return req, nil
 	case "tile":
 		ferr = parseTileFields(&req, &w)
 	case "seed", "tasks", "task", "cancel":
 		ferr = parseTaskFields(&req, &w)
 	default:
-		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, ping, seed, tasks, task or cancel)", truncate(req.Command, 64))}
+		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, health, ping, seed, tasks, task or cancel)", truncate(req.Command, 64))}
 	}
 	if ferr != nil {
 		return req, &requestError{id: req.ID, msg: "invalid request: " + ferr.Error()}

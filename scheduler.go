@@ -23,6 +23,7 @@ type schedMsg struct {
 	cancel  *pendingRequest
 	due     *pendingRequest // its wait_ms ran out (live.go)
 	status  chan<- statusDoc
+	health  chan<- health
 	metrics chan<- *metricsSnap
 	history chan<- []historySample
 	reload  *Config
@@ -235,6 +236,8 @@ func (s *scheduler) handleMsg(m schedMsg) {
 		s.handleDue(m.due)
 	case m.status != nil:
 		m.status <- s.statusDoc()
+	case m.health != nil:
+		m.health <- s.healthNow()
 	case m.metrics != nil:
 		m.metrics <- s.metricsSnapshot()
 	case m.history != nil:

@@ -23,11 +23,17 @@ import (
 type server struct {
 	log    *slog.Logger
 	sched  *scheduler
-	tasks  *taskManager // set before start
+	tasks  *taskManager // set before openUp; used only by requests served after it
 	limits atomic.Pointer[serverLimits]
 
 	httpSrv   *http.Server
 	httpConns *chanListener
+
+	// openCh is closed by openUp once the renderers are ready; until then requests wait
+	// (health checks excepted). stopCh is closed when the listeners close (stopping).
+	openCh, stopCh chan struct{}
+	openOnce       sync.Once
+	stopOnce       sync.Once
 
 	mu        sync.Mutex
 	listeners []net.Listener
@@ -48,6 +54,8 @@ func newServer(cfg Config, sched *scheduler, log *slog.Logger) *server {
 		conns:     make(map[*ndjsonConn]struct{}),
 		unsniffed: make(map[net.Conn]struct{}),
 		httpConns: newChanListener(),
+		openCh:    make(chan struct{}),
+		stopCh:    make(chan struct{}),
 	}
 	s.setLimits(cfg)
 	s.httpSrv = &http.Server{
@@ -57,7 +65,7 @@ func newServer(cfg Config, sched *scheduler, log *slog.Logger) *server {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
-	s.httpSrv.Handler = s.routes()
+	s.httpSrv.Handler = s.gate(s.routes())
 	sched.connStats = s.counters
 	return s
 }
@@ -286,14 +294,66 @@ func (s *server) untrack(nc *ndjsonConn) {
 	s.mu.Unlock()
 }
 
-// closeListeners stops accepting. Connections already open keep being served.
+// openUp lets requests through: the renderers are ready. Before it, connections are
+// accepted and health checks answered (not ready), but every other request waits.
+func (s *server) openUp() { s.openOnce.Do(func() { close(s.openCh) }) }
+
+func (s *server) isOpen() bool {
+	select {
+	case <-s.openCh:
+		return true
+	default:
+		return false
+	}
+}
+
+func (s *server) isClosing() bool {
+	select {
+	case <-s.stopCh:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitOpen blocks until the server is open (true), or it stops or done is closed first (false).
+func (s *server) waitOpen(done <-chan struct{}) bool {
+	if s.isOpen() {
+		return true
+	}
+	select {
+	case <-s.openCh:
+		return true
+	case <-s.stopCh:
+		return false
+	case <-done:
+		return false
+	}
+}
+
+// gate holds every HTTP request but the health check until the server is open.
+func (s *server) gate(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		isHealth := (r.Method == http.MethodGet || r.Method == http.MethodHead) && r.URL.Path == "/healthz"
+		if !isHealth && !s.waitOpen(r.Context().Done()) {
+			writeJSON(w, http.StatusServiceUnavailable, forMapProxy(Reply{Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"}))
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// closeListeners stops accepting (health checks say "stopping" from now on). Connections
+// already open keep being served.
 func (s *server) closeListeners() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, l := range s.listeners {
 		l.Close()
 	}
 	s.listeners = nil
+	s.mu.Unlock()
+	// Only now: "stopping" promises that no new connection is accepted.
+	s.stopOnce.Do(func() { close(s.stopCh) })
 }
 
 // shutdown closes every connection once its replies are written (the scheduler has answered
@@ -511,6 +571,16 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 		} else {
 			nc.push(errorReply(nil, err.Error()))
 		}
+		return
+	}
+	if req.Command == "health" {
+		nc.push(nc.s.health().reply(req.ID))
+		return
+	}
+	// Until the renderers are ready, only health is answered; the rest waits (the reader
+	// with it), as it would in the listen backlog.
+	if !nc.s.waitOpen(nil) {
+		nc.push(Reply{ID: req.ID, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"})
 		return
 	}
 	switch req.Command {

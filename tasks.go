@@ -277,6 +277,10 @@ func (m *taskManager) startTask(spec taskSpec) (taskDoc, error) {
 		close(t.ended)
 		return t.snapshot(), nil
 	}
+	if m.cfg.Cluster != "" {
+		t.cluster = newClusterRoute(m.cfg.Cluster, min(m.cfg.SeedWindow, clusterInFlight))
+		t.route = t.cluster
+	}
 	m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled)
 	m.wg.Add(1)
 	go func() {
@@ -430,6 +434,8 @@ func mustJSON(v any) json.RawMessage {
 // task is one running or finished task.
 type task struct {
 	m        *taskManager
+	route    jobRoute      // the scheduler, or cluster
+	cluster  *clusterRoute // with cluster: set, closed when run returns
 	id       string
 	spec     taskSpec
 	set      taskSettings
@@ -474,7 +480,7 @@ type taskReply struct {
 
 func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 	now := time.Now()
-	t := &task{m: m, id: id, spec: spec, set: set,
+	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set,
 		replies: make(chan taskReply, set.window+1), stopCh: make(chan string, 1), ended: make(chan struct{}),
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
 	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
@@ -546,6 +552,9 @@ func (t *task) end(state, reason string) {
 func (t *task) run(ctx context.Context, src taskSource) {
 	defer close(t.ended)
 	defer src.close()
+	if t.cluster != nil {
+		defer t.cluster.close()
+	}
 	t.started = time.Now()
 	t.mu.Lock()
 	t.doc.State = taskStatePlanning
@@ -634,7 +643,7 @@ func (t *task) submit(tj *taskJob) {
 		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
 		NoForce: true, RefreshBefore: tj.item.refreshBefore}}
 	t.outstanding[p] = tj
-	t.m.sched.submit(p)
+	t.route.submit(p)
 }
 
 // answer takes the scheduler's reply for one of the task's requests.
@@ -763,8 +772,12 @@ func (t *task) fail(reason string) {
 // dropped, jobs a live request merged into stay, running renders finish. Retries are
 // forgotten.
 func (t *task) abandon() {
+	if t.cluster != nil {
+		// Close first: a worker freed by one cancel must not send another metatile.
+		t.cluster.close()
+	}
 	for p := range t.outstanding {
-		t.m.sched.cancel(p)
+		t.route.cancel(p)
 	}
 	clear(t.outstanding)
 	t.retrying = nil

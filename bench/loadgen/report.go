@@ -415,17 +415,23 @@ func cmdReport(args []string) error {
 		w("* %s\n", g)
 	}
 	w("\n")
-	// bench/live.sh owns a section of the same file: keep it.
+	// bench/live.sh and bench/cluster.sh own sections of the same file, each between its
+	// begin and end markers: keep them.
 	if old, err := os.ReadFile(*out); err == nil {
-		const begin, end = "<!-- live-helpers:begin", "<!-- live-helpers:end -->"
-		if i := strings.Index(string(old), begin); i >= 0 {
-			if j := strings.Index(string(old)[i:], end); j >= 0 {
-				w("%s\n", string(old)[i:i+j+len(end)])
+		for _, m := range [][2]string{{"<!-- live-helpers:begin", "<!-- live-helpers:end -->"}, {clusterBegin, clusterEnd}} {
+			begin, end := m[0], m[1]
+			if i := strings.Index(string(old), begin); i >= 0 {
+				if j := strings.Index(string(old)[i:], end); j >= 0 {
+					w("%s\n", string(old)[i:i+j+len(end)])
+				}
 			}
 		}
 	}
 	return os.WriteFile(*out, []byte(b.String()), 0o644)
 }
+
+// clusterBegin and clusterEnd enclose the section bench/cluster.sh writes into BENCHMARKS.md.
+const clusterBegin, clusterEnd = "<!-- bench/cluster.sh: begin -->", "<!-- bench/cluster.sh: end -->"
 
 func goalSummary(r *results) []string {
 	var out []string

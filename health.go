@@ -1,0 +1,90 @@
+package main
+
+import (
+	"net/http"
+	"strconv"
+)
+
+// health is whether the daemon should be sent work now (DESIGN §15): a load balancer's
+// health check asks GET /healthz, a script the native command "health".
+type health struct {
+	ok     bool
+	reason string // why not, when !ok
+}
+
+// healthNow is the scheduler's side of the answer; it runs on the scheduler goroutine.
+// Ready means able to take a job now or after its current one: started and not being
+// retired. A renderer busy with a job counts as ready, so a loaded daemon stays healthy.
+func (s *scheduler) healthNow() health {
+	if s.stopping {
+		return health{reason: "stopping"}
+	}
+	ready, total := 0, 0
+	for _, slot := range s.slots {
+		if slot.retiring {
+			continue
+		}
+		total++
+		if slot.state != slotStarting {
+			ready++
+		}
+	}
+	switch {
+	case s.startupPending > 0:
+		return health{reason: "starting: " + strconv.Itoa(ready) + " of " + strconv.Itoa(total) + " renderers ready"}
+	case s.allFailing():
+		return health{reason: "every renderer fails to start: " + truncate(s.lastStartErr, 300)}
+	case ready == 0:
+		return health{reason: "no renderer ready: " + strconv.Itoa(total) + " restarting"}
+	}
+	return health{ok: true}
+}
+
+// health asks the scheduler goroutine for healthNow. A stopped scheduler is "stopping".
+func (s *scheduler) health() health {
+	ch := make(chan health, 1)
+	select {
+	case s.in <- schedMsg{health: ch}:
+	case <-s.done:
+		return health{reason: "stopping"}
+	}
+	select {
+	case h := <-ch:
+		return h
+	case <-s.done:
+		return health{reason: "stopping"}
+	}
+}
+
+// health is the daemon's answer: not ok before the server opens (renderers still starting),
+// after it closes its listeners (stopping), or whenever the scheduler says so.
+func (s *server) health() health {
+	if s.isClosing() {
+		return health{reason: "stopping"}
+	}
+	h := s.sched.health()
+	if h.ok && !s.isOpen() {
+		return health{reason: "starting"}
+	}
+	return h
+}
+
+func (h health) reply(id *string) Reply {
+	if h.ok {
+		return Reply{ID: id, Status: statusOK}
+	}
+	return errorReply(id, "not ready: "+h.reason)
+}
+
+// serveHealthz is GET /healthz, for load balancers (HAProxy's option httpchk): 200
+// {"status":"ok"} while the daemon takes work, else 503 with the reason in error_message.
+// It is answered at once, also while the renderers are still starting.
+func (s *server) serveHealthz(w http.ResponseWriter, r *http.Request) {
+	h := s.health()
+	code := http.StatusOK
+	if !h.ok {
+		code = http.StatusServiceUnavailable
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, code, h.reply(nil))
+}
