@@ -11,7 +11,8 @@
 #              in production use mod_wsgi or gunicorn, see README.md)
 #              whose renderd.address is the daemon's Unix socket
 # then fetches tiles through WMTS, TMS and WMS, talks to the daemon directly,
-# seeds through it with mapproxy-seed (TCP), and prints the status document.
+# seeds with the daemon's own task (mapproxy-renderd seed), refreshes through it
+# with plain mapproxy-seed (TCP), and prints the status document.
 # Every process it started is stopped on exit; the temp directory is kept.
 #
 # Environment: MAPPROXY_RENDERD_BIN=/path/to/binary skips the build.
@@ -210,18 +211,22 @@ if reply=$("$BIN" request -s "$SOCK" "$req"); then
 fi
 info "reply:   $reply (non-zero exit, as it should)"
 
-step "seeding through mapproxy-renderd (mapproxy-seed --seed initial -c 2, over TCP)"
+step "seeding by the daemon itself (mapproxy-renderd seed -s seed.yaml --wait initial)"
 before=$(count_png "$C/wms_cache_EPSG3857")
-# mapproxy-seed retries renderd errors for hours: bound it and look for retries.
-timeout 300 mapproxy-seed -f "$TMP/mapproxy.yaml" -s "$TMP/seed.yaml" --seed initial -c 2 \
-	>"$TMP/logs/seed-initial.log" 2>&1 || die "mapproxy-seed failed (see $TMP/logs/seed-initial.log)"
-! grep -q 'Retry in' "$TMP/logs/seed-initial.log" || die "mapproxy-seed had to retry (see $TMP/logs/seed-initial.log)"
+timeout 300 "$BIN" seed -s "$TMP/seed.yaml" --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-initial.log" |
+	sed 's/^/    /' || die "the seed task failed (see $TMP/logs/seed-initial.log)"
+grep -q ' done ' "$TMP/logs/seed-initial.log" || die "the seed task did not end done"
 after=$(count_png "$C/wms_cache_EPSG3857")
 ((after > before)) || die "seeding wrote nothing"
 info "wms_cache: $before tiles before, $after after"
+info "again: MapProxy's walker skips what is cached, so nothing is planned"
+"$BIN" seed -s "$TMP/seed.yaml" --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-again.log" | sed 's/^/    /'
+grep -q ' done 0/0 ' "$TMP/logs/seed-again.log" || die "the second run planned metatiles"
+"$BIN" tasks -s "$SOCK" | sed 's/^/    /'
 
-step "refreshing through mapproxy-renderd (--seed refresh, refresh_before: 0 s)"
+step "refreshing through mapproxy-renderd with plain mapproxy-seed (--seed refresh -c 2, over TCP)"
 touch "$TMP/refresh.mark"
+# mapproxy-seed retries renderd errors for hours: bound it and look for retries.
 timeout 300 mapproxy-seed -f "$TMP/mapproxy.yaml" -s "$TMP/seed.yaml" --seed refresh -c 2 \
 	>"$TMP/logs/seed-refresh.log" 2>&1 || die "mapproxy-seed failed (see $TMP/logs/seed-refresh.log)"
 ! grep -q 'Retry in' "$TMP/logs/seed-refresh.log" || die "mapproxy-seed had to retry (see $TMP/logs/seed-refresh.log)"
