@@ -91,7 +91,9 @@ func TestExpireReaderSkip(t *testing.T) {
 }
 
 // op is shorthand for the tests' hand-computed sets.
-func op(z, x, y int32, del bool) metaOp { return metaOp{tile: tileCoord{X: x, Y: y, Z: z}, delete: del} }
+func op(z, x, y int32, del bool) metaOp {
+	return metaOp{tile: tileCoord{X: x, Y: y, Z: z}, delete: del}
+}
 
 func TestExpandPropagation(t *testing.T) {
 	nw1 := expireGrid{origin: originNW, metaX: 1, metaY: 1}

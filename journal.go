@@ -131,7 +131,7 @@ type journal struct {
 	closed  bool
 	failed  error // a write or fsync failed: nothing more is acknowledged (see append)
 	caches  map[string]uint32
-	names   []string // by cache number
+	names   []string       // by cache number
 	jobs    map[jkey]int32 // live jobs: index in order
 	order   []jentry
 	tasks   map[string]*jtask
