@@ -61,11 +61,19 @@ type Config struct {
 	// MapProxy would, so that its owner renders it (DESIGN §15). "" = this daemon renders.
 	Cluster string `yaml:"cluster"`
 
+	// Journal (DESIGN §12) and expiry lists (§11).
+	StateDir  string `yaml:"state_dir"`  // where the journal lives
+	Journal   bool   `yaml:"journal"`    // false: accepted background work does not survive a crash
+	ExpireDir string `yaml:"expire_dir"` // spool directory of expiry lists; "" = none
+
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
 	httpAddr    string // "" = no TCP listener
 	maxSeed     int
 	mapproxyURL string // globals.renderd.address, for logs
+	// stateDirSet says state_dir was given: an unusable one is then fatal, while the
+	// default one, unusable (not root, no StateDirectory=), only turns the journal off.
+	stateDirSet bool
 }
 
 // Schedule runs a named task of seed_config on a timer: every Every, or daily at At (local
@@ -101,6 +109,7 @@ func (d Duration) String() string { return time.Duration(d).String() }
 const (
 	defaultSocket       = "/run/mapproxy-renderd.sock"
 	defaultMaxLineBytes = 1 << 20
+	defaultStateDir     = "/var/lib/mapproxy-renderd"
 )
 
 // defaultConfig returns the configuration used when no file says otherwise.
@@ -118,6 +127,8 @@ func defaultConfig() Config {
 		MaxInFlight:       100_000,
 		LogLevel:          "info",
 		LogFormat:         "text",
+		StateDir:          defaultStateDir,
+		Journal:           true,
 		StopTimeout:       Duration(60 * time.Second),
 
 		SeedPriority:        10,
@@ -149,6 +160,12 @@ func parseConfig(c *Config, r io.Reader) error {
 
 // Validate checks every key and fills the derived fields. Errors name the key.
 func (c *Config) Validate() error {
+	if c.Journal && !filepath.IsAbs(c.StateDir) {
+		return fmt.Errorf("state_dir: want an absolute path (or journal: false), got %q", c.StateDir)
+	}
+	if c.ExpireDir != "" && !filepath.IsAbs(c.ExpireDir) {
+		return fmt.Errorf("expire_dir: want an absolute path, got %q", c.ExpireDir)
+	}
 	if c.Renderers < 1 || c.Renderers > 1024 {
 		return fmt.Errorf("renderers: want 1..1024, got %d", c.Renderers)
 	}
@@ -335,6 +352,7 @@ func loadConfig(f configFlags) (Config, error) {
 		var keys map[string]any
 		if yaml.Unmarshal(data, &keys) == nil {
 			_, socketSet = keys["socket"]
+			_, c.stateDirSet = keys["state_dir"]
 		}
 	}
 	if mapproxyPath != "" {

@@ -484,7 +484,7 @@ func TestShutdownDrain(t *testing.T) {
 
 func TestStartFailure(t *testing.T) {
 	dir := shortTempDir(t)
-	cfg := fmt.Sprintf("socket: %s/s.sock\nhttp: \"\"\nrenderers: 2\nrenderer_command: [%q, fake-renderer, -no-ready]\n", dir, os.Args[0])
+	cfg := fmt.Sprintf("socket: %s/s.sock\nhttp: \"\"\nrenderers: 2\nrenderer_command: [%q, fake-renderer, -no-ready]\nstate_dir: %s/state\n", dir, os.Args[0], dir)
 	os.WriteFile(dir+"/r.yaml", []byte(cfg), 0o644)
 	var stderr syncBuffer
 	err := run(t.Context(), []string{"-c", dir + "/r.yaml"}, io.Discard, &stderr)

@@ -83,7 +83,7 @@ func newMapProxyRig(t *testing.T) *mapproxyRig {
 	r.writeYAML("mapproxy.yaml", conf)
 	conf["globals"].(map[string]any)["renderd"] = map[string]any{"address": "http+unix://" + url.PathEscape(r.socket) + "/"}
 	r.writeYAML("mapproxy-unix.yaml", conf)
-	if err := os.WriteFile(dir+"/renderd.yaml", []byte("socket: "+r.socket+"\nrenderers: 4\nmax_seed_renderers: 2\nrender_timeout: 30s\n"), 0o644); err != nil {
+	if err := os.WriteFile(dir+"/renderd.yaml", []byte("socket: "+r.socket+"\nrenderers: 4\nmax_seed_renderers: 2\nrender_timeout: 30s\nstate_dir: "+dir+"/state\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 

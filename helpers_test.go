@@ -323,6 +323,9 @@ func (o daemonOpts) configYAML(d *testDaemon) string {
 	if o.maxSeed >= 0 {
 		y += fmt.Sprintf("max_seed_renderers: %d\n", o.maxSeed)
 	}
+	if !strings.Contains(o.extraYAML, "state_dir:") {
+		y += fmt.Sprintf("state_dir: %s/state\n", d.dir) // never the shared default
+	}
 	return y + o.extraYAML
 }
 

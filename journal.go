@@ -144,6 +144,7 @@ type journal struct {
 	quit   chan struct{} // closed by close
 	exited chan struct{} // closed when the writer goroutine returns
 	f      *os.File      // owned by the writer goroutine after open
+	lock   *os.File      // <dir>/lock, flocked: one daemon per state_dir
 }
 
 // openJournal replays <dir>/journal (creating dir and the file when missing), writes a
@@ -159,9 +160,19 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 		group: &commitGroup{done: make(chan struct{})},
 		wake:  make(chan struct{}, 1), quit: make(chan struct{}), exited: make(chan struct{}),
 	}
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o640)
+	if err != nil {
+		return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, journalReplay{}, fmt.Errorf("state_dir: %s is in use by another mapproxy-renderd (%w)", dir, err)
+	}
+	j.lock = lock
 	path := filepath.Join(dir, journalFile)
 	rep, err := j.replayFile(path)
 	if err != nil {
+		lock.Close()
 		return nil, rep, err
 	}
 	if rep.Corrupt != "" {
@@ -174,6 +185,7 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 	rep.Jobs, rep.Tasks = j.liveState()
 	f, size, err := j.writeSnapshot()
 	if err != nil {
+		lock.Close()
 		return nil, rep, err
 	}
 	j.f, j.size = f, size
@@ -434,6 +446,7 @@ func (j *journal) writer() {
 		case <-j.quit:
 			j.flush()
 			j.f.Close()
+			j.lock.Close() // the flock goes with it
 			return
 		}
 		j.flush()
@@ -772,3 +785,58 @@ func (d *recDecoder) rest() []byte {
 }
 
 func (d *recDecoder) done() bool { return len(d.b) == 0 }
+
+// openStateJournal opens the journal the configuration asks for: nil when journal is false,
+// and nil with a warning when the default state_dir cannot be used (the daemon is not root
+// and has no StateDirectory=), so that `mapproxy-renderd -f mapproxy.yaml` still runs
+// anywhere. A state_dir given in renderd.yaml must work.
+func openStateJournal(cfg Config, log *slog.Logger) (*journal, journalReplay, error) {
+	if !cfg.Journal {
+		return nil, journalReplay{}, nil
+	}
+	j, rep, err := openJournal(cfg.StateDir, log)
+	if err != nil && !cfg.stateDirSet {
+		log.Warn("journal off: the default state_dir cannot be used; accepted background work will not survive a crash (set state_dir, or journal: false to silence this)",
+			"state_dir", cfg.StateDir, "error", err)
+		return nil, journalReplay{}, nil
+	}
+	return j, rep, err
+}
+
+// requeueJournaled queues the background jobs a journal replay found, as background
+// requests, before the daemon serves: they keep their priority and order. A job the
+// daemon cannot queue any more (its cache is gone from the renderers, say) is logged and
+// retired from the journal.
+func requeueJournaled(s *scheduler, j *journal, jobs []journalJob, log *slog.Logger) {
+	if len(jobs) == 0 {
+		return
+	}
+	sink := &replaySink{j: j, log: log}
+	for _, jj := range jobs {
+		s.submit(&pendingRequest{sink: sink, req: Request{Command: "tile", CacheIdentifier: jj.Cache,
+			Tiles: []tileCoord{jj.Tile}, Priority: jj.Priority, Background: true}})
+	}
+	log.Info("journal: background jobs queued again", "jobs", len(jobs))
+}
+
+// replaySink takes the replies to requeued jobs: queued is the normal answer.
+type replaySink struct {
+	j      *journal
+	log    *slog.Logger
+	mu     sync.Mutex
+	logged int
+}
+
+func (r *replaySink) deliver(p *pendingRequest, rep Reply) {
+	if rep.Status == statusQueued {
+		return
+	}
+	r.j.jobDone(p.req.CacheIdentifier, p.req.Tiles[0])
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.logged++; r.logged <= 10 {
+		t := p.req.Tiles[0]
+		r.log.Warn("journal: a journaled job could not be queued again; dropped", "cache", p.req.CacheIdentifier,
+			"z", t.Z, "x", t.X, "y", t.Y, "status", rep.Status, "error", rep.ErrorMessage)
+	}
+}

@@ -348,3 +348,14 @@ func BenchmarkJournalEnqueueThen(b *testing.B) {
 	b.ReportMetric(float64(st.Records)/float64(max(st.Batches, 1)), "records/fsync")
 	b.ReportMetric(float64(st.Bytes)/float64(max(st.Jobs, 1)), "bytes/job")
 }
+
+func TestJournalOneDaemonPerStateDir(t *testing.T) {
+	dir := t.TempDir()
+	j, _ := mustOpenJournal(t, dir)
+	if _, _, err := openJournal(dir, quietLog()); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Errorf("second open: %v, want in use", err)
+	}
+	j.close()
+	j2, _ := mustOpenJournal(t, dir) // released by close
+	j2.close()
+}

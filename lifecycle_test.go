@@ -285,6 +285,9 @@ func lcConfig(t *testing.T, path, socket, tcp string, renderers int, rendCmd []s
 	t.Helper()
 	cmd, _ := json.Marshal(rendCmd)
 	y := fmt.Sprintf("socket: %s\nhttp: %q\nrenderers: %d\nrenderer_command: %s\n", socket, tcp, renderers, cmd)
+	if !strings.Contains(extra, "state_dir:") {
+		y += fmt.Sprintf("state_dir: %s/state\n", filepath.Dir(path)) // never the shared default
+	}
 	if err := os.WriteFile(path, []byte(y+extra), 0o644); err != nil {
 		t.Fatal(err)
 	}

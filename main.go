@@ -277,6 +277,15 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		sched.watchdog = wd
 		sched.onWatch = func() { _ = notify.Notify("WATCHDOG=1") }
 	}
+	jr, jrep, err := openStateJournal(cfg, log)
+	if err != nil {
+		closeAll()
+		return err
+	}
+	if jr != nil {
+		defer jr.close() // after the scheduler has stopped (deferred earlier, runs later)
+		sched.journal = jr
+	}
 	srv := newServer(cfg, sched, log)
 	schedCtx, stopSched := context.WithCancel(context.Background())
 	defer stopSched()
@@ -312,6 +321,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return nil
 	}
 
+	if jr != nil {
+		requeueJournaled(sched, jr, jrep.Jobs, log)
+	}
 	tasks := newTaskManager(cfg, sched, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env, log)
 	tasks.start()
 	srv.tasks = tasks // before openUp: handlers use it only once the server is open

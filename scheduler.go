@@ -83,6 +83,10 @@ type scheduler struct {
 	stopping       bool
 	lastStartErr   string // why the last renderer start failed
 
+	// journal, when on, holds background jobs until they are done (DESIGN §12). Set before
+	// run starts; nil = off.
+	journal *journal
+
 	stats     counters
 	m         metricsState
 	renderRec durationRing
@@ -306,10 +310,34 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	p.merged = merged > 0
 	if p.req.Background {
 		s.stats.background++
+		if s.journal != nil {
+			s.journalBackground(p, c, keys)
+			return
+		}
 		s.answer(p, Reply{Status: statusQueued, Merged: p.merged})
 	} else if p.req.HasWait {
 		s.armWait(p)
 	}
+}
+
+// journalBackground answers a background request queued once its jobs are in the journal.
+// The jobs are queued already (they may even render first: their done records then follow
+// theirs); the scheduler does not wait for the disk: the journal's writer goroutine delivers
+// the reply after its batch is synced. If the journal cannot write, the client gets an
+// error saying so, although the jobs stay queued (they are merely not crash-safe).
+func (s *scheduler) journalBackground(p *pendingRequest, c *cacheInfo, keys []jobKey) {
+	p.answered = true
+	tiles := make([]tileCoord, len(keys))
+	for i, k := range keys {
+		tiles[i] = tileCoord{X: k.x, Y: k.y, Z: k.z}
+	}
+	reply := Reply{ID: p.req.ID, Status: statusQueued, Merged: p.merged}
+	s.journal.addJobsThen(c.id, tiles, p.req.Priority, func(err error) {
+		if err != nil {
+			reply = errorReply(p.req.ID, "the job is queued but not journaled, so it would not survive a crash: "+err.Error())
+		}
+		p.sink.deliver(p, reply)
+	})
 }
 
 // cacheFor returns the interned cache of an identifier, refusing unknown ones once the
@@ -534,6 +562,10 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 			s.stats.renderErrors++
 		}
 		s.log.Warn("render failed", "job", j.seq, "cache", c.id, "z", j.key.z, "x", j.key.x, "y", j.key.y, "error", ev.msg)
+	}
+	if s.journal != nil && j.flags&keepJob != 0 {
+		// Failed renders are retired too: the client was told queued and waits for nothing.
+		s.journal.jobDone(c.id, tileCoord{X: j.key.x, Y: j.key.y, Z: j.key.z})
 	}
 	for _, w := range j.waiting() {
 		if w.answered {

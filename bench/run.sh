@@ -163,6 +163,7 @@ start_ours() {
 		max_queued: 2000000
 		log_level: warn
 		stop_timeout: 2s
+		state_dir: $d/state
 	EOF
 	"$BIN/mapproxy-renderd" -c "$d/renderd.yaml" >"$d/daemon.log" 2>&1 &
 	PID[ours]=$!
