@@ -65,6 +65,10 @@ type Config struct {
 	StateDir  string `yaml:"state_dir"`  // where the journal lives
 	Journal   bool   `yaml:"journal"`    // false: accepted background work does not survive a crash
 	ExpireDir string `yaml:"expire_dir"` // spool directory of expiry lists; "" = none
+	// How spooled lists propagate (the expire command's min_zoom, max_zoom, delete_from).
+	ExpireMinZoom    int  `yaml:"expire_min_zoom"`
+	ExpireMaxZoom    *int `yaml:"expire_max_zoom"`    // nil: each line's own zoom
+	ExpireDeleteFrom *int `yaml:"expire_delete_from"` // nil: never delete
 
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
@@ -166,6 +170,9 @@ func (c *Config) Validate() error {
 	if c.ExpireDir != "" && !filepath.IsAbs(c.ExpireDir) {
 		return fmt.Errorf("expire_dir: want an absolute path, got %q", c.ExpireDir)
 	}
+	if err := c.spoolRange().validate(); err != nil {
+		return fmt.Errorf("expire_%w", err)
+	}
 	if c.Renderers < 1 || c.Renderers > 1024 {
 		return fmt.Errorf("renderers: want 1..1024, got %d", c.Renderers)
 	}
@@ -240,6 +247,24 @@ func (c *Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// spoolRange is how lists from expire_dir propagate.
+func (c *Config) spoolRange() expireRange {
+	r := expireRange{MinZoom: c.ExpireMinZoom, MaxZoom: -1, DeleteFrom: -1}
+	if c.ExpireMaxZoom != nil {
+		r.MaxZoom = *c.ExpireMaxZoom
+		if r.MaxZoom < 0 {
+			r.MaxZoom = maxExpireZoom + 1 // rejected by validate: a negative zoom is a mistake here
+		}
+	}
+	if c.ExpireDeleteFrom != nil {
+		r.DeleteFrom = *c.ExpireDeleteFrom
+		if r.DeleteFrom < 0 {
+			r.DeleteFrom = maxExpireZoom + 1
+		}
+	}
+	return r
 }
 
 // checkTCPAddr accepts host:port; the host must be a loopback address unless remote is allowed.

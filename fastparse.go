@@ -267,7 +267,11 @@ func appendReply(dst []byte, r Reply) []byte {
 func appendJobLine(dst []byte, id string, j renderJob) []byte {
 	dst = append(dst, `{"id":"`...)
 	dst = append(dst, id...)
-	dst = append(dst, `","command":"tile","cache_identifier":`...)
+	if j.delete {
+		dst = append(dst, `","command":"delete","cache_identifier":`...)
+	} else {
+		dst = append(dst, `","command":"tile","cache_identifier":`...)
+	}
 	dst = appendJSONString(dst, j.cache)
 	dst = append(dst, `,"tiles":[[`...)
 	dst = strconv.AppendInt(dst, int64(j.tile.X), 10)

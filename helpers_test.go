@@ -132,6 +132,7 @@ func fakeRenderer(args []string) int {
 	for in.Scan() {
 		var j struct {
 			ID              string     `json:"id"`
+			Command         string     `json:"command"`
 			CacheIdentifier string     `json:"cache_identifier"`
 			Tiles           [][3]int64 `json:"tiles"`
 		}
@@ -153,7 +154,11 @@ func fakeRenderer(args []string) int {
 			}
 		}
 		if logF != nil {
-			fmt.Fprintf(logF, "%d %s %d %d %d\n", os.Getpid(), j.CacheIdentifier, z, x, y)
+			if j.Command == "delete" { // an expiry run's delete job (DESIGN §11)
+				fmt.Fprintf(logF, "%d %s %d %d %d delete\n", os.Getpid(), j.CacheIdentifier, z, x, y)
+			} else {
+				fmt.Fprintf(logF, "%d %s %d %d %d\n", os.Getpid(), j.CacheIdentifier, z, x, y)
+			}
 		}
 		if gateF != nil {
 			var b [1]byte

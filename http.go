@@ -22,6 +22,7 @@ func (s *server) routes() *http.ServeMux {
 	mux.HandleFunc("GET /metrics", s.serveMetrics)
 	mux.HandleFunc("GET /{$}", s.servePage)
 	mux.HandleFunc("GET /healthz", s.serveHealthz)
+	mux.HandleFunc("POST /expire", s.serveExpire)
 	mux.HandleFunc("/", s.serveNoRoute)
 	return mux
 }
@@ -86,6 +87,8 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		return
 	case "health":
 		writeJSON(w, http.StatusOK, s.health().reply(req.ID))
+	case "expire":
+		writeJSON(w, http.StatusOK, s.tasks.handleExpire(req))
 		return
 	}
 	// http_wait is for live requests: mapproxy-seed (priority 10) takes any answer but error

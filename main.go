@@ -61,6 +61,7 @@ const usage = `usage:
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
   mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
   mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
+  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--wait] [FILE] < list
   mapproxy-renderd version
 `
 
@@ -85,6 +86,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return runTop(ctx, args, stdout, stderr)
 	case "install-module":
 		return runInstallModule(args, stdout, stderr)
+	case "expire":
+		return runExpireClient(ctx, args, os.Stdin, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "mapproxy-renderd", version)
 		return nil
@@ -279,7 +282,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	jr, jrep, err := openStateJournal(cfg, log)
 	if err != nil {
-		closeAll()
+		for _, l := range listeners {
+			l.Close()
+		}
 		return err
 	}
 	if jr != nil {
@@ -325,6 +330,17 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		requeueJournaled(sched, jr, jrep.Jobs, log)
 	}
 	tasks := newTaskManager(cfg, sched, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env, log)
+	tasks.journal = jr
+	lists, dropLists, err := newListStore(jr, cfg.StateDir)
+	if err != nil {
+		abandonStart()
+		return fmt.Errorf("expiry lists: %w", err)
+	}
+	defer dropLists()
+	tasks.lists = lists
+	if jr != nil {
+		tasks.resumeJournaled(jrep.Tasks)
+	}
 	tasks.start()
 	srv.tasks = tasks // before openUp: handlers use it only once the server is open
 	srv.openUp()

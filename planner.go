@@ -27,6 +27,11 @@ type taskItem struct {
 	removed       uint64  // cumulative tiles removed (cleanup); valid when hasRemoved
 	hasRemoved    bool
 	cursor        json.RawMessage // where to resume from; nil when the item has none
+	// Expiry runs (expiretask.go): force re-renders a metatile however fresh; delete removes
+	// its tiles instead; lines, when set, is the list's reading so far.
+	force  bool
+	delete bool
+	lines  *expireLines
 }
 
 // taskSource yields a task's items in order, with back-pressure: it produces the next item

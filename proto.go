@@ -61,6 +61,13 @@ type Request struct {
 	HasWait bool
 	// Refresh: re-render tiles that exist (the module's stale-while-refresh path, §13).
 	Refresh bool
+	// Set by expiry tasks only: remove the metatile's tiles from the cache (DESIGN §11).
+	Delete bool
+
+	// The expire command (DESIGN §11): an expiry list as text (Lines) and/or XYZ tiles
+	// (Tiles, [x, y, z] in the XYZ scheme), propagated over Range.
+	Lines []byte
+	Range expireRange
 }
 
 // Reply is the one final answer to a request.
@@ -100,6 +107,10 @@ type wireRequest struct {
 	Seed            json.RawMessage `json:"seed"`
 	WaitMS          json.RawMessage `json:"wait_ms"`
 	Refresh         json.RawMessage `json:"refresh"`
+	Lines           json.RawMessage `json:"lines"`
+	MinZoom         json.RawMessage `json:"min_zoom"`
+	MaxZoom         json.RawMessage `json:"max_zoom"`
+	DeleteFrom      json.RawMessage `json:"delete_from"`
 }
 
 var errEmptyLine = errors.New("empty line")
@@ -158,8 +169,10 @@ func slowParse(line []byte) (Request, error) {
 		ferr = parseTileFields(&req, &w)
 	case "seed", "tasks", "task", "cancel":
 		ferr = parseTaskFields(&req, &w)
+	case "expire":
+		ferr = parseExpireFields(&req, &w)
 	default:
-		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, health, ping, seed, tasks, task or cancel)", truncate(req.Command, 64))}
+		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, health, ping, seed, tasks, task, cancel or expire)", truncate(req.Command, 64))}
 	}
 	if ferr != nil {
 		return req, &requestError{id: req.ID, msg: "invalid request: " + ferr.Error()}
@@ -209,6 +222,67 @@ func parseTaskFields(req *Request, w *wireRequest) error {
 		if req.TaskID == "" {
 			return fmt.Errorf("%s needs task_id", req.Command)
 		}
+	}
+	return nil
+}
+
+// parseExpireFields reads the expire command's fields (DESIGN §11): cache_identifier,
+// lines (a string of z/x/y lines) and/or tiles ([x, y, z], XYZ scheme), min_zoom (0),
+// max_zoom (absent: each line's own zoom), delete_from (absent: never), priority.
+func parseExpireFields(req *Request, w *wireRequest) error {
+	if len(w.CacheIdentifier) == 0 {
+		return errors.New("missing cache_identifier")
+	}
+	if json.Unmarshal(w.CacheIdentifier, &req.CacheIdentifier) != nil {
+		return errors.New("cache_identifier must be a string")
+	}
+	if err := validateCacheIdentifier(req.CacheIdentifier); err != nil {
+		return err
+	}
+	if len(w.Lines) > 0 && string(w.Lines) != "null" {
+		var s string
+		if json.Unmarshal(w.Lines, &s) != nil {
+			return errors.New(`lines must be a string of z/x/y lines ("15/17000/11000\n…")`)
+		}
+		req.Lines = []byte(s)
+	}
+	if len(w.Tiles) > 0 && string(w.Tiles) != "null" {
+		tiles, err := parseTiles(w.Tiles)
+		if err != nil {
+			return err
+		}
+		req.Tiles = tiles
+	}
+	if req.Lines == nil && req.Tiles == nil {
+		return errors.New(`expire needs "lines" (z/x/y lines) or "tiles" ([[x, y, z], …] in the XYZ scheme)`)
+	}
+	req.Range = expireRange{MinZoom: 0, MaxZoom: -1, DeleteFrom: -1}
+	zoom := func(raw json.RawMessage, dst *int) {
+		if len(raw) > 0 && string(raw) != "null" {
+			v, err := parseInt(raw)
+			if err != nil || v < 0 || v > maxExpireZoom {
+				v = -2 // reported by validate below, naming the field
+			}
+			*dst = int(v)
+		}
+	}
+	zoom(w.MinZoom, &req.Range.MinZoom)
+	zoom(w.MaxZoom, &req.Range.MaxZoom)
+	zoom(w.DeleteFrom, &req.Range.DeleteFrom)
+	for name, v := range map[string]int{"min_zoom": req.Range.MinZoom, "max_zoom": req.Range.MaxZoom, "delete_from": req.Range.DeleteFrom} {
+		if v == -2 {
+			return fmt.Errorf("%s must be an integer from 0 to %d", name, maxExpireZoom)
+		}
+	}
+	if err := req.Range.validate(); err != nil {
+		return err
+	}
+	if len(w.Priority) > 0 && string(w.Priority) != "null" {
+		p, err := parseInt(w.Priority)
+		if err != nil || p < minPriority || p > maxPriority {
+			return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
+		}
+		req.Priority, req.PrioritySet = int(p), true
 	}
 	return nil
 }

@@ -18,9 +18,21 @@ const (
 // jobKey identifies a job for deduplication: a cache and one metatile of it
 // (the tile itself when the cache's metatile size is unknown or 1×1).
 type jobKey struct {
-	cache   int32 // cacheInfo.idx
+	cache   int32 // cacheInfo.idx, with deleteKeyBit for a delete job
 	x, y, z int32 // the metatile's origin tile: x//mx*mx, y//my*my
 }
+
+// deleteKeyBit in jobKey.cache marks a delete job (DESIGN §11: an expiry run removes the
+// metatile's tiles from the cache instead of rendering them). A delete and a render of one
+// metatile are different jobs; they never merge. Cache numbers stay far below the bit
+// (maxInternedCaches), and the key keeps its 16 bytes.
+const deleteKeyBit int32 = 1 << 30
+
+// cacheIdx is the key's cache number without the delete bit.
+func (k jobKey) cacheIdx() int32 { return k.cache &^ deleteKeyBit }
+
+// isDelete reports whether the key is a delete job's.
+func (k jobKey) isDelete() bool { return k.cache&deleteKeyBit != 0 }
 
 // job is what is queued and rendered once, whoever asked for it.
 // All fields are owned by the scheduler goroutine.
@@ -154,7 +166,8 @@ type cacheInfo struct {
 	id           string
 	idx          int32 // its number in the scheduler's cache list, used in job keys
 	metaX, metaY int32
-	known        bool // a renderer's ready line listed it
+	known        bool      // a renderer's ready line listed it
+	xyz          xyzOrigin // its grid is the XYZ pyramid (expiry lists apply), from the ready line
 	requested    uint64
 	rendered     uint64
 	failed       uint64
@@ -185,7 +198,7 @@ func keyFor(c *cacheInfo, t tileCoord) jobKey {
 
 // String names a job in logs and test failures.
 func (j *job) String() string {
-	return fmt.Sprintf("job %d cache #%d %d/%d/%d prio %d", j.seq, j.key.cache, j.key.z, j.key.x, j.key.y, j.priority)
+	return fmt.Sprintf("job %d cache #%d %d/%d/%d prio %d", j.seq, j.key.cacheIdx(), j.key.z, j.key.x, j.key.y, j.priority)
 }
 
 // queueState is the scheduler's queue and job table. Only the scheduler goroutine touches it;

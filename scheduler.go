@@ -28,6 +28,18 @@ type schedMsg struct {
 	history chan<- []historySample
 	reload  *Config
 	done    chan<- error // reload result
+	grid    *gridQuery
+}
+
+// gridQuery asks the scheduler what an expiry run needs to know about a cache.
+type gridQuery struct {
+	cache string
+	reply chan gridAnswer // room for one
+}
+
+type gridAnswer struct {
+	grid expireGrid
+	err  error
 }
 
 // slotState is the scheduler's view of one renderer.
@@ -248,6 +260,8 @@ func (s *scheduler) handleMsg(m schedMsg) {
 		m.history <- s.m.history.samples()
 	case m.reload != nil:
 		m.done <- s.applyConfig(*m.reload)
+	case m.grid != nil:
+		m.grid.reply <- s.expireGridOf(m.grid.cache)
 	}
 }
 
@@ -284,6 +298,9 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	keys := make([]jobKey, len(p.req.Tiles))
 	for i, t := range p.req.Tiles {
 		keys[i] = keyFor(c, t)
+		if p.req.Delete {
+			keys[i].cache |= deleteKeyBit
+		}
 	}
 	var waiter *pendingRequest
 	if !p.req.Background {
@@ -338,6 +355,37 @@ func (s *scheduler) journalBackground(p *pendingRequest, c *cacheInfo, keys []jo
 		}
 		p.sink.deliver(p, reply)
 	})
+}
+
+// expireGrid returns the metatile size and XYZ origin of a cache, or an error naming the
+// cache when it does not take expiry lists (DESIGN §11).
+func (s *scheduler) expireGrid(cache string) (expireGrid, error) {
+	q := &gridQuery{cache: cache, reply: make(chan gridAnswer, 1)}
+	select {
+	case s.in <- schedMsg{grid: q}:
+	case <-s.done:
+		return expireGrid{}, errors.New("daemon is shutting down")
+	}
+	select {
+	case a := <-q.reply:
+		return a.grid, a.err
+	case <-s.done:
+		return expireGrid{}, errors.New("daemon is shutting down")
+	}
+}
+
+func (s *scheduler) expireGridOf(id string) gridAnswer {
+	c, ok := s.caches[id]
+	if !ok || !c.known {
+		if !s.cachesListed {
+			return gridAnswer{err: fmt.Errorf("cache %q does not take expiry lists: the renderers do not list their caches, so its grid is unknown", truncate(id, 64))}
+		}
+		return gridAnswer{err: fmt.Errorf("unknown cache %q (the renderers know %d caches)", truncate(id, 64), s.knownCaches())}
+	}
+	if c.xyz == originNone {
+		return gridAnswer{err: fmt.Errorf("cache %q does not take expiry lists: its grid is not the XYZ web-mercator pyramid (EPSG:3857, 256 px, resolution halving; the renderer's ready line has no \"xyz\" for it)", truncate(id, 64))}
+	}
+	return gridAnswer{grid: expireGrid{origin: c.xyz, metaX: c.metaX, metaY: c.metaY}}
 }
 
 // cacheFor returns the interned cache of an identifier, refusing unknown ones once the
@@ -414,7 +462,8 @@ func (s *scheduler) dispatch() {
 		rj := renderJob{
 			job:     j,
 			seq:     j.seq,
-			cache:   s.cacheList[j.key.cache].id,
+			cache:   s.cacheList[j.key.cacheIdx()].id,
+			delete:  j.key.isDelete(),
 			tile:    tileCoord{j.key.x, j.key.y, j.key.z},
 			timeout: time.Duration(s.cfg.RenderTimeout),
 			recycle: s.cfg.RecycleAfter,
@@ -518,7 +567,7 @@ func (s *scheduler) handleEvent(ev rendererEvent) {
 	}
 }
 
-func (s *scheduler) learnCaches(caches map[string]metaSize) {
+func (s *scheduler) learnCaches(caches map[string]cacheReady) {
 	if caches == nil {
 		return
 	}
@@ -529,7 +578,8 @@ func (s *scheduler) learnCaches(caches map[string]metaSize) {
 			c = s.newCache(id)
 		}
 		c.known = true
-		c.metaX, c.metaY = m[0], m[1]
+		c.metaX, c.metaY = m.meta[0], m.meta[1]
+		c.xyz = m.xyz
 	}
 }
 
@@ -540,7 +590,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 	now := s.now()
 	renderNS := now - slot.started
 	queuedNS := slot.started - j.enqueued
-	c := s.cacheList[j.key.cache]
+	c := s.cacheList[j.key.cacheIdx()]
 	s.countRender(slot, c, j, ev, renderNS)
 	if ev.status == statusOK {
 		s.stats.rendered++
@@ -624,7 +674,7 @@ func (s *scheduler) failQueue() {
 	for _, j := range jobs {
 		s.stats.failed++
 		s.stats.noRendererFailed++
-		s.cacheList[j.key.cache].failed++
+		s.cacheList[j.key.cacheIdx()].failed++
 		for _, w := range j.waiting() {
 			s.answer(w, errorReply(nil, s.noRendererMsg()))
 		}

@@ -590,6 +590,8 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 		nc.push(nc.s.statusReply(req.ID))
 	case "seed", "tasks", "task", "cancel":
 		nc.push(nc.s.tasks.handle(req))
+	case "expire":
+		nc.push(nc.s.tasks.handleExpire(req))
 	case "tile":
 		p := &pendingRequest{req: req, sink: nc, proto: protoNative}
 		nc.mu.Lock()

@@ -250,7 +250,7 @@ func (s *scheduler) statusDoc() statusDoc {
 		case slotBusy:
 			rd.State = "busy"
 			if j := slot.job; j != nil {
-				rd.CacheIdentifier = s.cacheList[j.key.cache].id
+				rd.CacheIdentifier = s.cacheList[j.key.cacheIdx()].id
 				rd.Tile = &[3]int32{j.key.x, j.key.y, j.key.z}
 				rd.Priority = int(j.priority)
 				rd.Class = classNames[classOf(slot.seed)]

@@ -80,9 +80,13 @@ type taskDoc struct {
 	Started       string      `json:"started,omitempty"`
 	Finished      string      `json:"finished,omitempty"`
 	Errors        []taskError `json:"errors"`
-	Reason        string      `json:"reason,omitempty"`
-	Scheduled     bool        `json:"scheduled,omitempty"`
-	NextRun       string      `json:"next_run,omitempty"`
+	// Expiry runs (DESIGN §11): lines of the list read, bad lines, the first bad ones.
+	Lines      int64             `json:"lines,omitempty"`
+	BadLines   int64             `json:"bad_lines,omitempty"`
+	LineErrors []expireLineError `json:"line_errors,omitempty"`
+	Reason     string            `json:"reason,omitempty"`
+	Scheduled  bool              `json:"scheduled,omitempty"`
+	NextRun    string            `json:"next_run,omitempty"`
 }
 
 // finished reports whether the task has ended.
@@ -119,6 +123,11 @@ type taskManager struct {
 	stopping   bool
 	schedules  *scheduleLoop
 	forgotten  taskCounts // figures of the finished tasks forgetOld dropped (metrics)
+
+	// Set by run before start (issue 9): the journal (nil: off) keeps task specs, cursors and
+	// ends; lists keeps expiry lists until their task ends.
+	journal *journal
+	lists   *listStore
 }
 
 // newTaskManager makes the manager; plannerArgv is the planner command (the bundled worker's
@@ -140,6 +149,7 @@ func (m *taskManager) start() {
 		defer m.wg.Done()
 		m.schedules.run(m.ctx)
 	}()
+	m.startSpool()
 }
 
 // shutdown cancels every running task (their queued jobs are dropped unless someone else
@@ -148,7 +158,7 @@ func (m *taskManager) shutdown() {
 	m.mu.Lock()
 	m.stopping = true
 	for _, t := range m.order {
-		t.stop("daemon is shutting down")
+		t.stop(reasonShutdown)
 	}
 	m.mu.Unlock()
 	m.stop()
@@ -255,23 +265,45 @@ func checkSeedNames(cfg Config) (string, error) {
 
 // startTask creates a task for spec and starts it.
 func (m *taskManager) startTask(spec taskSpec) (taskDoc, error) {
+	return m.startTaskAs("", spec)
+}
+
+// startTaskAs is startTask; a non-empty id resumes a journaled task under its old id.
+// A new task is in the journal before it is reported started.
+func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.stopping {
 		return taskDoc{}, errors.New("daemon is shutting down")
 	}
-	if len(m.plannerCmd) == 0 {
+	if len(m.plannerCmd) == 0 && spec.Kind != "expire" {
 		return taskDoc{}, errors.New("seeding needs mapproxy_config (-f) or planner_command")
 	}
-	m.nextID++
-	t := newTask(m, "t"+strconv.Itoa(m.nextID), spec, taskSettings{
+	resumed := id != ""
+	if !resumed {
+		m.nextID++
+		id = "t" + strconv.Itoa(m.nextID)
+		if m.journal != nil {
+			if err := m.journal.taskSpec(id, journalSpec(spec)); err != nil {
+				m.nextID--
+				return taskDoc{}, fmt.Errorf("task not started: %w", err)
+			}
+		}
+	}
+	t := newTask(m, id, spec, taskSettings{
 		window: m.cfg.SeedWindow, retries: m.cfg.SeedRetries,
 		backoff: time.Duration(m.cfg.SeedRetryBackoff), maxFailRatio: m.cfg.SeedMaxFailureRatio,
 	})
 	m.tasks[t.id] = t
 	m.order = append(m.order, t)
 	m.forgetOld()
-	src, err := startPlanner(m.plannerCmd, m.plannerEnv, spec, m.log.With("task", t.id))
+	var src taskSource
+	var err error
+	if spec.Kind == "expire" {
+		src, err = m.openExpireSource(spec)
+	} else {
+		src, err = startPlanner(m.plannerCmd, m.plannerEnv, spec, m.log.With("task", t.id))
+	}
 	if err != nil {
 		t.end(taskStateFailed, err.Error())
 		close(t.ended)
@@ -281,7 +313,7 @@ func (m *taskManager) startTask(spec taskSpec) (taskDoc, error) {
 		t.cluster = newClusterRoute(m.cfg.Cluster, min(m.cfg.SeedWindow, clusterInFlight))
 		t.route = t.cluster
 	}
-	m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled)
+	m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled, "resumed", resumed)
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
@@ -464,6 +496,10 @@ type task struct {
 	walkProgress  float64
 	lastCursor    json.RawMessage
 	totalFinished uint64
+	// Checkpoints (issue 9, journal.go): items taken, cursors not yet journaled, last one.
+	taken          uint64
+	cursors        []pendingCursor
+	lastCheckpoint time.Time
 }
 
 // taskJob is one metatile of a task while the task works on it.
@@ -471,6 +507,7 @@ type taskJob struct {
 	item     taskItem
 	attempts int
 	due      time.Time
+	seq      uint64 // order of the item in the source (checkpoints)
 }
 
 type taskReply struct {
@@ -538,6 +575,7 @@ func (t *task) end(state, reason string) {
 	}
 	t.doc.State, t.doc.Reason = state, reason
 	t.doc.Finished = time.Now().Format(time.RFC3339)
+	t.recordEnd(state, reason)
 	t.doc.EtaS = nil
 	if state == taskStateDone {
 		t.doc.Progress = 1
@@ -592,9 +630,10 @@ func (t *task) run(ctx context.Context, src taskSource) {
 			return
 		case <-ctx.Done():
 			t.abandon()
-			t.end(taskStateCancelled, "daemon is shutting down")
+			t.end(taskStateCancelled, reasonShutdown)
 			return
 		case <-tick.C:
+			t.checkpoint(false)
 		}
 		if t.failedTooOften(false) {
 			return
@@ -621,10 +660,16 @@ func (t *task) take(it taskItem) {
 	}
 	if it.cursor != nil {
 		t.lastCursor = it.cursor
+		t.cursors = append(t.cursors, pendingCursor{seq: t.taken, cursor: it.cursor})
 	}
 	if it.hasRemoved {
 		t.mu.Lock()
 		t.doc.Deleted = it.removed
+		t.mu.Unlock()
+	}
+	if it.lines != nil {
+		t.mu.Lock()
+		t.doc.Lines, t.doc.BadLines, t.doc.LineErrors = it.lines.read, it.lines.bad, it.lines.errors
 		t.mu.Unlock()
 	}
 	if !it.hasTile {
@@ -633,7 +678,8 @@ func (t *task) take(it taskItem) {
 	t.mu.Lock()
 	t.doc.Planned++
 	t.mu.Unlock()
-	t.submit(&taskJob{item: it})
+	t.taken++
+	t.submit(&taskJob{item: it, seq: t.taken})
 }
 
 // submit sends one metatile to the scheduler.
@@ -641,7 +687,7 @@ func (t *task) submit(tj *taskJob) {
 	tj.attempts++
 	p := &pendingRequest{sink: t, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
 		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
-		NoForce: true, RefreshBefore: tj.item.refreshBefore}}
+		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete}}
 	t.outstanding[p] = tj
 	t.route.submit(p)
 }
@@ -656,9 +702,12 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 	switch rep.r.Status {
 	case statusOK:
 		t.mu.Lock()
-		if rep.r.Skipped {
+		switch {
+		case tj.item.delete:
+			t.doc.Deleted++
+		case rep.r.Skipped:
 			t.doc.Skipped++
-		} else {
+		default:
 			t.doc.Done++
 		}
 		t.mu.Unlock()

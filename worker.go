@@ -36,8 +36,12 @@ type rendererConfig struct {
 	workerScript string // path of the bundled worker, when it was written out
 }
 
-// metaSize is a cache's metatile size from a renderer's ready line.
-type metaSize [2]int32
+// cacheReady is what a renderer's ready line says about one cache: its metatile size, and
+// whether its grid is the XYZ web-mercator pyramid (DESIGN §11: "xyz": "nw" | "sw").
+type cacheReady struct {
+	meta [2]int32
+	xyz  xyzOrigin
+}
 
 // renderJob is what the scheduler sends to a renderer. job is an opaque token handed back
 // in the result; the renderer reads only the copied fields.
@@ -54,6 +58,8 @@ type renderJob struct {
 	refresh       bool
 	refreshBefore float64
 	prio          renderPriority // the process's CPU and I/O priority for this job (nice.go)
+	// delete: remove the metatile's tiles from the cache instead of rendering (command "delete")
+	delete bool
 	// handedOver counts moves to a replacement process after one that never took the job.
 	handedOver int
 }
@@ -85,7 +91,7 @@ var restartReasons = []string{restartExited, restartTimeout, restartProtocol, re
 type rendererEvent struct {
 	r        *renderer
 	kind     eventKind
-	caches   map[string]metaSize
+	caches   map[string]cacheReady
 	grids    map[string]*gridInfo // evReady: the ready line's grid details (prefetch.go)
 	err      error
 	job      *job
@@ -308,7 +314,7 @@ type rendererProcess struct {
 }
 
 // startProcess starts a renderer and waits for its ready line (bounded by startTimeout).
-func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger) (*rendererProcess, map[string]metaSize, error) {
+func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger) (*rendererProcess, map[string]cacheReady, error) {
 	if len(cfg.argv) == 0 {
 		return nil, nil, errors.New("no renderer command")
 	}
@@ -480,7 +486,7 @@ func logStderr(r io.Reader, log *slog.Logger, tail *lineRing) {
 	}
 }
 
-func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struct{}) (map[string]metaSize, error) {
+func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struct{}) (map[string]cacheReady, error) {
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
@@ -492,6 +498,7 @@ func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struc
 			Ready  *bool `json:"ready"`
 			Caches map[string]struct {
 				MetaSize []int32 `json:"meta_size"`
+				XYZ      string  `json:"xyz"`
 			} `json:"caches"`
 		}
 		if err := json.Unmarshal(line, &ready); err != nil || ready.Ready == nil || !*ready.Ready {
@@ -501,12 +508,17 @@ func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struc
 			return nil, nil
 		}
 		p.grids = parseGridInfo(line)
-		caches := make(map[string]metaSize, len(ready.Caches))
+		caches := make(map[string]cacheReady, len(ready.Caches))
 		for id, c := range ready.Caches {
-			m := metaSize{1, 1}
+			m := cacheReady{meta: [2]int32{1, 1}}
 			if len(c.MetaSize) == 2 && c.MetaSize[0] > 0 && c.MetaSize[1] > 0 {
-				m = metaSize{c.MetaSize[0], c.MetaSize[1]}
+				m.meta = [2]int32{c.MetaSize[0], c.MetaSize[1]}
 			}
+			o, err := parseOrigin(c.XYZ)
+			if err != nil {
+				return nil, fmt.Errorf("ready line, cache %q: %w", truncate(id, 64), err)
+			}
+			m.xyz = o
 			caches[id] = m
 		}
 		return caches, nil

@@ -25,7 +25,10 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   per level, ``"resolutions"``.
   meta_size is the metatile size in use: [1, 1] when the cache renders single
   tiles (e.g. its source cannot do metatiles). Tiles x//mx, y//my at the same
-  z share a metatile. If loading fails the reason goes to stderr and the
+  z share a metatile. "xyz": "nw" | "sw" is added for caches whose grid is
+  the XYZ web-mercator pyramid (EPSG:3857/900913, 256 px, resolution halving
+  from one world tile at level 0; sw = rows counted from the south): the
+  daemon accepts expiry lists (z/x/y) for them. If loading fails the reason goes to stderr and the
   process exits non-zero without a ready line.
 * Job: ``{"id": "...", "command": "tile", "cache_identifier": "...",
   "tiles": [[x, y, z], ...], "refresh": true, "seed": false}`` with MapProxy-internal grid
@@ -43,6 +46,9 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   one mapproxy-seed loads (seed_only sources render); otherwise the one
   MapProxy's web processes load (seed_only sources are blank).
   ``{"id": "...", "command": "ping"}`` is answered ok.
+  ``{"id": "...", "command": "delete", "cache_identifier": ..., "tiles": [[x, y, z]]}``
+  removes every tile of the metatile containing each coordinate from the
+  cache (expiry lists' high zooms), then answers ok.
 * Reply: exactly one line per job, after the tiles are stored:
   ``{"id": ..., "status": "ok"}`` (with ``"skipped": true`` when "refresh"
   was false and no metatile of the job needed a render), or
@@ -168,8 +174,12 @@ class Worker(object):
                 meta_size = [int(n) for n in tm.meta_grid.meta_size]
             else:
                 meta_size = [1, 1]
-            result[ident] = dict(meta_size=meta_size, cache=self.live.names[ident],
-                                 **grid_details(tm.grid))
+            entry = dict(meta_size=meta_size, cache=self.live.names[ident],
+                         **grid_details(tm.grid))
+            xyz = xyz_origin(tm.grid)
+            if xyz:
+                entry['xyz'] = xyz
+            result[ident] = entry
         return result
 
     def handle(self, job):
@@ -177,7 +187,7 @@ class Worker(object):
         command = job.get('command')
         if command == 'ping':
             return {'status': 'ok'}
-        if command != 'tile':
+        if command not in ('tile', 'delete'):
             return error('unknown command %s' % json.dumps(command))
         seed = job.get('seed', False)
         if not isinstance(seed, bool):
@@ -190,6 +200,8 @@ class Worker(object):
         coords, msg = parse_tiles(job.get('tiles'), tm.grid)
         if msg:
             return error(msg)
+        if command == 'delete':
+            return self.delete(tm, coords)
         refresh = job.get('refresh', True)
         if not isinstance(refresh, bool):
             return error('"refresh" must be true or false')
@@ -255,6 +267,26 @@ class Worker(object):
         return reply
 
 
+    def delete(self, tm, coords):
+        """Remove every tile of the metatiles containing coords from the cache.
+
+        MapProxy renders them again when they are next requested (an expiry
+        list's high zooms: cheaper to drop than to re-render ahead)."""
+        members = []
+        for coord in coords:
+            if tm.meta_grid is not None:
+                members.extend(t for t in tm.meta_grid.meta_tile(coord).tiles if t is not None)
+            else:
+                members.append(coord)
+        try:
+            with tm.session():
+                tm.remove_tile_coords(members)
+        except Exception as e:
+            log.exception('deleting %s %s failed', tm.identifier, coords)
+            return error('%s: %s' % (type(e).__name__, e))
+        return {'status': 'ok'}
+
+
 def grid_details(grid):
     """What the daemon's prefetch needs to know of a grid (its ready line).
 
@@ -271,6 +303,32 @@ def grid_details(grid):
     if any(abs(a / b - 2.0) > 1e-9 for a, b in zip(res, res[1:])):
         details['resolutions'] = res
     return details
+
+
+WEBMERCATOR_HALF = 20037508.342789244
+
+
+def xyz_origin(grid):
+    """'nw' or 'sw' when grid is the XYZ web-mercator pyramid, else None.
+
+    That is EPSG:3857 (or 900913), 256 px tiles, the whole world in one tile
+    at level 0 and the resolution halving per level (DESIGN §11): expiry
+    lists (osm2pgsql's z/x/y) then name its tiles, rows flipped when the
+    grid's origin is the south-west corner."""
+    try:
+        if grid.srs.srs_code not in ('EPSG:3857', 'EPSG:900913'):
+            return None
+        if tuple(grid.tile_size) != (256, 256):
+            return None
+        if any(abs(a - b) > 1 for a, b in zip(grid.bbox, (-WEBMERCATOR_HALF,) * 2 + (WEBMERCATOR_HALF,) * 2)):
+            return None
+        res0 = 2 * WEBMERCATOR_HALF / 256
+        for level in range(grid.levels):
+            if abs(grid.resolution(level) - res0 / 2 ** level) > 1e-6 * res0 / 2 ** level:
+                return None
+    except Exception:
+        return None
+    return 'nw' if grid.flipped_y_axis else 'sw'
 
 
 def parse_tiles(tiles, grid):
