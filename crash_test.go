@@ -148,3 +148,133 @@ func TestJournalSIGKILLBackground(t *testing.T) {
 		t.Errorf("daemon exit: %v", err)
 	}
 }
+
+// journaledTasks reads the tasks in a daemon's journal (a copy: the daemon keeps writing).
+func journaledTasks(t *testing.T, stateDir string) []journalTask {
+	t.Helper()
+	data, err := os.ReadFile(stateDir + "/journal")
+	if err != nil {
+		return nil
+	}
+	tmp := t.TempDir() + "/journal"
+	os.WriteFile(tmp, data, 0o600)
+	j := newJournalState("", quietLog())
+	if _, err := j.replayFile(tmp); err != nil {
+		t.Fatal(err)
+	}
+	_, tasks := j.liveState()
+	return tasks
+}
+
+// crashTaskRun SIGKILLs the daemon in the middle of a task and checks the restart: the
+// task resumes from its journaled cursor, every metatile is rendered, and the only
+// metatiles rendered twice are those running at the kill.
+func crashTaskRun(t *testing.T, extraYAML, startLine, cursorField string, total int) {
+	const renderers, doneBeforeKill = 2, 20_000
+	exe := lcExecutable(t)
+	dir := shortTempDir(t)
+	sock := dir + "/s.sock"
+	caches := `{"exp_GRID":{"meta_size":[1,1],"xyz":"nw"}}`
+	gate := lcFIFO(t, dir+"/gate")
+	lcConfig(t, dir+"/renderd.yaml", sock, "", renderers,
+		[]string{exe, "fake-renderer", "-log", dir + "/jobs.log", "-gate", dir + "/gate", "-caches", caches}, extraYAML)
+	p := startLCProc(t, []string{exe, "daemon", "-c", dir + "/renderd.yaml"}, lcEnv(), nil)
+	p.out.waitFor(t, "msg=ready", 1)
+	c := lcDial(t, "unix", sock)
+	c.send(startLine)
+	rep := c.expectReply("start", statusQueued)
+	id := taskOf(t, rep).TaskID
+	if _, err := gate.Write(make([]byte, doneBeforeKill)); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the task's checkpoint has caught up with the finished renders (20,000
+	// renders first: a generous deadline for a loaded machine).
+	deadline := time.Now().Add(120 * time.Second)
+	for {
+		var cur map[string]int
+		for _, jt := range journaledTasks(t, dir+"/state") {
+			if jt.ID == id {
+				json.Unmarshal(jt.Cursor, &cur)
+			}
+		}
+		if cur[cursorField] >= doneBeforeKill {
+			break
+		}
+		if time.Now().After(deadline) {
+			c.send(`{"command":"task","id":"w","task_id":"` + id + `"}`)
+			t.Fatalf("journaled cursor %v, want %s ≥ %d; task %s; %d renders logged", cur, cursorField, doneBeforeKill,
+				c.expectReply("w", statusOK).Task, len(crashLogTiles(t, dir+"/jobs.log")))
+		}
+		time.Sleep(50 * time.Millisecond) // polling the journal, bounded by the deadline
+	}
+	p.signal(syscall.SIGKILL)
+	p.wait(lcDeadline)
+	gate.Close()
+	before := crashLogTiles(t, dir+"/jobs.log")
+
+	lcConfig(t, dir+"/renderd.yaml", sock, "", 4,
+		[]string{exe, "fake-renderer", "-log", dir + "/jobs.log", "-caches", caches}, extraYAML)
+	p2 := startLCProc(t, []string{exe, "daemon", "-c", dir + "/renderd.yaml"}, lcEnv(), nil)
+	p2.out.waitFor(t, "msg=ready", 1)
+	p2.out.waitFor(t, "journal: task resumed", 1)
+	deadline = time.Now().Add(120 * time.Second)
+	var doc taskDoc
+	for {
+		c2 := lcDial(t, "unix", sock)
+		c2.send(`{"command":"task","id":"w","task_id":"` + id + `"}`)
+		doc = taskOf(t, c2.expectReply("w", statusOK))
+		c2.c.Close()
+		if doc.finished() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("resumed task not finished: %+v", doc)
+		}
+		time.Sleep(50 * time.Millisecond) // polling, bounded by the deadline
+	}
+	if doc.State != taskStateDone {
+		t.Fatalf("resumed task %+v, want done", doc)
+	}
+	after := crashLogTiles(t, dir+"/jobs.log")
+	again := 0
+	for k, n := range before {
+		if after[k] > n {
+			again++
+		}
+	}
+	t.Logf("%d rendered before the kill, %d rendered again after it, %d distinct in all", len(before), again, len(after))
+	if len(after) != total {
+		t.Errorf("%d distinct metatiles rendered, want %d", len(after), total)
+	}
+	if again > renderers {
+		t.Errorf("%d metatiles rendered twice, want at most the %d running at the kill", again, renderers)
+	}
+	p2.signal(syscall.SIGTERM)
+	if err := p2.wait(lcDeadline); err != nil {
+		t.Errorf("daemon exit: %v", err)
+	}
+	if len(journaledTasks(t, dir+"/state")) != 0 {
+		t.Error("the finished task is still in the journal")
+	}
+}
+
+// TestJournalSIGKILLExpireTask: an expiry run of 50,000 lines, killed after 20,000.
+func TestJournalSIGKILLExpireTask(t *testing.T) {
+	var b strings.Builder
+	for i := 0; i < 50_000; i++ {
+		fmt.Fprintf(&b, "16/%d/%d\n", i%250, i/250)
+	}
+	line, _ := json.Marshal(map[string]any{"command": "expire", "id": "start", "cache_identifier": "exp_GRID", "lines": b.String(), "min_zoom": 16})
+	crashTaskRun(t, "max_line_bytes: 4194304\n", string(line), "lines", 50_000)
+}
+
+// TestJournalSIGKILLSeedTask: a seed task of 50,000 metatiles (fake planner, a cursor every
+// 1,000), killed after 20,000.
+func TestJournalSIGKILLSeedTask(t *testing.T) {
+	dir := t.TempDir()
+	seedYAML := dir + "/seed.yaml"
+	os.WriteFile(seedYAML, []byte("seeds:\n  all: {caches: [exp]}\n"), 0o644)
+	planner, _ := json.Marshal([]string{lcExecutable(t), "fake-planner", "-n", "50000", "-cache", "exp_GRID", "-z", "18", "-cursor-every", "1000"})
+	crashTaskRun(t, fmt.Sprintf("seed_config: %s\nplanner_command: %s\n", seedYAML, planner),
+		`{"command":"seed","id":"start","task":"all"}`, "next", 50_000)
+}

@@ -251,7 +251,7 @@ func (s *expireSource) run() {
 			buf, more = s.e.more(buf[:0], 1<<16)
 		}
 	}
-	lastCursor := int64(-1)
+	lastCursor := s.resume
 	for {
 		var t tileCoord
 		if pending != nil {

@@ -549,6 +549,7 @@ func fakePlanner(args []string) int {
 	crashAfter := fs.Int("crash-after", -1, "exit 3 after this many metatiles")
 	errMsg := fs.String("error", "", "answer this error")
 	refreshBefore := fs.Float64("refresh-before", 0, "refresh_before of every metatile")
+	cursorEvery := fs.Int("cursor-every", 0, `write {"cursor": {"next": i}} before every K-th metatile; resume from such a cursor`)
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -584,7 +585,19 @@ func fakePlanner(args []string) int {
 	if *refreshBefore > 0 {
 		rb = fmt.Sprintf(", \"refresh_before\": %g", *refreshBefore)
 	}
-	for i := 0; i < *n; i++ {
+	first := 0
+	if len(s.Cursor) > 0 {
+		var c struct{ Next int }
+		if json.Unmarshal(s.Cursor, &c) != nil {
+			fmt.Fprintln(os.Stderr, "fake planner: bad cursor:", string(s.Cursor))
+			return 2
+		}
+		first = c.Next
+	}
+	for i := first; i < *n; i++ {
+		if *cursorEvery > 0 && i%*cursorEvery == 0 {
+			fmt.Fprintf(out, "{\"cursor\": {\"next\": %d}, \"progress\": %g}\n", i, float64(i)/float64(*n))
+		}
 		if i == *crashAfter {
 			out.Flush()
 			fmt.Fprintln(os.Stderr, "fake planner: Traceback: something broke on purpose")

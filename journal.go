@@ -154,12 +154,7 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
 	}
-	j := &journal{
-		dir: dir, log: log, compactMin: defaultCompactMin,
-		caches: make(map[string]uint32), jobs: make(map[jkey]int32), tasks: make(map[string]*jtask),
-		group: &commitGroup{done: make(chan struct{})},
-		wake:  make(chan struct{}, 1), quit: make(chan struct{}), exited: make(chan struct{}),
-	}
+	j := newJournalState(dir, log)
 	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o640)
 	if err != nil {
 		return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
@@ -191,6 +186,16 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 	j.f, j.size = f, size
 	go j.writer()
 	return j, rep, nil
+}
+
+// newJournalState is an empty journal, not yet open: replayFile fills it.
+func newJournalState(dir string, log *slog.Logger) *journal {
+	return &journal{
+		dir: dir, log: log, compactMin: defaultCompactMin,
+		caches: make(map[string]uint32), jobs: make(map[jkey]int32), tasks: make(map[string]*jtask),
+		group: &commitGroup{done: make(chan struct{})},
+		wake:  make(chan struct{}, 1), quit: make(chan struct{}), exited: make(chan struct{}),
+	}
 }
 
 // replayFile reads path into the live state. A missing file is an empty journal.
