@@ -819,7 +819,7 @@ func requeueJournaled(s *scheduler, j *journal, jobs []journalJob, log *slog.Log
 	sink := &replaySink{j: j, log: log}
 	for _, jj := range jobs {
 		s.submit(&pendingRequest{sink: sink, req: Request{Command: "tile", CacheIdentifier: jj.Cache,
-			Tiles: []tileCoord{jj.Tile}, Priority: jj.Priority, Background: true}})
+			Tiles: []tileCoord{jj.Tile}, Priority: jj.Priority, Background: true, replayed: true}})
 	}
 	log.Info("journal: background jobs queued again", "jobs", len(jobs))
 }

@@ -68,6 +68,10 @@ type Request struct {
 	// (Tiles, [x, y, z] in the XYZ scheme), propagated over Range.
 	Lines []byte
 	Range expireRange
+
+	// replayed marks a background job queued again from the journal at start: it is in the
+	// journal already.
+	replayed bool
 }
 
 // Reply is the one final answer to a request.

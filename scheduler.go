@@ -327,7 +327,7 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	p.merged = merged > 0
 	if p.req.Background {
 		s.stats.background++
-		if s.journal != nil {
+		if s.journal != nil && !p.req.replayed {
 			s.journalBackground(p, c, keys)
 			return
 		}
