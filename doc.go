@@ -46,6 +46,12 @@
 //     man_test.go keeps the man page and README's key table in step with Config.
 //   - worker/mapproxy_worker.py (embedded as bundledWorker): the bundled renderer, and in
 //     "plan" mode the planner that walks seed.yaml tasks with MapProxy's own seed code.
+//   - expire.go: expiry lists (z/x/y) parsed and propagated to metatiles; pure functions.
+//   - expiretask.go: expiry runs as tasks: the expire command, POST /expire, the expire CLI,
+//     the expire_dir spool, the list store and the task source reading a stored list.
+//   - journal.go: the append-only journal (group commit, CRC-framed records, compaction,
+//     replay) and the re-queueing of journaled background jobs at start.
+//   - journaltask.go: tasks in the journal: specs, checkpointed cursors, ends, resumption.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);

@@ -115,6 +115,8 @@ type statusDoc struct {
 	Config    map[string]any               `json:"config"`
 	// LastStartError is why the last renderer start failed, if one ever did.
 	LastStartError string `json:"last_start_error,omitempty"`
+	// Journal is the journal's size and live records (DESIGN §12); absent when it is off.
+	Journal *journalStats `json:"journal,omitempty"`
 	// Tasks are the task documents (DESIGN §10), newest first; added by the server.
 	Tasks []taskDoc `json:"tasks"`
 	// TaskTotals are the task counters' figures (tasks_started_total & co.) since the start.
@@ -318,6 +320,10 @@ func (s *scheduler) statusDoc() statusDoc {
 		}
 		d.Caches[id] = map[string]uint64{"requested": c.requested, "rendered": c.rendered, "failed": c.failed,
 			"meta_x": uint64(max(c.metaX, 1)), "meta_y": uint64(max(c.metaY, 1))}
+	}
+	if s.journal != nil {
+		js := s.journal.stats()
+		d.Journal = &js
 	}
 	return d
 }
