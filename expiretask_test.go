@@ -176,3 +176,50 @@ func TestExpireSpoolDir(t *testing.T) {
 		t.Errorf("renders %q, want %q", got, want)
 	}
 }
+
+// TestMapProxyExpire runs expiry lists through the bundled worker and a real MapProxy
+// cache: its ready line marks GLOBAL_WEBMERCATOR caches "xyz": "nw" (and not the geodetic
+// one), deletes remove a metatile's files, and re-renders write them.
+func TestMapProxyExpire(t *testing.T) {
+	r := newMapProxyRig(t)
+	d := &testDaemon{t: t, socket: r.socket}
+	call := func(line string) Reply {
+		cl := d.dial()
+		defer cl.c.Close()
+		cl.send(line)
+		return cl.read()
+	}
+	if rep := call(`{"command":"expire","id":"g","cache_identifier":"geo_cache_GLOBAL_GEODETIC","lines":"1/0/0"}`); rep.Status != statusError || !strings.Contains(rep.ErrorMessage, "XYZ") {
+		t.Errorf("geodetic cache: %+v, want an error: not the XYZ pyramid", rep)
+	}
+	if code, _, body, _ := r.get(r.mpTCP + "wmts/wmsl/GLOBAL_WEBMERCATOR/5/17/10.png"); code != 200 || !isPNG(body) {
+		t.Fatalf("wmts: %d", code)
+	}
+	if n := len(r.pngFiles("wms_cache_EPSG3857/05")); n != 16 {
+		t.Fatalf("%d tiles at level 5 after the render, want 16", n)
+	}
+	run := func(line string) taskDoc {
+		rep := call(line)
+		if rep.Status != statusQueued {
+			t.Fatalf("expire: %+v", rep)
+		}
+		var doc taskDoc
+		json.Unmarshal(rep.Task, &doc)
+		return waitTaskDone(t, d, doc.TaskID)
+	}
+	doc := run(`{"command":"expire","id":"e1","cache_identifier":"wms_cache_GLOBAL_WEBMERCATOR","lines":"5/17/10\n","min_zoom":5,"delete_from":5}`)
+	if doc.State != taskStateDone || doc.Deleted != 1 || doc.Done != 0 {
+		t.Errorf("delete run: %+v, want done with 1 deleted", doc)
+	}
+	if files := r.pngFiles("wms_cache_EPSG3857/05"); len(files) != 0 {
+		t.Errorf("level 5 after the delete: %v, want no tiles", files)
+	}
+	// 6/40/21 and its parent 5/20/10: two 4×4 metatiles re-rendered.
+	doc = run(`{"command":"expire","id":"e2","cache_identifier":"wms_cache_GLOBAL_WEBMERCATOR","lines":"6/40/21\n","min_zoom":5}`)
+	if doc.State != taskStateDone || doc.Done != 2 || doc.Deleted != 0 {
+		t.Errorf("render run: %+v, want done with 2 rendered", doc)
+	}
+	if n5, n6 := len(r.pngFiles("wms_cache_EPSG3857/05")), len(r.pngFiles("wms_cache_EPSG3857/06")); n5 != 16 || n6 != 16 {
+		t.Errorf("after the re-render: %d tiles at level 5 and %d at level 6, want 16 and 16", n5, n6)
+	}
+}
