@@ -187,22 +187,24 @@ func crashTaskRun(t *testing.T, extraYAML, startLine, cursorField string, total 
 	if _, err := gate.Write(make([]byte, doneBeforeKill)); err != nil {
 		t.Fatal(err)
 	}
-	// Wait until the task's checkpoint has caught up with the finished renders (20,000
-	// renders first: a generous deadline for a loaded machine).
+	// Wait until the task's checkpoint has caught up with the finished renders, to within
+	// one cursor step (1,000 metatiles): the two renderers race for the gate's bytes, so the
+	// finished ones need not be contiguous, and the checkpoint stops at the first one still
+	// open. 20,000 renders first: a generous deadline for a loaded machine.
 	deadline := time.Now().Add(120 * time.Second)
+	var cur map[string]int
 	for {
-		var cur map[string]int
 		for _, jt := range journaledTasks(t, dir+"/state") {
 			if jt.ID == id {
 				json.Unmarshal(jt.Cursor, &cur)
 			}
 		}
-		if cur[cursorField] >= doneBeforeKill {
+		if cur[cursorField] >= doneBeforeKill-1000 {
 			break
 		}
 		if time.Now().After(deadline) {
 			c.send(`{"command":"task","id":"w","task_id":"` + id + `"}`)
-			t.Fatalf("journaled cursor %v, want %s ≥ %d; task %s; %d renders logged", cur, cursorField, doneBeforeKill,
+			t.Fatalf("journaled cursor %v, want %s ≥ %d; task %s; %d renders logged", cur, cursorField, doneBeforeKill-1000,
 				c.expectReply("w", statusOK).Task, len(crashLogTiles(t, dir+"/jobs.log")))
 		}
 		time.Sleep(50 * time.Millisecond) // polling the journal, bounded by the deadline
@@ -242,12 +244,16 @@ func crashTaskRun(t *testing.T, extraYAML, startLine, cursorField string, total 
 			again++
 		}
 	}
-	t.Logf("%d rendered before the kill, %d rendered again after it, %d distinct in all", len(before), again, len(after))
+	// A journaled cursor was read before the kill; a later one may have been written since.
+	// Either way the task resumes after every metatile up to the one read, so only those
+	// started after it can repeat: the renders running at the kill and the checkpoint window.
+	window := len(before) - cur[cursorField]
+	t.Logf("%d rendered before the kill, cursor %v, %d rendered again after it, %d distinct in all", len(before), cur, again, len(after))
 	if len(after) != total {
 		t.Errorf("%d distinct metatiles rendered, want %d", len(after), total)
 	}
-	if again > renderers {
-		t.Errorf("%d metatiles rendered twice, want at most the %d running at the kill", again, renderers)
+	if again > window || again > 1000+renderers {
+		t.Errorf("%d metatiles rendered twice, want at most the %d started after the checkpoint (≤ one cursor step + %d running)", again, window, renderers)
 	}
 	p2.signal(syscall.SIGTERM)
 	if err := p2.wait(lcDeadline); err != nil {
