@@ -273,9 +273,12 @@ func parseExpireFields(req *Request, w *wireRequest) error {
 	zoom(w.MinZoom, &req.Range.MinZoom)
 	zoom(w.MaxZoom, &req.Range.MaxZoom)
 	zoom(w.DeleteFrom, &req.Range.DeleteFrom)
-	for name, v := range map[string]int{"min_zoom": req.Range.MinZoom, "max_zoom": req.Range.MaxZoom, "delete_from": req.Range.DeleteFrom} {
-		if v == -2 {
-			return fmt.Errorf("%s must be an integer from 0 to %d", name, maxExpireZoom)
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"min_zoom", req.Range.MinZoom}, {"max_zoom", req.Range.MaxZoom}, {"delete_from", req.Range.DeleteFrom}} {
+		if f.v == -2 {
+			return fmt.Errorf("%s must be an integer from 0 to %d", f.name, maxExpireZoom)
 		}
 	}
 	if err := req.Range.validate(); err != nil {

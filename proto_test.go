@@ -214,3 +214,29 @@ func TestJobLineIsValidJSON(t *testing.T) {
 		t.Errorf("job line %s has a refresh_before", line)
 	}
 }
+
+func TestParseExpireRequest(t *testing.T) {
+	req, err := parseRequest([]byte(`{"command":"expire","id":"e","cache_identifier":"c_G","lines":"1/0/0\n","tiles":[[1,1,1]],"min_zoom":1,"max_zoom":3,"delete_from":2,"priority":5}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(req.Lines) != "1/0/0\n" || len(req.Tiles) != 1 || req.Range != (expireRange{1, 3, 2}) || req.Priority != 5 || !req.PrioritySet {
+		t.Errorf("parsed %+v", req)
+	}
+	req, err = parseRequest([]byte(`{"command":"expire","cache_identifier":"c_G","lines":"1/0/0"}`))
+	if err != nil || req.Range != (expireRange{0, -1, -1}) {
+		t.Errorf("defaults: %+v, %v; want min 0, max and delete_from unset", req.Range, err)
+	}
+	for line, want := range map[string]string{
+		`{"command":"expire","cache_identifier":"c_G"}`:                              "lines",
+		`{"command":"expire","lines":"1/0/0"}`:                                       "cache_identifier",
+		`{"command":"expire","cache_identifier":"c_G","lines":5}`:                    "lines must be a string",
+		`{"command":"expire","cache_identifier":"c_G","lines":"","max_zoom":40}`:     "max_zoom",
+		`{"command":"expire","cache_identifier":"c_G","lines":"","min_zoom":-1}`:     "min_zoom",
+		`{"command":"expire","cache_identifier":"c_G","lines":"","delete_from":"x"}`: "delete_from",
+	} {
+		if _, err := parseRequest([]byte(line)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want an error about %s", line, err, want)
+		}
+	}
+}
