@@ -344,6 +344,7 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 // error saying so, although the jobs stay queued (they are merely not crash-safe).
 func (s *scheduler) journalBackground(p *pendingRequest, c *cacheInfo, keys []jobKey) {
 	p.answered = true
+	s.countRequest(p, statusQueued) // counted here, on the scheduler goroutine: the job is queued
 	tiles := make([]tileCoord, len(keys))
 	for i, k := range keys {
 		tiles[i] = tileCoord{X: k.x, Y: k.y, Z: k.z}
