@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -358,4 +359,35 @@ func TestJournalOneDaemonPerStateDir(t *testing.T) {
 	j.close()
 	j2, _ := mustOpenJournal(t, dir) // released by close
 	j2.close()
+}
+
+// TestJournalMetricsAndStatus: a background job shows in the status document's journal
+// figures and in the journal metrics until it is rendered.
+func TestJournalMetricsAndStatus(t *testing.T) {
+	d := newTestDaemon(t, daemonOpts{tcp: true, gate: true, maxSeed: -1})
+	cl := d.dial()
+	cl.send(`{"command":"tile","id":"b","cache_identifier":"m_GRID","tiles":[[1,2,3]],"background":true}`)
+	if r := cl.read(); r.Status != statusQueued {
+		t.Fatalf("background request: %+v", r)
+	}
+	if st := d.status(); st.Journal == nil || st.Journal.Jobs != 1 || st.Journal.Records < 2 || st.Journal.Batches < 1 {
+		t.Errorf("status journal %+v, want 1 job, ≥ 2 records (cache name, job), ≥ 1 batch", st.Journal)
+	}
+	metric := func() string {
+		resp, err := http.Get("http://" + d.tcp + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	if m := metric(); !strings.Contains(m, "\nmapproxy_renderd_journal_jobs 1\n") {
+		t.Errorf("metrics lack journal_jobs 1:\n%s", m)
+	}
+	d.release(1)
+	d.waitFor("the job rendered", func(s statusDoc) bool { return s.Journal != nil && s.Journal.Jobs == 0 })
+	if m := metric(); !strings.Contains(m, "\nmapproxy_renderd_journal_jobs 0\n") {
+		t.Errorf("metrics lack journal_jobs 0 after the render")
+	}
 }

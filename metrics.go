@@ -228,11 +228,18 @@ type metricsSnap struct {
 	stopping      bool
 	renderersConf int
 	maxSeed       int
+	journal       *journalStats // nil: the journal is off
 }
 
 // metricsSnapshot builds a metricsSnap. It runs on the scheduler goroutine.
 func (s *scheduler) metricsSnapshot() *metricsSnap {
+	var js *journalStats
+	if s.journal != nil {
+		st := s.journal.stats()
+		js = &st
+	}
 	m := &metricsSnap{
+		journal:       js,
 		started:       s.epoch,
 		requests:      s.m.requests,
 		stats:         s.stats,
@@ -475,5 +482,17 @@ func (m *metricsSnap) appendText(b []byte) []byte {
 	w.counter("connections_refused_total", m.conns.Refused)
 	w.family("invalid_requests_total", "counter", "Requests refused before they reached the queue: malformed, over-long, unknown command or field.")
 	w.counter("invalid_requests_total", m.conns.Invalid)
+	if j := m.journal; j != nil {
+		w.family("journal_bytes", "gauge", "Size of the journal file (state_dir/journal), records not yet synced included.")
+		w.sample("journal_bytes", float64(j.Bytes))
+		w.family("journal_jobs", "gauge", "Background jobs in the journal not yet done.")
+		w.sample("journal_jobs", float64(j.Jobs))
+		w.family("journal_tasks", "gauge", "Tasks in the journal not yet ended.")
+		w.sample("journal_tasks", float64(j.Tasks))
+		w.family("journal_records_total", "counter", "Journal records appended since start.")
+		w.counter("journal_records_total", uint64(j.Records))
+		w.family("journal_syncs_total", "counter", "Journal batches written and fdatasynced since start (group commit).")
+		w.counter("journal_syncs_total", uint64(j.Batches))
+	}
 	return w.b
 }

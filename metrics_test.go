@@ -419,6 +419,11 @@ func TestMetricsScrape(t *testing.T) {
 	eq("connections_accepted_total", m2.sum("connections_accepted_total"), doc.Conns.Accepted)
 	eq("connections_refused_total", m2.sum("connections_refused_total"), doc.Conns.Refused)
 	eq("invalid_requests_total", m2.sum("invalid_requests_total"), doc.Conns.Invalid)
+	if doc.Journal == nil {
+		t.Fatal("the test daemon runs with a journal, but the status document has none")
+	}
+	eq("journal_records_total", m2.sum("journal_records_total"), uint64(doc.Journal.Records))
+	eq("journal_syncs_total", m2.sum("journal_syncs_total"), uint64(doc.Journal.Batches))
 	tt := doc.TaskTotals
 	for _, kind := range taskKinds {
 		eq("tasks_started_total "+kind, m2.sum("tasks_started_total", "kind", kind), tt.Started[kind])
@@ -500,7 +505,7 @@ func TestMetricsBeforeAnyWork(t *testing.T) {
 	got := map[string]int{}
 	for _, ps := range s.samples {
 		got[strings.TrimPrefix(ps.name, metricPrefix)]++
-		if ps.value != 0 && !strings.Contains("build_info start_time_seconds renderers renderers_configured connections_open connections_accepted_total queue_max", strings.TrimPrefix(ps.name, metricPrefix)) {
+		if ps.value != 0 && !strings.Contains("build_info start_time_seconds renderers renderers_configured connections_open connections_accepted_total queue_max journal_bytes", strings.TrimPrefix(ps.name, metricPrefix)) {
 			t.Errorf("fresh daemon: %s%v = %g, want 0", ps.name, ps.labels, ps.value)
 		}
 	}
