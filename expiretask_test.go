@@ -33,7 +33,7 @@ func waitTaskDone(t *testing.T, d *testDaemon, id string) taskDoc {
 			return doc
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("task %s not finished: %+v", id, doc)
+			t.Fatalf("task %s not finished: %+v\njob log: %q", id, doc, d.jobLog())
 		}
 		time.Sleep(10 * time.Millisecond) // polling, bounded by the deadline
 	}

@@ -163,7 +163,10 @@ func (s *scheduler) afterRender(j *job, ok bool) {
 		pf.remember(j.key)
 		return
 	}
-	c := s.cacheList[j.key.cache]
+	if j.key.isDelete() { // an expiry run's delete: nothing was rendered
+		return
+	}
+	c := s.cacheList[j.key.cacheIdx()]
 	if s.qs.rule.isSeed(int(j.priority)) || !pf.on(c) {
 		return
 	}
