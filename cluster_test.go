@@ -200,7 +200,7 @@ func newClusterDaemon(t *testing.T, dir string, n int, rendererCmd []string, ext
 	t.Helper()
 	d := &clusterDaemon{t: t, name: "r" + strconv.Itoa(n), addr: freeTCPAddr(t), args: args,
 		cfg: filepath.Join(dir, fmt.Sprintf("renderd-%d.yaml", n)), log: filepath.Join(dir, fmt.Sprintf("jobs-%d.log", n))}
-	y := fmt.Sprintf("socket: \"\"\nhttp: %s\nstop_timeout: 5s\nrender_timeout: 5m\n", d.addr)
+	y := fmt.Sprintf("socket: \"\"\nhttp: %s\nstop_timeout: 5s\nrender_timeout: 5m\nstate_dir: %s\n", d.addr, filepath.Join(dir, fmt.Sprintf("state-%d", n)))
 	if rendererCmd != nil {
 		cmd, _ := json.Marshal(append(rendererCmd, "-log", d.log))
 		y += "renderer_command: " + string(cmd) + "\n"

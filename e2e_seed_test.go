@@ -17,7 +17,7 @@ func TestSeedTasksMatchMapProxySeed(t *testing.T) {
 	t.Parallel() // minutes of subprocesses: overlap with the other MapProxy tests
 	r := newPlannerRig(t)
 	socket := filepath.Join(r.dir, "renderd.sock")
-	conf := "socket: " + socket + "\nrenderers: 2\nmax_seed_renderers: 2\nrender_timeout: 60s\nseed_config: " + filepath.Join(r.dir, "seed.yaml") + "\n"
+	conf := "socket: " + socket + "\nrenderers: 2\nmax_seed_renderers: 2\nrender_timeout: 60s\nseed_config: " + filepath.Join(r.dir, "seed.yaml") + "\nstate_dir: " + filepath.Join(r.dir, "state") + "\n"
 	if err := os.WriteFile(filepath.Join(r.dir, "renderd.yaml"), []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}

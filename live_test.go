@@ -283,7 +283,7 @@ func startDaemonAs(t *testing.T, niceLimit uint64, renderers int) *testDaemon {
 	}
 	d.gate = g
 	t.Cleanup(func() { g.Close() })
-	cfg := fmt.Sprintf("socket: %s\nsocket_mode: \"0666\"\nhttp: \"\"\nrenderers: %d\nseed_nice: 7\nstop_timeout: 20s\n"+
+	cfg := fmt.Sprintf("socket: %s\nsocket_mode: \"0666\"\nhttp: \"\"\nrenderers: %d\nseed_nice: 7\nstop_timeout: 20s\nstate_dir: "+dir+"/state\n"+
 		"renderer_command: [%q, fake-renderer, -log, %q, -gate, %q]\n", d.socket, renderers, bin, d.log, dir+"/gate")
 	if err := os.WriteFile(dir+"/renderd.yaml", []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)

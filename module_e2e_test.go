@@ -66,7 +66,7 @@ sources:
 	if err := os.WriteFile(dir+"/mapproxy.yaml", []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(dir+"/renderd.yaml", []byte("socket: "+r.socket+"\nhttp: \"\"\nrenderers: 2\nrender_timeout: 30s\n"), 0o644); err != nil {
+	if err := os.WriteFile(dir+"/renderd.yaml", []byte("socket: "+r.socket+"\nhttp: \"\"\nrenderers: 2\nrender_timeout: 30s\nstate_dir: "+dir+"/state\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -170,7 +170,7 @@ func (r *moduleRig) startEarlyDaemon() string {
 	if err := os.WriteFile(r.dir+"/mapproxy-early.yaml", []byte(early), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(r.dir+"/renderd-early.yaml", []byte("socket: "+sock+"\nhttp: \"\"\nrenderers: 1\nhttp_wait: 500ms\n"), 0o644); err != nil {
+	if err := os.WriteFile(r.dir+"/renderd-early.yaml", []byte("socket: "+sock+"\nhttp: \"\"\nrenderers: 1\nhttp_wait: 500ms\nstate_dir: "+r.dir+"/state-early\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())

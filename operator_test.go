@@ -86,7 +86,7 @@ func TestListenFlagsDaemon(t *testing.T) {
 	fileSock, flagSock := dir+"/file.sock", dir+"/flag.sock"
 	tcp := freeTCPAddr(t)
 	cfg := filepath.Join(dir, "r.yaml")
-	os.WriteFile(cfg, []byte(fakeRendererYAML(fmt.Sprintf("renderers: 1\nsocket: %s\nhttp: %q\n", fileSock, freeTCPAddr(t)))), 0o644)
+	os.WriteFile(cfg, []byte(fakeRendererYAML(fmt.Sprintf("renderers: 1\nsocket: %s\nhttp: %q\nstate_dir: %s/state\n", fileSock, freeTCPAddr(t), dir))), 0o644)
 
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -194,7 +194,7 @@ func TestSocketDirNotWritable(t *testing.T) {
 func TestStartFailureCarriesStderr(t *testing.T) {
 	noRaceExitSleep(t)
 	dir := shortTempDir(t)
-	cfg := fmt.Sprintf("socket: %s/s.sock\nhttp: \"\"\nrenderers: 2\nrenderer_command: [%q, fake-renderer, -stderr-lines, 8, -no-ready]\n", dir, os.Args[0])
+	cfg := fmt.Sprintf("socket: %s/s.sock\nhttp: \"\"\nrenderers: 2\nrenderer_command: [%q, fake-renderer, -stderr-lines, 8, -no-ready]\nstate_dir: %s/state\n", dir, os.Args[0], dir)
 	os.WriteFile(dir+"/r.yaml", []byte(cfg), 0o644)
 	err := run(t.Context(), []string{"-c", dir + "/r.yaml"}, io.Discard, io.Discard)
 	if err == nil {
