@@ -311,11 +311,13 @@ func TestCheckConfigLoadsMapProxy(t *testing.T) {
 func TestMapProxyStartFailureMessage(t *testing.T) {
 	requireMapProxy(t)
 	dir := shortTempDir(t)
+	rd := filepath.Join(dir, "renderd.yaml") // only a state_dir of its own, never the shared default
+	os.WriteFile(rd, []byte("state_dir: "+dir+"/state\n"), 0o644)
 	for _, tt := range brokenMapProxyConfigs {
 		t.Run(tt.name, func(t *testing.T) {
 			path := filepath.Join(dir, strings.ReplaceAll(tt.name, " ", "_")+".yaml")
 			os.WriteFile(path, []byte(tt.yaml), 0o644)
-			err := run(t.Context(), []string{"-f", path, "--renderer", "1", "--socket", dir + "/s.sock", "--http", ""}, io.Discard, io.Discard)
+			err := run(t.Context(), []string{"-f", path, "-c", rd, "--renderer", "1", "--socket", dir + "/s.sock", "--http", ""}, io.Discard, io.Discard)
 			if err == nil || !strings.Contains(err.Error(), "renderers did not start") || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("got %v, want a start error with MapProxy's message %q", err, tt.want)
 			}

@@ -309,7 +309,9 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 		close(t.ended)
 		return t.snapshot(), nil
 	}
-	if m.cfg.Cluster != "" {
+	// Expiry runs stay local: their delete jobs and forced renders have no MapProxy request
+	// form to send through HAProxy (the tile cache is shared, so any host may do them).
+	if m.cfg.Cluster != "" && spec.Kind != "expire" {
 		t.cluster = newClusterRoute(m.cfg.Cluster, min(m.cfg.SeedWindow, clusterInFlight))
 		t.route = t.cluster
 	}
