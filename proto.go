@@ -210,12 +210,8 @@ func parseTaskFields(req *Request, w *wireRequest) error {
 		}
 		req.Seed = w.Seed
 	}
-	if len(w.Priority) > 0 && string(w.Priority) != "null" {
-		p, err := parseInt(w.Priority)
-		if err != nil || p < minPriority || p > maxPriority {
-			return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
-		}
-		req.Priority, req.PrioritySet = int(p), true
+	if err := parsePriority(req, w); err != nil {
+		return err
 	}
 	switch req.Command {
 	case "seed":
@@ -234,13 +230,7 @@ func parseTaskFields(req *Request, w *wireRequest) error {
 // lines (a string of z/x/y lines) and/or tiles ([x, y, z], XYZ scheme), min_zoom (0),
 // max_zoom (absent: each line's own zoom), delete_from (absent: never), priority.
 func parseExpireFields(req *Request, w *wireRequest) error {
-	if len(w.CacheIdentifier) == 0 {
-		return errors.New("missing cache_identifier")
-	}
-	if json.Unmarshal(w.CacheIdentifier, &req.CacheIdentifier) != nil {
-		return errors.New("cache_identifier must be a string")
-	}
-	if err := validateCacheIdentifier(req.CacheIdentifier); err != nil {
+	if err := parseCacheIdentifier(req, w); err != nil {
 		return err
 	}
 	if len(w.Lines) > 0 && string(w.Lines) != "null" {
@@ -284,24 +274,38 @@ func parseExpireFields(req *Request, w *wireRequest) error {
 	if err := req.Range.validate(); err != nil {
 		return err
 	}
-	if len(w.Priority) > 0 && string(w.Priority) != "null" {
-		p, err := parseInt(w.Priority)
-		if err != nil || p < minPriority || p > maxPriority {
-			return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
-		}
-		req.Priority, req.PrioritySet = int(p), true
+	if err := parsePriority(req, w); err != nil {
+		return err
 	}
 	return nil
 }
 
-func parseTileFields(req *Request, w *wireRequest) error {
+// parsePriority reads priority when the request has one (0–1000).
+func parsePriority(req *Request, w *wireRequest) error {
+	if len(w.Priority) == 0 || string(w.Priority) == "null" {
+		return nil
+	}
+	p, err := parseInt(w.Priority)
+	if err != nil || p < minPriority || p > maxPriority {
+		return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
+	}
+	req.Priority, req.PrioritySet = int(p), true
+	return nil
+}
+
+// parseCacheIdentifier reads the required cache_identifier (DESIGN §2).
+func parseCacheIdentifier(req *Request, w *wireRequest) error {
 	if len(w.CacheIdentifier) == 0 {
 		return errors.New("missing cache_identifier")
 	}
 	if json.Unmarshal(w.CacheIdentifier, &req.CacheIdentifier) != nil {
 		return errors.New("cache_identifier must be a string")
 	}
-	if err := validateCacheIdentifier(req.CacheIdentifier); err != nil {
+	return validateCacheIdentifier(req.CacheIdentifier)
+}
+
+func parseTileFields(req *Request, w *wireRequest) error {
+	if err := parseCacheIdentifier(req, w); err != nil {
 		return err
 	}
 	tiles, err := parseTiles(w.Tiles)
@@ -310,12 +314,8 @@ func parseTileFields(req *Request, w *wireRequest) error {
 	}
 	req.Tiles = tiles
 	req.Priority = defaultPriority
-	if len(w.Priority) > 0 && string(w.Priority) != "null" {
-		p, err := parseInt(w.Priority)
-		if err != nil || p < minPriority || p > maxPriority {
-			return fmt.Errorf("priority must be an integer from %d to %d, got %s", minPriority, maxPriority, truncate(string(w.Priority), 32))
-		}
-		req.Priority = int(p)
+	if err := parsePriority(req, w); err != nil {
+		return err
 	}
 	if len(w.Background) > 0 && string(w.Background) != "null" {
 		if json.Unmarshal(w.Background, &req.Background) != nil {
