@@ -4,12 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"net"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 	"unicode/utf8"
 )
 
@@ -103,50 +100,8 @@ func TestReadLimitedLine(t *testing.T) {
 // 8 connections, each a closed loop with 32 requests in flight, every request a distinct tile.
 func BenchmarkEndToEnd(b *testing.B) {
 	d := newTestDaemon(b, daemonOpts{renderers: 4, maxSeed: -1, extraYAML: "log_level: warn\n"})
-	const conns, window = 8, 32
-	per := b.N/conns + 1
-	var wg sync.WaitGroup
 	b.ResetTimer()
-	start := time.Now()
-	for c := 0; c < conns; c++ {
-		nc, err := net.Dial("unix", d.socket)
-		if err != nil {
-			b.Fatal(err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer nc.Close()
-			slots := make(chan struct{}, window)
-			readerDone := make(chan int)
-			go func() {
-				buf := make([]byte, 64<<10)
-				lines := 0
-				for lines < per {
-					k, err := nc.Read(buf)
-					if err != nil {
-						break
-					}
-					for _, ch := range buf[:k] {
-						if ch == '\n' {
-							lines++
-							<-slots
-						}
-					}
-				}
-				readerDone <- lines
-			}()
-			for i := 0; i < per; i++ {
-				slots <- struct{}{}
-				fmt.Fprintf(nc, `{"command":"tile","id":"%d","cache_identifier":"b","tiles":[[%d,%d,20]],"priority":100}`+"\n", i, i, c)
-			}
-			if got := <-readerDone; got != per {
-				b.Errorf("connection %d: %d replies, want %d", c, got, per)
-			}
-		}()
-	}
-	wg.Wait()
-	b.ReportMetric(float64(per*conns)/time.Since(start).Seconds(), "req/s")
+	b.ReportMetric(closedLoop(b, d.socket, b.N), "req/s")
 }
 
 func sameRequest(a, b Request) bool {
