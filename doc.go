@@ -57,7 +57,11 @@
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);
 // the task manager owns the task goroutines and the schedule loop (shutdown cancels and waits
 // for them; each task owns its planner and the planner's reader goroutine); the server owns
-// its accept loops and connection goroutines (shutdown waits for them). Tasks never touch the
-// queue: they submit requests and take replies like any client. Every wait on a child
-// process is bounded (SIGTERM, then SIGKILL).
+// its accept loops and connection goroutines (shutdown waits for them). The task manager also
+// owns the expire_dir spool watcher; each task owns its source's goroutine (a planner's
+// reader, an expiry list's expander). run owns the journal, whose writer goroutine it closes
+// after the scheduler has stopped. A wait_ms timer is a time.AfterFunc whose goroutine ends
+// when its message is sent or the scheduler exits. Tasks never touch the queue: they submit
+// requests and take replies like any client. Every wait on a child process is bounded
+// (SIGTERM, then SIGKILL).
 package main
