@@ -1,9 +1,7 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -21,28 +19,7 @@ func TestSeedTasksMatchMapProxySeed(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(r.dir, "renderd.yaml"), []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	log := &syncBuffer{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"-f", filepath.Join(r.dir, "a.yaml"), "-c", filepath.Join(r.dir, "renderd.yaml")}, io.Discard, log)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(90 * time.Second):
-			t.Errorf("daemon did not stop")
-		}
-		if t.Failed() {
-			t.Logf("daemon log (tail):\n%s", tail(log.String(), 6000))
-		}
-	})
-	d := &testDaemon{t: t, socket: socket, done: done, stderr: log, cancel: cancel}
-	d.waitUp()
+	d := runConfiguredDaemon(t, socket, &syncBuffer{}, "-f", filepath.Join(r.dir, "a.yaml"), "-c", filepath.Join(r.dir, "renderd.yaml"))
 	tr := &taskRig{testDaemon: d}
 
 	// runTask sends one seed command and waits for the task to end; it must end done.

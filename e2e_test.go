@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -87,27 +86,7 @@ func newMapProxyRig(t *testing.T) *mapproxyRig {
 		t.Fatal(err)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"-f", dir + "/mapproxy.yaml", "-c", dir + "/renderd.yaml"}, io.Discard, r.log)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("daemon: %v", err)
-			}
-		case <-time.After(90 * time.Second):
-			t.Errorf("daemon did not stop")
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", r.log.String())
-		}
-	})
-	d := &testDaemon{t: t, socket: r.socket, done: done, stderr: r.log, cancel: cancel}
-	d.waitUp()
+	runConfiguredDaemon(t, r.socket, r.log, "-f", dir+"/mapproxy.yaml", "-c", dir+"/renderd.yaml")
 
 	r.mpTCP = r.serveWSGI(filepath.Join(repo, "examples/mapproxy_wsgi.py"), []string{"MAPPROXY_CONFIG=" + dir + "/mapproxy.yaml"})
 	r.mpUnix = r.serveWSGI(filepath.Join(repo, "examples/mapproxy_wsgi.py"), []string{"MAPPROXY_CONFIG=" + dir + "/mapproxy-unix.yaml"})

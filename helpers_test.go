@@ -608,3 +608,31 @@ func fakePlanner(args []string) int {
 	fmt.Fprintln(out, `{"done": true}`)
 	return 0
 }
+
+// runConfiguredDaemon runs the real daemon (run) with args, logging to log, answering on the
+// Unix socket; it returns once the daemon answers ping. At cleanup it stops it, fails the
+// test if it does not stop within 90 s or returns an error, and shows the end of its log
+// when the test failed.
+func runConfiguredDaemon(t *testing.T, socket string, log *syncBuffer, args ...string) *testDaemon {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, args, io.Discard, log) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("daemon: %v", err)
+			}
+		case <-time.After(90 * time.Second):
+			t.Errorf("daemon did not stop")
+		}
+		if t.Failed() {
+			t.Logf("daemon log (tail):\n%s", tail(log.String(), 6000))
+		}
+	})
+	d := &testDaemon{t: t, socket: socket, done: done, stderr: log, cancel: cancel}
+	d.waitUp()
+	return d
+}

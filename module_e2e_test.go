@@ -69,23 +69,7 @@ sources:
 	if err := os.WriteFile(dir+"/renderd.yaml", []byte("socket: "+r.socket+"\nhttp: \"\"\nrenderers: 2\nrender_timeout: 30s\nstate_dir: "+dir+"/state\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"-f", dir + "/mapproxy.yaml", "-c", dir + "/renderd.yaml"}, io.Discard, r.log)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(90 * time.Second):
-			t.Errorf("daemon did not stop")
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", tail(r.log.String(), 4000))
-		}
-	})
-	(&testDaemon{t: t, socket: r.socket, done: done, stderr: r.log, cancel: cancel}).waitUp()
+	runConfiguredDaemon(t, r.socket, r.log, "-f", dir+"/mapproxy.yaml", "-c", dir+"/renderd.yaml")
 
 	// The module as an operator installs it, and the one line that enables it.
 	var out bytes.Buffer
@@ -173,21 +157,7 @@ func (r *moduleRig) startEarlyDaemon() string {
 	if err := os.WriteFile(r.dir+"/renderd-early.yaml", []byte("socket: "+sock+"\nhttp: \"\"\nrenderers: 1\nhttp_wait: 500ms\nstate_dir: "+r.dir+"/state-early\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	log := &syncBuffer{}
-	go func() {
-		done <- run(ctx, []string{"-f", r.dir + "/mapproxy-early.yaml", "-c", r.dir + "/renderd-early.yaml"}, io.Discard, log)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(90 * time.Second):
-			t.Errorf("second daemon did not stop")
-		}
-	})
-	(&testDaemon{t: t, socket: sock, done: done, stderr: log, cancel: cancel}).waitUp()
+	runConfiguredDaemon(t, sock, &syncBuffer{}, "-f", r.dir+"/mapproxy-early.yaml", "-c", r.dir+"/renderd-early.yaml")
 	return r.serveWSGI(filepath.Join(repo, "examples/mapproxy_wsgi.py"), []string{"MAPPROXY_CONFIG=" + r.dir + "/mapproxy-early.yaml"})
 }
 
