@@ -253,6 +253,23 @@ func (s *scheduler) makeRoomForRequest(n int) bool {
 // children returns the metatile keys at z+1 … z+levels that cover the metatile k of cache c.
 func (pf *prefetcher) children(c *cacheInfo, k jobKey) []jobKey {
 	g := pf.grids[c.id]
+	// The parent metatile's tile range [x0, x1) × [y0, y1), clipped to its grid level.
+	z := int64(k.z)
+	x0, y0 := int64(k.x), int64(k.y)
+	x1, y1 := x0+int64(max(c.metaX, 1)), y0+int64(max(c.metaY, 1))
+	if w, h, ok := g.size(z); ok {
+		x1, y1 = min(x1, w), min(y1, h)
+	}
+	return pf.coverKeys(c, g, z, func(r float64) (int64, int64, int64, int64) {
+		return int64(math.Floor(float64(x0)*r + 1e-9)), int64(math.Floor(float64(y0)*r + 1e-9)),
+			int64(math.Ceil(float64(x1)*r - 1e-9)), int64(math.Ceil(float64(y1)*r - 1e-9))
+	})
+}
+
+// coverKeys returns the metatile keys of cache c at z+1 … z+levels (up to max_zoom and the
+// grid's last level) that cover, at each level, the tile range [x0, x1) × [y0, y1) that
+// rect gives for the level's scale r against z, clipped to the grid.
+func (pf *prefetcher) coverKeys(c *cacheInfo, g *gridInfo, z int64, rect func(r float64) (x0, y0, x1, y1 int64)) []jobKey {
 	mx, my := int64(max(c.metaX, 1)), int64(max(c.metaY, 1))
 	maxZ := int64(maxZoom)
 	if pf.cfg.MaxZoom != nil {
@@ -261,27 +278,18 @@ func (pf *prefetcher) children(c *cacheInfo, k jobKey) []jobKey {
 	if g != nil && len(g.GridSizes) > 0 {
 		maxZ = min(maxZ, int64(len(g.GridSizes))-1)
 	}
-	// The parent metatile's tile range [x0, x1) × [y0, y1), clipped to its grid level.
-	z := int64(k.z)
-	x0, y0 := int64(k.x), int64(k.y)
-	x1, y1 := x0+mx, y0+my
-	if w, h, ok := g.size(z); ok {
-		x1, y1 = min(x1, w), min(y1, h)
-	}
 	var out []jobKey
 	for l := int64(1); l <= int64(pf.cfg.Levels) && z+l <= maxZ; l++ {
 		cz := z + l
-		r := g.ratio(z, cz)
-		cx0, cy0 := int64(math.Floor(float64(x0)*r+1e-9)), int64(math.Floor(float64(y0)*r+1e-9))
-		cx1, cy1 := int64(math.Ceil(float64(x1)*r-1e-9)), int64(math.Ceil(float64(y1)*r-1e-9))
+		x0, y0, x1, y1 := rect(g.ratio(z, cz))
 		if w, h, ok := g.size(cz); ok {
-			cx1, cy1 = min(cx1, w), min(cy1, h)
+			x1, y1 = min(x1, w), min(y1, h)
 		}
-		if cx1 > maxCoordinate+1 || cy1 > maxCoordinate+1 {
+		if x1 > maxCoordinate+1 || y1 > maxCoordinate+1 {
 			break
 		}
-		for y := cy0 / my * my; y < cy1; y += my {
-			for x := cx0 / mx * mx; x < cx1; x += mx {
+		for y := y0 / my * my; y < y1; y += my {
+			for x := x0 / mx * mx; x < x1; x += mx {
 				out = append(out, keyFor(c, tileCoord{int32(x), int32(y), int32(cz)}))
 			}
 		}
@@ -416,14 +424,6 @@ func (s *scheduler) flushBurst(b *burst) {
 func (pf *prefetcher) centreChildren(b *burst) []jobKey {
 	c := b.c
 	g := pf.grids[c.id]
-	mx, my := int64(max(c.metaX, 1)), int64(max(c.metaY, 1))
-	maxZ := int64(maxZoom)
-	if pf.cfg.MaxZoom != nil {
-		maxZ = int64(*pf.cfg.MaxZoom)
-	}
-	if g != nil && len(g.GridSizes) > 0 {
-		maxZ = min(maxZ, int64(len(g.GridSizes))-1)
-	}
 	z := int64(b.z)
 	x0, y0, x1, y1 := float64(b.minX), float64(b.minY), float64(b.maxX), float64(b.maxY)
 	if w, h, ok := g.size(z); ok {
@@ -431,23 +431,8 @@ func (pf *prefetcher) centreChildren(b *burst) []jobKey {
 	}
 	cx, cy := (x0+x1)/2, (y0+y1)/2
 	hw, hh := (x1-x0)/2, (y1-y0)/2
-	var out []jobKey
-	for l := int64(1); l <= int64(pf.cfg.Levels) && z+l <= maxZ; l++ {
-		cz := z + l
-		r := g.ratio(z, cz)
-		lx0, ly0 := max(int64(math.Floor(cx*r-hw+1e-9)), 0), max(int64(math.Floor(cy*r-hh+1e-9)), 0)
-		lx1, ly1 := int64(math.Ceil(cx*r+hw-1e-9)), int64(math.Ceil(cy*r+hh-1e-9))
-		if w, h, ok := g.size(cz); ok {
-			lx1, ly1 = min(lx1, w), min(ly1, h)
-		}
-		if lx1 > maxCoordinate+1 || ly1 > maxCoordinate+1 {
-			break
-		}
-		for y := ly0 / my * my; y < ly1; y += my {
-			for x := lx0 / mx * mx; x < lx1; x += mx {
-				out = append(out, keyFor(c, tileCoord{int32(x), int32(y), int32(cz)}))
-			}
-		}
-	}
-	return out
+	return pf.coverKeys(c, g, z, func(r float64) (int64, int64, int64, int64) {
+		return max(int64(math.Floor(cx*r-hw+1e-9)), 0), max(int64(math.Floor(cy*r-hh+1e-9)), 0),
+			int64(math.Ceil(cx*r + hw - 1e-9)), int64(math.Ceil(cy*r + hh - 1e-9))
+	})
 }
