@@ -42,18 +42,11 @@ func (s *scheduler) healthNow() health {
 
 // health asks the scheduler goroutine for healthNow. A stopped scheduler is "stopping".
 func (s *scheduler) health() health {
-	ch := make(chan health, 1)
-	select {
-	case s.in <- schedMsg{health: ch}:
-	case <-s.done:
+	h, ok := ask(s, (*scheduler).healthNow)
+	if !ok {
 		return health{reason: "stopping"}
 	}
-	select {
-	case h := <-ch:
-		return h
-	case <-s.done:
-		return health{reason: "stopping"}
-	}
+	return h
 }
 
 // health is the daemon's answer: not ok before the server opens (renderers still starting),

@@ -116,7 +116,7 @@ func (s *scheduler) armWait(p *pendingRequest) {
 	}
 	p.waitTimer = time.AfterFunc(time.Duration(p.req.WaitMS)*time.Millisecond, func() {
 		select {
-		case s.in <- schedMsg{due: p}:
+		case s.in <- schedMsg{op: opDue, p: p}:
 		case <-s.done:
 		}
 	})

@@ -286,20 +286,7 @@ func (s *scheduler) metricsSnapshot() *metricsSnap {
 }
 
 // metrics returns a snapshot, or false when the scheduler has stopped.
-func (s *scheduler) metrics() (*metricsSnap, bool) {
-	ch := make(chan *metricsSnap, 1)
-	select {
-	case s.in <- schedMsg{metrics: ch}:
-	case <-s.done:
-		return nil, false
-	}
-	select {
-	case m := <-ch:
-		return m, true
-	case <-s.done:
-		return nil, false
-	}
-}
+func (s *scheduler) metrics() (*metricsSnap, bool) { return ask(s, (*scheduler).metricsSnapshot) }
 
 // serveMetrics is GET /metrics.
 func (s *server) serveMetrics(w http.ResponseWriter, r *http.Request) {

@@ -36,18 +36,7 @@ var pageTemplate = template.Must(template.New("page").Funcs(template.FuncMap{
 // history returns the scheduler's one-second samples, oldest first, or false when it has
 // stopped.
 func (s *scheduler) history() ([]historySample, bool) {
-	ch := make(chan []historySample, 1)
-	select {
-	case s.in <- schedMsg{history: ch}:
-	case <-s.done:
-		return nil, false
-	}
-	select {
-	case h := <-ch:
-		return h, true
-	case <-s.done:
-		return nil, false
-	}
+	return ask(s, func(s *scheduler) []historySample { return s.m.history.samples() })
 }
 
 // pageData is what the template shows.

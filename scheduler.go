@@ -17,26 +17,55 @@ const maxInternedCaches = 10000
 
 // schedMsg is what clients send to the scheduler goroutine. One buffered channel carries
 // them all, so one sender's messages arrive in the order it sent them (a cancel never
-// overtakes its submit).
+// overtakes its submit). Messages whose order matters are typed (op); a query is a function
+// run on the scheduler goroutine (ask).
 type schedMsg struct {
-	submit  *pendingRequest
-	cancel  *pendingRequest
-	due     *pendingRequest // its wait_ms ran out (live.go)
-	status  chan<- statusDoc
-	health  chan<- health
-	metrics chan<- *metricsSnap
-	history chan<- []historySample
-	reload  *Config
-	done    chan<- error // reload result
-	grid    *gridQuery
+	op     schedOp
+	p      *pendingRequest  // opSubmit, opCancel, opDue
+	reload *reloadMsg       // opReload
+	fn     func(*scheduler) // opQuery
 }
 
-// gridQuery asks the scheduler what an expiry run needs to know about a cache.
-type gridQuery struct {
-	cache string
-	reply chan gridAnswer // room for one
+type schedOp uint8
+
+const (
+	opSubmit schedOp = iota + 1
+	opCancel         // p's client is gone
+	opDue            // p's wait_ms ran out (live.go)
+	opReload         // a new configuration (SIGHUP)
+	opQuery          // run fn on the scheduler goroutine
+)
+
+type reloadMsg struct {
+	cfg  Config
+	done chan error // room for one: applyConfig's result
 }
 
+// ask runs f on the scheduler goroutine and returns its result; ok is false when the
+// scheduler has stopped (f then may not have run). f must not block: it runs between two
+// messages of the scheduler's loop and may read and change its state.
+func ask[T any](s *scheduler, f func(*scheduler) T) (v T, ok bool) {
+	ch := make(chan T, 1)
+	select {
+	case s.in <- schedMsg{op: opQuery, fn: func(s *scheduler) { ch <- f(s) }}:
+	case <-s.done:
+		return v, false
+	}
+	select {
+	case v = <-ch:
+		return v, true
+	case <-s.done:
+		// Messages sent before the scheduler stopped are still answered (drainMessages).
+		select {
+		case v = <-ch:
+			return v, true
+		default:
+			return v, false
+		}
+	}
+}
+
+// gridAnswer is what an expiry run needs to know about a cache, or why it cannot have it.
 type gridAnswer struct {
 	grid expireGrid
 	err  error
@@ -201,7 +230,7 @@ func (s *scheduler) killRunning() { s.stopOnce.Do(func() { close(s.hardStop) }) 
 // answered shutting_down at once. It never blocks past the scheduler's exit.
 func (s *scheduler) submit(p *pendingRequest) {
 	select {
-	case s.in <- schedMsg{submit: p}:
+	case s.in <- schedMsg{op: opSubmit, p: p}:
 	case <-s.done:
 		p.sink.deliver(p, Reply{ID: p.req.ID, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"})
 	}
@@ -210,58 +239,37 @@ func (s *scheduler) submit(p *pendingRequest) {
 // cancel says that p's client is gone. Queued jobs nobody else waits for are dropped.
 func (s *scheduler) cancel(p *pendingRequest) {
 	select {
-	case s.in <- schedMsg{cancel: p}:
+	case s.in <- schedMsg{op: opCancel, p: p}:
 	case <-s.done:
 	}
 }
 
 // status returns the status document, or false when the scheduler has stopped.
-func (s *scheduler) status() (statusDoc, bool) {
-	ch := make(chan statusDoc, 1)
-	select {
-	case s.in <- schedMsg{status: ch}:
-	case <-s.done:
-		return statusDoc{}, false
-	}
-	select {
-	case d := <-ch:
-		return d, true
-	case <-s.done:
-		return statusDoc{}, false
-	}
-}
+func (s *scheduler) status() (statusDoc, bool) { return ask(s, (*scheduler).statusDoc) }
 
 // reload applies a new configuration; see applyConfig.
 func (s *scheduler) reload(cfg Config) error {
-	ch := make(chan error, 1)
+	m := &reloadMsg{cfg: cfg, done: make(chan error, 1)}
 	select {
-	case s.in <- schedMsg{reload: &cfg, done: ch}:
+	case s.in <- schedMsg{op: opReload, reload: m}:
 	case <-s.done:
 		return errors.New("scheduler stopped")
 	}
-	return <-ch
+	return <-m.done // answered even when the scheduler stops meanwhile (drainMessages)
 }
 
 func (s *scheduler) handleMsg(m schedMsg) {
-	switch {
-	case m.submit != nil:
-		s.handleSubmit(m.submit)
-	case m.cancel != nil:
-		s.handleCancel(m.cancel)
-	case m.due != nil:
-		s.handleDue(m.due)
-	case m.status != nil:
-		m.status <- s.statusDoc()
-	case m.health != nil:
-		m.health <- s.healthNow()
-	case m.metrics != nil:
-		m.metrics <- s.metricsSnapshot()
-	case m.history != nil:
-		m.history <- s.m.history.samples()
-	case m.reload != nil:
-		m.done <- s.applyConfig(*m.reload)
-	case m.grid != nil:
-		m.grid.reply <- s.expireGridOf(m.grid.cache)
+	switch m.op {
+	case opSubmit:
+		s.handleSubmit(m.p)
+	case opCancel:
+		s.handleCancel(m.p)
+	case opDue:
+		s.handleDue(m.p)
+	case opReload:
+		m.reload.done <- s.applyConfig(m.reload.cfg)
+	case opQuery:
+		m.fn(s)
 	}
 }
 
@@ -361,18 +369,11 @@ func (s *scheduler) journalBackground(p *pendingRequest, c *cacheInfo, keys []jo
 // expireGrid returns the metatile size and XYZ origin of a cache, or an error naming the
 // cache when it does not take expiry lists (DESIGN §11).
 func (s *scheduler) expireGrid(cache string) (expireGrid, error) {
-	q := &gridQuery{cache: cache, reply: make(chan gridAnswer, 1)}
-	select {
-	case s.in <- schedMsg{grid: q}:
-	case <-s.done:
+	a, ok := ask(s, func(s *scheduler) gridAnswer { return s.expireGridOf(cache) })
+	if !ok {
 		return expireGrid{}, errors.New("daemon is shutting down")
 	}
-	select {
-	case a := <-q.reply:
-		return a.grid, a.err
-	case <-s.done:
-		return expireGrid{}, errors.New("daemon is shutting down")
-	}
+	return a.grid, a.err
 }
 
 func (s *scheduler) expireGridOf(id string) gridAnswer {
