@@ -19,16 +19,8 @@ func (s *scheduler) healthNow() health {
 	if s.stopping {
 		return health{reason: "stopping"}
 	}
-	ready, total := 0, 0
-	for _, slot := range s.slots {
-		if slot.retiring {
-			continue
-		}
-		total++
-		if slot.state != slotStarting {
-			ready++
-		}
-	}
+	rc := s.countRenderers()
+	ready, total := rc.activeReady, rc.active
 	switch {
 	case s.startupPending > 0:
 		return health{reason: "starting: " + strconv.Itoa(ready) + " of " + strconv.Itoa(total) + " renderers ready"}

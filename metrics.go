@@ -264,18 +264,8 @@ func (s *scheduler) metricsSnapshot() *metricsSnap {
 			m.oldestUnix[c] = float64(s.epoch.Add(time.Duration(j.enqueued)).UnixNano()) / 1e9
 		}
 	}
-	for _, slot := range s.slots {
-		m.renderers++
-		if slot.failing {
-			m.failing++
-		}
-		switch slot.state {
-		case slotStarting:
-			m.starting++
-		case slotBusy:
-			m.busy[classOf(slot.seed)]++
-		}
-	}
+	rc := s.countRenderers()
+	m.renderers, m.failing, m.starting, m.busy = rc.total, rc.failing, rc.starting, rc.busy
 	for _, c := range s.cacheList {
 		if c.requested == 0 && !c.known && len(c.renders) == 0 {
 			continue

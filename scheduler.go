@@ -744,21 +744,60 @@ func (s *scheduler) applyConfig(cfg Config) error {
 	return nil
 }
 
-func (s *scheduler) summary() string {
-	ready, failing := 0, 0
+// rendererCounts is the one count of the renderers' states; the summary line, health, the
+// status document and the metrics all read it. A renderer is ready when its process is up
+// and it can take a job now or after its current one (idle or busy).
+type rendererCounts struct {
+	total    int           // every renderer, retiring ones included
+	retiring int           // its job channel is closed: it exits after its current job
+	failing  int           // its last start failed
+	starting int           // starting or restarting: no job may be sent
+	idle     int           // ready, no job
+	busy     [nClasses]int // ready, running a job of that class
+	// Of the renderers not being retired, which are the ones that will take work:
+	active      int
+	activeReady int
+}
+
+// ready is idle plus busy, retiring renderers included.
+func (c rendererCounts) ready() int { return c.idle + c.busy[classLive] + c.busy[classSeed] }
+
+// countRenderers counts the renderers by state. It runs on the scheduler goroutine.
+func (s *scheduler) countRenderers() rendererCounts {
+	var c rendererCounts
 	for _, slot := range s.slots {
-		if slot.state != slotStarting {
-			ready++
+		c.total++
+		if slot.retiring {
+			c.retiring++
 		}
 		if slot.failing {
-			failing++
+			c.failing++
+		}
+		switch slot.state {
+		case slotStarting:
+			c.starting++
+		case slotIdle:
+			c.idle++
+		case slotBusy:
+			c.busy[classOf(slot.seed)]++
+		}
+		if !slot.retiring {
+			c.active++
+			if slot.state != slotStarting {
+				c.activeReady++
+			}
 		}
 	}
-	sum := "renderers " + strconv.Itoa(s.busy) + "/" + strconv.Itoa(len(s.slots)) + " busy (" + strconv.Itoa(ready) +
+	return c
+}
+
+func (s *scheduler) summary() string {
+	rc := s.countRenderers()
+	sum := "renderers " + strconv.Itoa(s.busy) + "/" + strconv.Itoa(rc.total) + " busy (" + strconv.Itoa(rc.ready()) +
 		" ready), " + strconv.Itoa(len(s.qs.queue)) + " queued, " + strconv.FormatUint(s.stats.rendered, 10) + " rendered, " +
 		strconv.FormatUint(s.stats.failed, 10) + " failed"
-	if failing > 0 {
-		sum += "; " + strconv.Itoa(failing) + " renderers fail to start: " + truncate(s.lastStartErr, 200)
+	if rc.failing > 0 {
+		sum += "; " + strconv.Itoa(rc.failing) + " renderers fail to start: " + truncate(s.lastStartErr, 200)
 	}
 	return sum
 }

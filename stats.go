@@ -262,29 +262,11 @@ func (s *scheduler) statusDoc() statusDoc {
 		d.RendererList = append(d.RendererList, rd)
 	}
 	slices.SortFunc(d.RendererList, func(a, b rendererDoc) int { return a.Renderer - b.Renderer })
-	for _, slot := range s.slots {
-		d.Renderers.Total++
-		if slot.retiring {
-			d.Renderers.Retiring++
-		}
-		if slot.failing {
-			d.Renderers.Failing++
-		}
-		switch slot.state {
-		case slotStarting:
-			d.Renderers.Starting++
-		case slotIdle:
-			d.Renderers.Ready++
-		case slotBusy:
-			d.Renderers.Ready++
-			d.Renderers.Busy++
-			if slot.seed {
-				d.Renderers.BusySeed++
-			} else {
-				d.Renderers.BusyLive++
-			}
-		}
-	}
+	rc := s.countRenderers()
+	d.Renderers.Total, d.Renderers.Retiring, d.Renderers.Failing = rc.total, rc.retiring, rc.failing
+	d.Renderers.Starting, d.Renderers.Ready = rc.starting, rc.ready()
+	d.Renderers.BusyLive, d.Renderers.BusySeed = rc.busy[classLive], rc.busy[classSeed]
+	d.Renderers.Busy = rc.busy[classLive] + rc.busy[classSeed]
 	q := &d.Queue
 	q.Length = len(s.qs.queue)
 	q.Running = s.busy
