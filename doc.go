@@ -16,6 +16,8 @@
 //     states and the counters. Everyone else talks to it through its channels.
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
 //   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
+//   - router.go: the command router: one function answers a parsed request for both
+//     protocols (NDJSON and HTTP POST), and one turns a request error into its reply.
 //   - http.go: the HTTP routes, MapProxy 1.15's renderd protocol among them.
 //   - health.go: GET /healthz and the native health command: may this daemon be sent work now.
 //   - cluster.go: MapProxy's request id (sha1 of a Python repr), the key HAProxy hashes to

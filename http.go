@@ -1,8 +1,6 @@
 package main
 
 import (
-	"errors"
-	"io"
 	"net/http"
 	"strconv"
 )
@@ -52,52 +50,25 @@ func (s *server) serveNoRoute(w http.ResponseWriter, r *http.Request) {
 // than "error" and "lock" as success, so every failure is "error" here, with the cause in
 // error_message.
 func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
-	maxLine := s.limits.Load().maxLine
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(maxLine)))
-	if err != nil {
+	body, rep, ok := readBody(w, r, s.limits.Load().maxLine)
+	if !ok {
 		s.invalid.Add(1)
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: body longer than max_line_bytes ("+strconv.Itoa(maxLine)+" bytes)"))
-			return
-		}
-		writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: "+err.Error()))
+		writeJSON(w, http.StatusOK, rep)
 		return
 	}
 	req, err := parseRequest(body)
 	if err != nil {
 		s.invalid.Add(1)
-		var re *requestError
-		if errors.As(err, &re) {
-			writeJSON(w, http.StatusOK, errorReply(re.id, re.msg))
-		} else {
-			writeJSON(w, http.StatusOK, errorReply(nil, "invalid request: "+err.Error()))
-		}
+		writeJSON(w, http.StatusOK, requestErrorReply(err))
 		return
 	}
-	switch req.Command {
-	case "ping":
-		writeJSON(w, http.StatusOK, Reply{ID: req.ID, Status: statusOK})
+	rep, p := s.route(req, protoHTTP, r.Context().Done())
+	if p == nil {
+		writeJSON(w, http.StatusOK, rep)
 		return
-	case "status":
-		writeJSON(w, http.StatusOK, s.statusReply(req.ID))
-		return
-	case "seed", "tasks", "task", "cancel":
-		writeJSON(w, http.StatusOK, s.tasks.handle(req))
-		return
-	case "health":
-		writeJSON(w, http.StatusOK, s.health().reply(req.ID))
-	case "expire":
-		writeJSON(w, http.StatusOK, s.tasks.handleExpire(req))
-		return
-	}
-	// http_wait is for live requests: mapproxy-seed (priority 10) takes any answer but error
-	// for done and would move on while its tiles are still queued.
-	if lim := s.limits.Load(); lim.httpWait > 0 && !req.HasWait && req.Priority >= lim.seedBelow && !req.Background {
-		req.WaitMS, req.HasWait = lim.httpWait.Milliseconds(), true
 	}
 	sink := newChanSink()
-	p := &pendingRequest{req: req, sink: sink, proto: protoHTTP}
+	p.sink = sink
 	s.sched.submit(p)
 	select {
 	case rep := <-sink:

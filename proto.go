@@ -136,8 +136,26 @@ func parseRequest(line []byte) (Request, error) {
 	return slowParse(line)
 }
 
+// parseCommandBody parses an HTTP body whose route names the command (POST /tasks is
+// seed): the body is the request without "command", which is command. A body that names
+// a command anyway has it parsed as parseRequest does: the caller checks it. Errors are as
+// parseRequest's.
+func parseCommandBody(body []byte, command string) (Request, error) {
+	body = bytes.TrimSpace(body)
+	if len(body) == 0 {
+		return Request{}, errEmptyLine
+	}
+	if !utf8.Valid(body) {
+		return Request{}, &requestError{msg: "invalid request: not UTF-8"}
+	}
+	return slowParseAs(body, command)
+}
+
 // slowParse is parseRequest with encoding/json: every shape, every error message.
-func slowParse(line []byte) (Request, error) {
+func slowParse(line []byte) (Request, error) { return slowParseAs(line, "") }
+
+// slowParseAs is slowParse; a non-empty command is the command of a line that names none.
+func slowParseAs(line []byte, command string) (Request, error) {
 	var req Request
 	var w wireRequest
 	dec := json.NewDecoder(bytes.NewReader(line))
@@ -159,10 +177,12 @@ func slowParse(line []byte) (Request, error) {
 	if err != nil {
 		return req, &requestError{id: req.ID, msg: "invalid request: " + jsonErrorText(err)}
 	}
-	if len(w.Command) == 0 {
+	switch {
+	case command != "" && len(w.Command) == 0:
+		req.Command = command
+	case len(w.Command) == 0:
 		return req, &requestError{id: req.ID, msg: "invalid request: missing command"}
-	}
-	if json.Unmarshal(w.Command, &req.Command) != nil {
+	case json.Unmarshal(w.Command, &req.Command) != nil:
 		return req, &requestError{id: req.ID, msg: "invalid request: command must be a string"}
 	}
 	var ferr error

@@ -565,44 +565,25 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 			return
 		}
 		nc.s.invalid.Add(1)
-		var re *requestError
-		if errors.As(err, &re) {
-			nc.push(errorReply(re.id, re.msg))
-		} else {
-			nc.push(errorReply(nil, err.Error()))
-		}
+		nc.push(requestErrorReply(err))
 		return
 	}
-	if req.Command == "health" {
-		nc.push(nc.s.health().reply(req.ID))
+	// Until the renderers are ready, route waits (the reader with it), as a connection
+	// would in the listen backlog.
+	rep, p := nc.s.route(req, protoNative, nil)
+	if p == nil {
+		nc.push(rep)
 		return
 	}
-	// Until the renderers are ready, only health is answered; the rest waits (the reader
-	// with it), as it would in the listen backlog.
-	if !nc.s.waitOpen(nil) {
-		nc.push(Reply{ID: req.ID, Status: statusShuttingDown, ErrorMessage: "daemon is shutting down"})
-		return
-	}
-	switch req.Command {
-	case "ping":
-		nc.push(Reply{ID: req.ID, Status: statusOK})
-	case "status":
-		nc.push(nc.s.statusReply(req.ID))
-	case "seed", "tasks", "task", "cancel":
-		nc.push(nc.s.tasks.handle(req))
-	case "expire":
-		nc.push(nc.s.tasks.handleExpire(req))
-	case "tile":
-		p := &pendingRequest{req: req, sink: nc, proto: protoNative}
-		nc.mu.Lock()
-		if nc.gone {
-			nc.mu.Unlock()
-			return
-		}
-		nc.inflight[p] = struct{}{}
+	p.sink = nc
+	nc.mu.Lock()
+	if nc.gone {
 		nc.mu.Unlock()
-		nc.s.sched.submit(p)
+		return
 	}
+	nc.inflight[p] = struct{}{}
+	nc.mu.Unlock()
+	nc.s.sched.submit(p)
 }
 
 // statusDoc is the scheduler's status document with the tasks and their totals, or false

@@ -20,10 +20,9 @@ import (
 // "command"), GET /tasks, GET /tasks/{id}, DELETE /tasks/{id}. Bodies are the native replies.
 
 func (s *server) serveStartTask(w http.ResponseWriter, r *http.Request) {
-	maxLine := s.limits.Load().maxLine
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(maxLine)))
-	if err != nil {
-		writeJSON(w, http.StatusBadRequest, errorReply(nil, "invalid request: "+err.Error()))
+	body, rep, ok := readBody(w, r, s.limits.Load().maxLine)
+	if !ok {
+		writeJSON(w, http.StatusBadRequest, rep)
 		return
 	}
 	body = bytes.TrimSpace(body)
@@ -31,25 +30,15 @@ func (s *server) serveStartTask(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, `invalid request: want a JSON object such as {"task": "NAME"}`))
 		return
 	}
-	line := []byte(`{"command":"seed"`)
-	if rest := bytes.TrimSpace(body[1:]); len(rest) > 0 && rest[0] != '}' {
-		line = append(line, ',')
-	}
-	line = append(line, body[1:]...)
-	req, err := parseRequest(line)
+	req, err := parseCommandBody(body, "seed")
 	if err == nil && req.Command != "seed" {
 		err = &requestError{id: req.ID, msg: `invalid request: "command" does not belong in POST /tasks`}
 	}
 	if err != nil {
-		var re *requestError
-		if errors.As(err, &re) {
-			writeJSON(w, http.StatusBadRequest, errorReply(re.id, re.msg))
-		} else {
-			writeJSON(w, http.StatusBadRequest, errorReply(nil, "invalid request: "+err.Error()))
-		}
+		writeJSON(w, http.StatusBadRequest, requestErrorReply(err))
 		return
 	}
-	rep := s.tasks.handle(req)
+	rep = s.tasks.handle(req)
 	code := http.StatusCreated
 	if rep.Status == statusError {
 		code = http.StatusBadRequest
