@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -111,6 +112,12 @@ type jtask struct {
 	spec, cursor []byte
 }
 
+// journalDone is a job done, waiting for its record (see journal.dones).
+type journalDone struct {
+	cache string
+	tile  tileCoord
+}
+
 // commitGroup is one batch: closed done after its records are on disk (or failed with err).
 // err is written before done is closed and read after.
 type commitGroup struct {
@@ -137,8 +144,16 @@ type journal struct {
 	tasks   map[string]*jtask
 	seq     uint64
 	size    int64 // bytes in the file, written or in buf
-	records int64 // records appended since open (stats)
-	batches int64 // fsyncs since open (stats)
+
+	// doneMu guards dones: jobs done that are not yet recorded. jobDone (the scheduler,
+	// once per finished background job) takes only doneMu, never mu; the next append or
+	// flush records them, in order, before anything else.
+	doneMu sync.Mutex
+	dones  []journalDone
+
+	// The figures of stats, published so that reading them takes no lock (the scheduler
+	// reads them for every status document and metrics scrape).
+	statBytes, statJobs, statTasks, statRecords, statBatches atomic.Int64
 
 	wake   chan struct{} // capacity 1: there is something in buf
 	quit   chan struct{} // closed by close
@@ -184,6 +199,7 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 		return nil, rep, err
 	}
 	j.f, j.size = f, size
+	j.publishLocked()
 	go j.writer()
 	return j, rep, nil
 }
@@ -362,22 +378,35 @@ func cmpU64(a, b uint64) int {
 	return 0
 }
 
-// snapshotLocked encodes the live state as a journal file. Caller holds mu (or owns j).
-func (j *journal) snapshotLocked() []byte {
-	out := make([]byte, 0, len(journalMagic)+len(j.jobs)*16+1024)
+// journalSnapshot is a copy of the live state, taken under mu and encoded without it.
+type journalSnapshot struct {
+	names []string
+	jobs  []jentry
+	tasks []journalTask
+}
+
+// snapshotLocked copies the live state for encodeSnapshot. Caller holds mu (or owns j).
+// It copies the entries (O(jobs), no encoding): the encoding is done outside mu.
+func (j *journal) snapshotLocked() journalSnapshot {
+	_, tasks := j.liveState()
+	return journalSnapshot{names: slices.Clone(j.names), jobs: slices.Clone(j.order), tasks: tasks}
+}
+
+// encodeSnapshot encodes a copy of the live state as a journal file.
+func encodeSnapshot(snap journalSnapshot) []byte {
+	out := make([]byte, 0, len(journalMagic)+len(snap.jobs)*16+1024)
 	out = append(out, journalMagic...)
 	var body []byte
-	for num, name := range j.names {
+	for num, name := range snap.names {
 		body = appendUvarint(append(body[:0], recCache), uint64(num))
 		out = appendRecord(out, append(body, name...))
 	}
-	for _, e := range j.order {
+	for _, e := range snap.jobs {
 		if e.live {
 			out = appendRecord(out, encodeJob(body[:0], recJob, e.key, int(e.priority)))
 		}
 	}
-	_, tasks := j.liveState()
-	for _, t := range tasks {
+	for _, t := range snap.tasks {
 		out = appendRecord(out, encodeTask(body[:0], recTaskSpec, t.ID, t.Spec))
 		if t.Cursor != nil {
 			out = appendRecord(out, encodeTask(body[:0], recTaskCursor, t.ID, t.Cursor))
@@ -390,9 +419,9 @@ func (j *journal) snapshotLocked() []byte {
 // and syncs the directory. It returns the new file, open for appending, and its size.
 func (j *journal) writeSnapshot() (*os.File, int64, error) {
 	j.mu.Lock()
-	data := j.snapshotLocked()
+	snap := j.snapshotLocked()
 	j.mu.Unlock()
-	return j.installFile(data)
+	return j.installFile(encodeSnapshot(snap))
 }
 
 // installFile makes data the journal, durably (write, fdatasync, rename, fsync the directory).
@@ -462,6 +491,7 @@ func (j *journal) writer() {
 // flush writes and syncs the pending batch and wakes its appenders.
 func (j *journal) flush() {
 	j.mu.Lock()
+	j.recordDonesLocked()
 	data, g := j.buf, j.group
 	j.buf = nil
 	j.group = &commitGroup{done: make(chan struct{})}
@@ -482,9 +512,7 @@ func (j *journal) flush() {
 			j.mu.Unlock()
 		}
 	}
-	j.mu.Lock()
-	j.batches++
-	j.mu.Unlock()
+	j.statBatches.Add(1)
 	g.err = err
 	close(g.done)
 	for _, f := range g.then {
@@ -503,12 +531,14 @@ func (j *journal) maybeCompact() {
 	// The snapshot is taken under mu, so it holds exactly the records appended so far,
 	// including those still in buf: they must not be written again to the new file. Their
 	// appenders keep waiting on the current group, as do those who append while the
-	// snapshot is written; the flush after the new file is in place releases them all.
-	data := j.snapshotLocked()
+	// snapshot is encoded and written (without mu); the flush after the new file is in
+	// place releases them all.
+	j.recordDonesLocked()
+	snap := j.snapshotLocked()
 	pending := j.buf
 	j.buf = nil
 	j.mu.Unlock()
-	f, size, err := j.installFile(data)
+	f, size, err := j.installFile(encodeSnapshot(snap))
 	j.mu.Lock()
 	if err != nil {
 		// The old file is intact and still ours: the pending records go to it after all.
@@ -521,6 +551,7 @@ func (j *journal) maybeCompact() {
 	old := j.f
 	j.f = f
 	j.size = size + int64(len(j.buf))
+	j.publishLocked()
 	j.mu.Unlock()
 	old.Close()
 	j.log.Info("journal compacted", "bytes", size)
@@ -544,7 +575,15 @@ func (j *journal) appendLocked(body []byte) {
 	n := len(j.buf)
 	j.buf = appendRecord(j.buf, body)
 	j.size += int64(len(j.buf) - n)
-	j.records++
+	j.statRecords.Add(1)
+	j.publishLocked()
+}
+
+// publishLocked publishes the figures stats reads. Caller holds mu.
+func (j *journal) publishLocked() {
+	j.statBytes.Store(j.size)
+	j.statJobs.Store(int64(len(j.jobs)))
+	j.statTasks.Store(int64(len(j.tasks)))
 }
 
 // cacheLocked returns the cache's number, appending its record the first time.
@@ -558,9 +597,11 @@ func (j *journal) cacheLocked(name string) uint32 {
 	return uint32(num)
 }
 
-// begin takes mu for an append; it fails when the journal is closed or broken.
+// begin takes mu for an append; it fails when the journal is closed or broken. Jobs done
+// before are recorded first, so that a job queued again after its done is live.
 func (j *journal) begin() error {
 	j.mu.Lock()
+	j.recordDonesLocked()
 	if j.closed {
 		j.mu.Unlock()
 		return errJournalClosed
@@ -588,67 +629,73 @@ func (j *journal) end(wait bool) error {
 	return g.err
 }
 
-// addJobs journals background jobs (metatile keys of one cache) and returns when they are
-// on disk: only then may the daemon answer queued. A job already live keeps one record
-// (a higher priority is recorded again).
-func (j *journal) addJobs(cache string, tiles []tileCoord, priority int) error {
-	if err := j.begin(); err != nil {
-		return err
-	}
-	return j.end(j.addJobsLocked(cache, tiles, priority) || len(j.buf) > 0)
-}
-
-// addJobsThen is addJobs without a waiting goroutine: then is called once, with nil when
-// the jobs are on disk or with the reason they are not. It runs on the journal's writer
-// goroutine (or on the caller's, when the journal is closed or broken), so it must not
-// block: hand the work on, as a replySink does.
+// addJobsThen journals background jobs (metatile keys of one cache) and calls then once,
+// with nil when they are on disk (only then may the daemon answer queued) or with the
+// reason they are not. A job already live keeps one record (a higher priority is recorded
+// again). then runs on the journal's writer goroutine (or on the caller's, when the journal
+// is closed or broken), so it must not block: hand the work on, as a replySink does. The
+// caller does not wait for the disk.
 func (j *journal) addJobsThen(cache string, tiles []tileCoord, priority int, then func(error)) {
 	if err := j.begin(); err != nil {
 		then(err)
 		return
 	}
 	j.addJobsLocked(cache, tiles, priority)
+	// When every job was live already, its record may be in a batch not yet on disk: then
+	// waits for the pending batch, which holds it if so.
 	j.group.then = append(j.group.then, then)
 	j.end(false)
 }
 
-// addJobsLocked appends the job records addJobs needs; it reports whether it wrote any.
-func (j *journal) addJobsLocked(cache string, tiles []tileCoord, priority int) bool {
+// addJobsLocked appends the job records addJobsThen needs.
+func (j *journal) addJobsLocked(cache string, tiles []tileCoord, priority int) {
 	c := j.cacheLocked(cache)
 	var scratch [48]byte
-	wrote := false
 	for _, t := range tiles {
 		k := jkey{cache: c, z: t.Z, x: t.X, y: t.Y}
 		if i, ok := j.jobs[k]; ok && int(j.order[i].priority) >= priority {
 			continue
 		}
 		j.appendLocked(encodeJob(scratch[:0], recJob, k, priority))
-		wrote = true
 	}
-	// When every job was live already, its record may be in a batch not yet on disk: the
-	// callers wait for the pending batch too (len(buf) > 0), which holds it if so.
-	return wrote
 }
 
 // jobDone records that a journaled job was rendered (or failed for good). It does not
-// wait: losing it costs one render after a crash. Jobs that were not journaled cost nothing.
+// wait, and it does not take mu: the record is written by the next append or batch. Losing
+// it costs one render after a crash. Jobs that were not journaled cost nothing.
 func (j *journal) jobDone(cache string, t tileCoord) {
-	if j.begin() != nil {
-		return
+	j.doneMu.Lock()
+	j.dones = append(j.dones, journalDone{cache: cache, tile: t})
+	first := len(j.dones) == 1
+	j.doneMu.Unlock()
+	if first {
+		select {
+		case j.wake <- struct{}{}:
+		default:
+		}
 	}
-	c, ok := j.caches[cache]
-	if !ok {
-		j.mu.Unlock()
-		return
-	}
-	k := jkey{cache: c, z: t.Z, x: t.X, y: t.Y}
-	if _, live := j.jobs[k]; !live {
-		j.mu.Unlock()
+}
+
+// recordDonesLocked appends the records of the jobs done so far. Caller holds mu.
+func (j *journal) recordDonesLocked() {
+	j.doneMu.Lock()
+	dones := j.dones
+	j.dones = nil
+	j.doneMu.Unlock()
+	if j.failed != nil {
 		return
 	}
 	var scratch [48]byte
-	j.appendLocked(encodeJob(scratch[:0], recDone, k, 0))
-	j.end(false)
+	for _, d := range dones {
+		c, ok := j.caches[d.cache]
+		if !ok {
+			continue
+		}
+		k := jkey{cache: c, z: d.tile.Z, x: d.tile.X, y: d.tile.Y}
+		if _, live := j.jobs[k]; live {
+			j.appendLocked(encodeJob(scratch[:0], recDone, k, 0))
+		}
+	}
 }
 
 // taskSpec journals an accepted task and returns when it is on disk.
@@ -683,14 +730,6 @@ func (j *journal) taskEnd(id string) {
 	j.end(false)
 }
 
-// sync waits until everything appended so far is on disk.
-func (j *journal) sync() error {
-	if err := j.begin(); err != nil {
-		return err
-	}
-	return j.end(len(j.buf) > 0)
-}
-
 // journalStats are the journal's figures for the status document.
 type journalStats struct {
 	Bytes   int64 `json:"bytes"`
@@ -700,10 +739,10 @@ type journalStats struct {
 	Batches int64 `json:"batches"`
 }
 
+// stats returns the journal's figures without taking its lock.
 func (j *journal) stats() journalStats {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return journalStats{Bytes: j.size, Jobs: len(j.jobs), Tasks: len(j.tasks), Records: j.records, Batches: j.batches}
+	return journalStats{Bytes: j.statBytes.Load(), Jobs: int(j.statJobs.Load()), Tasks: int(j.statTasks.Load()),
+		Records: j.statRecords.Load(), Batches: j.statBatches.Load()}
 }
 
 // close writes what was appended, stops the writer goroutine and closes the file.

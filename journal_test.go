@@ -17,6 +17,21 @@ import (
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
+// addJobs is addJobsThen waited for: the tests drive the path the scheduler uses.
+func (j *journal) addJobs(cache string, tiles []tileCoord, priority int) error {
+	done := make(chan error, 1)
+	j.addJobsThen(cache, tiles, priority, func(err error) { done <- err })
+	return <-done
+}
+
+// sync waits until everything appended so far (jobs done included) is on disk.
+func (j *journal) sync() error {
+	if err := j.begin(); err != nil {
+		return err
+	}
+	return j.end(len(j.buf) > 0)
+}
+
 func mustOpenJournal(t testing.TB, dir string) (*journal, journalReplay) {
 	t.Helper()
 	j, rep, err := openJournal(dir, quietLog())

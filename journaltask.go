@@ -80,7 +80,7 @@ func (t *task) checkpoint(force bool) {
 }
 
 // recordEnd journals a task's end and drops its expiry list, unless the daemon is only
-// stopping. t.mu is held.
+// stopping. end calls it once, without t.mu.
 func (t *task) recordEnd(state, reason string) {
 	if state == taskStateCancelled && reason == reasonShutdown {
 		return

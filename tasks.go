@@ -269,50 +269,64 @@ func (m *taskManager) startTask(spec taskSpec) (taskDoc, error) {
 }
 
 // startTaskAs is startTask; a non-empty id resumes a journaled task under its old id.
-// A new task is in the journal before it is reported started.
+// A new task is in the journal before it is reported started. m.mu is not held across the
+// journal's fsync, the planner's start or the expiry source's question to the scheduler:
+// the task joins the table once its source runs.
 func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if m.stopping {
+		m.mu.Unlock()
 		return taskDoc{}, errors.New("daemon is shutting down")
 	}
 	if len(m.plannerCmd) == 0 && spec.Kind != "expire" {
+		m.mu.Unlock()
 		return taskDoc{}, errors.New("seeding needs mapproxy_config (-f) or planner_command")
 	}
 	resumed := id != ""
 	if !resumed {
 		m.nextID++
 		id = "t" + strconv.Itoa(m.nextID)
-		if m.journal != nil {
-			if err := m.journal.taskSpec(id, journalSpec(spec)); err != nil {
-				m.nextID--
-				return taskDoc{}, fmt.Errorf("task not started: %w", err)
-			}
+	}
+	cfg, plannerCmd, plannerEnv := m.cfg, m.plannerCmd, m.plannerEnv
+	m.mu.Unlock()
+	if !resumed && m.journal != nil {
+		// The id is not reused when this fails: a later task may have taken the next one.
+		if err := m.journal.taskSpec(id, journalSpec(spec)); err != nil {
+			return taskDoc{}, fmt.Errorf("task not started: %w", err)
 		}
 	}
 	t := newTask(m, id, spec, taskSettings{
-		window: m.cfg.SeedWindow, retries: m.cfg.SeedRetries,
-		backoff: time.Duration(m.cfg.SeedRetryBackoff), maxFailRatio: m.cfg.SeedMaxFailureRatio,
+		window: cfg.SeedWindow, retries: cfg.SeedRetries,
+		backoff: time.Duration(cfg.SeedRetryBackoff), maxFailRatio: cfg.SeedMaxFailureRatio,
 	})
-	m.tasks[t.id] = t
-	m.order = append(m.order, t)
-	m.forgetOld()
 	var src taskSource
 	var err error
 	if spec.Kind == "expire" {
 		src, err = m.openExpireSource(spec)
 	} else {
-		src, err = startPlanner(m.plannerCmd, m.plannerEnv, spec, m.log.With("task", t.id))
+		src, err = startPlanner(plannerCmd, plannerEnv, spec, m.log.With("task", t.id))
 	}
+	m.mu.Lock()
+	if m.stopping && err == nil {
+		// Shutdown began while the source started: the task does not run (a journaled one
+		// resumes at the next start, as the tasks shutdown cancels do).
+		m.mu.Unlock()
+		src.close()
+		return taskDoc{}, errors.New("daemon is shutting down")
+	}
+	m.tasks[t.id] = t
+	m.order = append(m.order, t)
+	m.forgetOld()
 	if err != nil {
+		m.mu.Unlock()
 		t.end(taskStateFailed, err.Error())
 		close(t.ended)
 		return t.snapshot(), nil
 	}
 	// Expiry runs stay local: their delete jobs and forced renders have no MapProxy request
 	// form to send through HAProxy (the tile cache is shared, so any host may do them).
-	if m.cfg.Cluster != "" && spec.Kind != "expire" {
-		t.cluster = newClusterRoute(m.cfg.Cluster, min(m.cfg.SeedWindow, clusterInFlight))
+	if cfg.Cluster != "" && spec.Kind != "expire" {
+		t.cluster = newClusterRoute(cfg.Cluster, min(cfg.SeedWindow, clusterInFlight))
 		t.route = t.cluster
 	}
 	m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled, "resumed", resumed)
@@ -321,6 +335,7 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 		defer m.wg.Done()
 		t.run(m.ctx, src)
 	}()
+	m.mu.Unlock()
 	return t.snapshot(), nil
 }
 
@@ -571,18 +586,19 @@ func (t *task) snapshot() taskDoc {
 // end sets a final state. A task ends once.
 func (t *task) end(state, reason string) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	if t.doc.finished() {
+		t.mu.Unlock()
 		return
 	}
 	t.doc.State, t.doc.Reason = state, reason
 	t.doc.Finished = time.Now().Format(time.RFC3339)
-	t.recordEnd(state, reason)
 	t.doc.EtaS = nil
 	if state == taskStateDone {
 		t.doc.Progress = 1
 	}
 	t.doc.Queued = 0
+	t.mu.Unlock()
+	t.recordEnd(state, reason) // journal and list file: I/O, so not under t.mu
 }
 
 // run is the task goroutine: it reads the source while fewer than window of its requests
