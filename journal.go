@@ -132,18 +132,18 @@ type journal struct {
 	log        *slog.Logger
 	compactMin int64
 
-	mu      sync.Mutex // guards everything below, and orders records with the live state
-	buf     []byte     // records not yet written
-	group   *commitGroup
-	closed  bool
-	failed  error // a write or fsync failed: nothing more is acknowledged (see append)
-	caches  map[string]uint32
-	names   []string       // by cache number
-	jobs    map[jkey]int32 // live jobs: index in order
-	order   []jentry
-	tasks   map[string]*jtask
-	seq     uint64
-	size    int64 // bytes in the file, written or in buf
+	mu     sync.Mutex // guards everything below, and orders records with the live state
+	buf    []byte     // records not yet written
+	group  *commitGroup
+	closed bool
+	failed error // a write or fsync failed: nothing more is acknowledged (see append)
+	caches map[string]uint32
+	names  []string       // by cache number
+	jobs   map[jkey]int32 // live jobs: index in order
+	order  []jentry
+	tasks  map[string]*jtask
+	seq    uint64
+	size   int64 // bytes in the file, written or in buf
 
 	// doneMu guards dones: jobs done that are not yet recorded. jobDone (the scheduler,
 	// once per finished background job) takes only doneMu, never mu; the next append or
