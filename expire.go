@@ -173,30 +173,12 @@ func (e *expireReader) next() (tileCoord, error) {
 	}
 }
 
-// skip consumes n lines without parsing them (resuming from a cursor).
-func (e *expireReader) skip(n int64) error {
-	for e.lines < n {
-		line, err := e.readLine()
-		if line == nil && err != nil {
-			if err == io.EOF {
-				return fmt.Errorf("expiry list has %d lines, cursor says %d were read", e.lines, n)
-			}
-			return err
-		}
-		e.lines++
-	}
-	return nil
-}
-
 func (e *expireReader) badLine(line []byte, err error) {
 	e.bad++
 	if len(e.errors) < maxExpireErrors {
 		e.errors = append(e.errors, expireLineError{Line: e.lines, Text: truncate(string(line), 64), Message: err.Error()})
 	}
 }
-
-// errLongLine marks a line that was longer than maxExpireLine; its text is cut.
-var errLongLine = errors.New("line too long")
 
 // readLine returns the next line without its newline (nil and io.EOF at the end). A last
 // line without a newline counts. Over-long lines come back cut, and parse as bad.
@@ -370,20 +352,6 @@ func (e *expander) more(out []metaOp, limit int) ([]metaOp, bool) {
 		}
 	}
 	return out, false
-}
-
-// expandAll propagates every tile of list and returns the metatiles (tests, benchmarks,
-// small lists). Large runs use start and more with a bounded buffer instead.
-func expandAll(rng expireRange, grid expireGrid, list []tileCoord) []metaOp {
-	e := newExpander(rng, grid)
-	var out []metaOp
-	for _, t := range list {
-		out = e.start(t, out)
-		for more := true; more; {
-			out, more = e.more(out, 1<<20)
-		}
-	}
-	return out
 }
 
 // formatExpireLine writes t as an expiry line (the CLI and tests).

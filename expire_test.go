@@ -77,20 +77,6 @@ func TestExpireReaderBadLines(t *testing.T) {
 	}
 }
 
-func TestExpireReaderSkip(t *testing.T) {
-	r := newExpireReader(strings.NewReader("1/0/0\nbad\n1/1/1\n1/1/0\n"))
-	if err := r.skip(3); err != nil {
-		t.Fatal(err)
-	}
-	tc, err := r.next()
-	if err != nil || tc != (tileCoord{1, 0, 1}) || r.lines != 4 {
-		t.Errorf("after skip(3): %v, %v, lines %d; want 1/1/0 at line 4", tc, err, r.lines)
-	}
-	if err := newExpireReader(strings.NewReader("1/0/0\n")).skip(2); err == nil {
-		t.Error("skip past the end: no error")
-	}
-}
-
 // op is shorthand for the tests' hand-computed sets.
 func op(z, x, y int32, del bool) metaOp {
 	return metaOp{tile: tileCoord{X: x, Y: y, Z: z}, delete: del}
@@ -315,4 +301,18 @@ func FuzzJournalReplay(f *testing.F) {
 		j.replayFile(path)
 		j.liveState()
 	})
+}
+
+// expandAll propagates every tile of list and returns the metatiles (the tests reference).
+// The daemon uses start and more with a bounded buffer instead.
+func expandAll(rng expireRange, grid expireGrid, list []tileCoord) []metaOp {
+	e := newExpander(rng, grid)
+	var out []metaOp
+	for _, t := range list {
+		out = e.start(t, out)
+		for more := true; more; {
+			out, more = e.more(out, 1<<20)
+		}
+	}
+	return out
 }

@@ -13,7 +13,9 @@ import (
 // maxWaitMS bounds wait_ms: a day. Longer is a client bug, not a wish.
 const maxWaitMS = 24 * 3600 * 1000
 
-// parseLiveFields parses wait_ms and refresh of a tile request.
+// parseLiveFields parses wait_ms and refresh of a tile request. refresh is checked and
+// dropped: the module sends "refresh": true on its stale-while-refresh path, and every
+// client request forces its render anyway (only a task's may skip fresh tiles).
 func parseLiveFields(req *Request, w *wireRequest) error {
 	if len(w.WaitMS) > 0 && string(w.WaitMS) != "null" {
 		n, err := parseInt(w.WaitMS)
@@ -23,7 +25,8 @@ func parseLiveFields(req *Request, w *wireRequest) error {
 		req.WaitMS, req.HasWait = n, true
 	}
 	if len(w.Refresh) > 0 && string(w.Refresh) != "null" {
-		if json.Unmarshal(w.Refresh, &req.Refresh) != nil {
+		var refresh bool
+		if json.Unmarshal(w.Refresh, &refresh) != nil {
 			return errors.New("refresh must be true or false")
 		}
 	}

@@ -59,8 +59,6 @@ type Request struct {
 	// WaitMS: with HasWait, answer pending when the job has not finished after this many ms (§13).
 	WaitMS  int64
 	HasWait bool
-	// Refresh: re-render tiles that exist (the module's stale-while-refresh path, §13).
-	Refresh bool
 	// Set by expiry tasks only: remove the metatile's tiles from the cache (DESIGN §11).
 	Delete bool
 

@@ -46,7 +46,7 @@ type job struct {
 	index    int32      // position in the heap; -1 when not queued
 	priority int16
 	state    jobState
-	flags    jobFlags // packed with state so that a job stays in the 80-byte size class
+	flags    jobFlags // packed with state so that a job stays in the 48-byte size class (TestJobStaysSmall)
 }
 
 // waiterSet holds the requests waiting for a job.

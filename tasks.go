@@ -175,13 +175,13 @@ func (m *taskManager) reload(cfg Config, plannerArgv, plannerEnv []string) {
 	m.schedules.set(cfg.Schedules)
 }
 
-// errTaskConflict and errNoTask let the HTTP API choose its status code.
+// errNoTask and errTaskConflict are cancelTask's failures: no such task, or it has ended.
 var (
 	errNoTask       = errors.New("no such task")
 	errTaskConflict = errors.New("task already ended")
 )
 
-// request turns a seed command into a spec: a named entry of seed_config (kind from
+// specFor turns a seed command into a spec: a named entry of seed_config (kind from
 // the section it is in) or an inline seed.
 func (m *taskManager) specFor(req Request) (taskSpec, error) {
 	m.mu.Lock()
@@ -482,17 +482,16 @@ func mustJSON(v any) json.RawMessage {
 
 // task is one running or finished task.
 type task struct {
-	m        *taskManager
-	route    jobRoute      // the scheduler, or cluster
-	cluster  *clusterRoute // with cluster: set, closed when run returns
-	id       string
-	spec     taskSpec
-	set      taskSettings
-	replies  chan taskReply // from the scheduler; room for every outstanding request
-	stopCh   chan string    // a stop reason; buffered 1, first one wins
-	ended    chan struct{}  // closed when run has returned
-	created  time.Time
-	stopOnce sync.Once
+	m       *taskManager
+	route   jobRoute      // the scheduler, or cluster
+	cluster *clusterRoute // with cluster: set, closed when run returns
+	id      string
+	spec    taskSpec
+	set     taskSettings
+	replies chan taskReply // from the scheduler; room for every outstanding request
+	stopCh  chan string    // a stop reason; buffered 1, first one wins
+	ended   chan struct{}  // closed when run has returned
+	created time.Time
 
 	mu  sync.Mutex
 	doc taskDoc
