@@ -65,10 +65,10 @@ func pythonStrRepr(s string) (string, error) {
 	return b.String(), nil
 }
 
-// jobRoute is where a task sends its metatiles: the scheduler (this daemon renders them), or
-// a clusterRoute (their owners do). submit never blocks for long; after cancel(p), p's sink
+// requestRoute is where a task sends its requests, one per metatile: the scheduler (this
+// daemon renders them), or a clusterRoute (their owners do). submit never blocks for long; after cancel(p), p's sink
 // gets nothing more.
-type jobRoute interface {
+type requestRoute interface {
 	submit(p *pendingRequest)
 	cancel(p *pendingRequest)
 }

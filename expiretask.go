@@ -17,8 +17,9 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Expiry runs (DESIGN §11) as tasks: the expire command, POST /expire, the expire CLI and
@@ -498,7 +499,7 @@ func (m *taskManager) takeSpoolFile(path, cache string, rng expireRange, priorit
 		return
 	}
 	if err := os.Rename(path, dst); err != nil {
-		if !errors.Is(err, syscall.EXDEV) {
+		if !errors.Is(err, unix.EXDEV) {
 			log.Error("expire_dir: cannot take the list", "error", err)
 			return
 		}

@@ -14,7 +14,8 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
-	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // The journal (DESIGN §12) makes accepted background work survive a crash: background
@@ -174,7 +175,7 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 	if err != nil {
 		return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		lock.Close()
 		return nil, journalReplay{}, fmt.Errorf("state_dir: %s is in use by another mapproxy-renderd (%w)", dir, err)
 	}
@@ -440,7 +441,7 @@ func (j *journal) installFile(data []byte) (*os.File, int64, error) {
 	if _, err := f.Write(data); err != nil {
 		return fail(err)
 	}
-	if err := syscall.Fdatasync(int(f.Fd())); err != nil {
+	if err := unix.Fdatasync(int(f.Fd())); err != nil {
 		return fail(err)
 	}
 	if err := os.Rename(tmp, path); err != nil {
@@ -500,7 +501,7 @@ func (j *journal) flush() {
 	err := failed
 	if err == nil && len(data) > 0 {
 		if _, err = j.f.Write(data); err == nil {
-			err = syscall.Fdatasync(int(j.f.Fd()))
+			err = unix.Fdatasync(int(j.f.Fd()))
 		}
 		if err != nil {
 			// After a failed write or fsync the kernel's page cache and the disk may
@@ -698,8 +699,8 @@ func (j *journal) recordDonesLocked() {
 	}
 }
 
-// taskSpec journals an accepted task and returns when it is on disk.
-func (j *journal) taskSpec(id string, spec []byte) error {
+// addTask journals an accepted task's spec and returns when it is on disk.
+func (j *journal) addTask(id string, spec []byte) error {
 	if err := j.begin(); err != nil {
 		return err
 	}

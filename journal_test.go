@@ -61,12 +61,12 @@ func TestJournalReplay(t *testing.T) {
 	j.jobDone("a_GRID", tileCoord{0, 4, 3})
 	j.jobDone("a_GRID", tileCoord{9, 9, 9}) // never journaled: ignored
 	j.jobDone("c_GRID", tileCoord{0, 0, 0}) // unknown cache: ignored
-	must(j.taskSpec("t1", []byte(`{"kind":"seed"}`)))
-	must(j.taskSpec("t2", []byte(`{"kind":"expire"}`)))
+	must(j.addTask("t1", []byte(`{"kind":"seed"}`)))
+	must(j.addTask("t2", []byte(`{"kind":"expire"}`)))
 	j.taskCursor("t1", []byte(`{"n":1}`))
 	j.taskCursor("t1", []byte(`{"n":2}`))
 	j.taskEnd("t2")
-	must(j.taskSpec("t3", []byte(`{"kind":"cleanup"}`)))
+	must(j.addTask("t3", []byte(`{"kind":"cleanup"}`)))
 	must(j.sync())
 	j.close()
 	if err := j.addJobs("a_GRID", []tileCoord{{0, 0, 0}}, 1); !errors.Is(err, errJournalClosed) {

@@ -42,7 +42,8 @@ type journaledSpec struct {
 	Scheduled bool     `json:"scheduled,omitempty"`
 }
 
-func journalSpec(spec taskSpec) []byte {
+// marshalJournaledSpec is spec's journaledSpec, as JSON.
+func marshalJournaledSpec(spec taskSpec) []byte {
 	spec.Cursor = nil
 	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled})
 	return b

@@ -16,8 +16,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 //go:embed worker/mapproxy_worker.py
@@ -28,7 +29,7 @@ var bundledWorker []byte
 const defaultPython = "/usr/bin/python3"
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, unix.SIGTERM)
 	go func() {
 		<-ctx.Done()
 		stop() // a second signal kills at once
@@ -235,7 +236,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	// Catch SIGHUP from the start: its default action kills, and systemd runs a reload queued
 	// during start-up right after READY=1. An early one waits here and is applied then.
 	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
+	signal.Notify(hup, unix.SIGHUP)
 	defer signal.Stop(hup)
 
 	var level slog.LevelVar
@@ -445,7 +446,7 @@ func socketDirProblem(path string, err error) error {
 	}
 	// W_OK|X_OK: creating an entry needs both. access(2) uses the real uid, which is the
 	// daemon's (it is not setuid).
-	if syscall.Access(dir, 0o2|0o1) != nil {
+	if unix.Access(dir, unix.W_OK|unix.X_OK) != nil {
 		return fmt.Errorf("directory %s is not writable by uid %d: %s (%w)", dir, os.Getuid(), hint, err)
 	}
 	return err

@@ -291,7 +291,7 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 	m.mu.Unlock()
 	if !resumed && m.journal != nil {
 		// The id is not reused when this fails: a later task may have taken the next one.
-		if err := m.journal.taskSpec(id, journalSpec(spec)); err != nil {
+		if err := m.journal.addTask(id, marshalJournaledSpec(spec)); err != nil {
 			return taskDoc{}, fmt.Errorf("task not started: %w", err)
 		}
 	}
@@ -483,7 +483,7 @@ func mustJSON(v any) json.RawMessage {
 // task is one running or finished task.
 type task struct {
 	m       *taskManager
-	route   jobRoute      // the scheduler, or cluster
+	route   requestRoute  // the scheduler, or cluster
 	cluster *clusterRoute // with cluster: set, closed when run returns
 	id      string
 	spec    taskSpec
