@@ -20,7 +20,7 @@ import (
 // (cache/renderd.py): sha1 of the Python repr of (cache_identifier, [(x, y, z)]), hex.
 // For a metatile MapProxy sends its top-left tile, so the id names the metatile; it does
 // not depend on the priority, so live and seed requests for one metatile share it. Behind
-// HAProxy (DESIGN §15) this id is the hash key that picks the daemon. MapProxy encodes the
+// HAProxy (docs/design.md §15) this id is the hash key that picks the daemon. MapProxy encodes the
 // repr as ASCII and fails on anything else; so does this.
 func mapproxyRequestID(cacheIdentifier string, t tileCoord) (string, error) {
 	repr, err := pythonStrRepr(cacheIdentifier)

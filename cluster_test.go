@@ -1,6 +1,6 @@
 package main
 
-// Cluster tests (DESIGN §15): three daemons on loopback behind a real HAProxy running
+// Cluster tests (docs/design.md §15): three daemons on loopback behind a real HAProxy running
 // examples/cluster/haproxy.cfg (addresses and check interval changed, nothing else).
 
 import (

@@ -43,7 +43,7 @@ type Config struct {
 	LogFormat         string   `yaml:"log_format"`
 	StopTimeout       Duration `yaml:"stop_timeout"`
 
-	// Tasks (DESIGN §10): seeding and cleanup run by the daemon itself.
+	// Tasks (docs/design.md §10): seeding and cleanup run by the daemon itself.
 	SeedConfig          string     `yaml:"seed_config"`            // MapProxy's seed.yaml; -s overrides
 	SeedPriority        int        `yaml:"seed_priority"`          // default priority of a task's jobs
 	SeedWindow          int        `yaml:"seed_window"`            // a task's jobs queued or running at once
@@ -52,16 +52,16 @@ type Config struct {
 	SeedMaxFailureRatio float64    `yaml:"seed_max_failure_ratio"` // of the last 1,000 metatiles
 	PlannerCommand      []string   `yaml:"planner_command"`        // default: the bundled worker's plan mode
 	Schedules           []Schedule `yaml:"schedules"`
-	// Live helpers (live.go, prefetch.go, DESIGN §13).
+	// Live helpers (live.go, prefetch.go, docs/design.md §13).
 	SeedNice       int             `yaml:"seed_nice"`
 	SeedIOPrioIdle bool            `yaml:"seed_ioprio_idle"`
 	HTTPWait       Duration        `yaml:"http_wait"`
 	Prefetch       *PrefetchConfig `yaml:"prefetch"`
 	// Cluster is HAProxy's URL (examples/cluster): a task sends each metatile there, as
-	// MapProxy would, so that its owner renders it (DESIGN §15). "" = this daemon renders.
+	// MapProxy would, so that its owner renders it (docs/design.md §15). "" = this daemon renders.
 	Cluster string `yaml:"cluster"`
 
-	// Journal (DESIGN §12) and expiry lists (§11).
+	// Journal (docs/design.md §12) and expiry lists (§11).
 	StateDir  string `yaml:"state_dir"`  // where the journal lives
 	Journal   bool   `yaml:"journal"`    // false: accepted background work does not survive a crash
 	ExpireDir string `yaml:"expire_dir"` // spool directory of expiry lists; "" = none
@@ -429,7 +429,7 @@ func loadConfig(f configFlags) (Config, error) {
 	return c, nil
 }
 
-// validateTasks checks the task keys (DESIGN §10). The names in schedules are checked against
+// validateTasks checks the task keys (docs/design.md §10). The names in schedules are checked against
 // seed_config by checkSeedNames, which reads that file.
 func (c *Config) validateTasks() error {
 	if c.SeedPriority < minPriority || c.SeedPriority > maxPriority {

@@ -12,7 +12,7 @@ import (
 	"time"
 )
 
-// Crash tests (DESIGN §12): the real daemon (the test binary as "daemon") is SIGKILLed in
+// Crash tests (docs/design.md §12): the real daemon (the test binary as "daemon") is SIGKILLed in
 // the middle of work and started again on the same state_dir; the fake renderers' job log
 // (one line per render, written when the render starts) counts what was rendered.
 

@@ -348,7 +348,7 @@ func mapproxyBody(cache string, x, y, z, prio int) string {
 	return fmt.Sprintf(`{"command": "tile", "id": "a8a4fb883bf7e0f285fc11104200e8e7dda6b9d5", "tiles": [[%d, %d, %d]], "cache_identifier": %q, "priority": %d}`, x, y, z, cache, prio)
 }
 
-// postMapProxy sends exactly what MapProxy 1.15 sends (mapproxy-facts.md §1) on a new connection.
+// postMapProxy sends exactly what MapProxy 1.15 sends (docs/design.md §3) on a new connection.
 func postMapProxy(t *testing.T, addr, path, cache string, x, y, z, prio int) map[string]any {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)

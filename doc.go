@@ -21,9 +21,9 @@
 //   - http.go: the HTTP routes, MapProxy 1.15's renderd protocol among them.
 //   - health.go: GET /healthz and the native health command: may this daemon be sent work now.
 //   - cluster.go: MapProxy's request id (sha1 of a Python repr), the key HAProxy hashes to
-//     split metatiles across hosts (examples/cluster, DESIGN §15).
+//     split metatiles across hosts (examples/cluster, docs/design.md §15).
 //   - client.go: the client subcommands (request, status) and how they reach the daemon.
-//   - tasks.go: tasks (DESIGN §10): the task manager (task table, API) and one goroutine per
+//   - tasks.go: tasks (docs/design.md §10): the task manager (task table, API) and one goroutine per
 //     task that reads its source with back-pressure and feeds the scheduler as a client does.
 //   - planner.go: a task's source when it is a planner subprocess (MapProxy's seed code in the
 //     bundled worker's plan mode).
@@ -37,7 +37,7 @@
 //   - metrics_tasks.go: task totals and gauges for metrics and the status document.
 //   - page.go, page.html: the status page, GET / (html/template, SVG sparklines, no JS).
 //   - top.go: the top subcommand, a live terminal view of the status document.
-//   - live.go, nice.go, prefetch.go (DESIGN §13): wait_ms and pending, the live keys of
+//   - live.go, nice.go, prefetch.go (docs/design.md §13): wait_ms and pending, the live keys of
 //     renderd.yaml; renderer CPU and I/O priority for seed jobs; next-zoom prefetch.
 //   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
 //     install-module subcommand that writes it out.

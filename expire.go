@@ -9,7 +9,7 @@ import (
 	"strconv"
 )
 
-// Expiry lists (DESIGN §11): `z/x/y` lines in the XYZ web-mercator scheme, as
+// Expiry lists (docs/design.md §11): `z/x/y` lines in the XYZ web-mercator scheme, as
 // `osm2pgsql --expire-tiles` writes them. This file holds the pure part: parsing lines,
 // and propagating each tile to the metatiles to re-render or delete. Nothing here touches
 // the scheduler or the disk; expire tasks (tasks.go) drive it.
@@ -225,7 +225,7 @@ func (s seenSet) mark(z, mx, my int32) (was bool) {
 	return false
 }
 
-// expander propagates expiry tiles to metatiles (DESIGN §11): each tile marks its ancestors
+// expander propagates expiry tiles to metatiles (docs/design.md §11): each tile marks its ancestors
 // down to MinZoom and its descendants up to MaxZoom, at every zoom (no gap at z0–2 as in
 // render_expired); every metatile comes out at most once per run. Descendants come out
 // lazily (a z5 tile propagated to z18 is millions of tiles), so memory is the seen-set only.

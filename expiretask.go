@@ -22,7 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Expiry runs (DESIGN §11) as tasks: the expire command, POST /expire, the expire CLI and
+// Expiry runs (docs/design.md §11) as tasks: the expire command, POST /expire, the expire CLI and
 // the expire_dir spool all store the list as a file (under <state_dir>/lists when the
 // journal is on, so that the run resumes after a crash), then start a task of kind expire
 // whose source (expireSource) reads the file, propagates each line (expire.go) and yields

@@ -263,7 +263,7 @@ func appendReply(dst []byte, r Reply) []byte {
 	return append(dst, '}', '\n')
 }
 
-// appendJobLine appends the renderer protocol's job line (DESIGN §5).
+// appendJobLine appends the renderer protocol's job line (docs/design.md §5).
 func appendJobLine(dst []byte, id string, j renderJob) []byte {
 	dst = append(dst, `{"id":"`...)
 	dst = append(dst, id...)

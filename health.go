@@ -5,7 +5,7 @@ import (
 	"strconv"
 )
 
-// health is whether the daemon should be sent work now (DESIGN §15): a load balancer's
+// health is whether the daemon should be sent work now (docs/design.md §15): a load balancer's
 // health check asks GET /healthz, a script the native command "health".
 type health struct {
 	ok     bool

@@ -20,7 +20,7 @@ import (
 )
 
 // TestMain lets the test binary play two other programs, as os/exec's tests do:
-// "fake-renderer" (a renderer speaking DESIGN §5) and "daemon" (the real daemon, run()).
+// "fake-renderer" (a renderer speaking docs/design.md §5) and "daemon" (the real daemon, run()).
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
@@ -154,7 +154,7 @@ func fakeRenderer(args []string) int {
 			}
 		}
 		if logF != nil {
-			if j.Command == "delete" { // an expiry run's delete job (DESIGN §11)
+			if j.Command == "delete" { // an expiry run's delete job (docs/design.md §11)
 				fmt.Fprintf(logF, "%d %s %d %d %d delete\n", os.Getpid(), j.CacheIdentifier, z, x, y)
 			} else {
 				fmt.Fprintf(logF, "%d %s %d %d %d\n", os.Getpid(), j.CacheIdentifier, z, x, y)
@@ -535,7 +535,7 @@ func appendLine(path, line string) {
 	f.Close()
 }
 
-// fakePlanner is a planner for tests (DESIGN §10's planner protocol). It reads the spec
+// fakePlanner is a planner for tests (docs/design.md §10's planner protocol). It reads the spec
 // line, logs it to -log, and for kind seed emits -n metatiles of cache -cache at zoom -z
 // with x = 0, 1, … (y = 0), each with its walk progress; for kind cleanup it reports -n
 // removed tiles in steps. -crash-after K exits 3 after K metatiles (with a stderr line),

@@ -6,7 +6,7 @@ import (
 )
 
 // routes is every HTTP endpoint. POST on any other path is MapProxy 1.15's renderd protocol
-// (DESIGN §3); other GET paths get 404 and other methods 405, both with a JSON error body.
+// (docs/design.md §3); other GET paths get 404 and other methods 405, both with a JSON error body.
 // Each feature registers its endpoints here, with its handler in its own file.
 func (s *server) routes() *http.ServeMux {
 	mux := http.NewServeMux()

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The journal (DESIGN §12) makes accepted background work survive a crash: background
+// The journal (docs/design.md §12) makes accepted background work survive a crash: background
 // jobs, task specs, task cursors, and the records that retire them (jobs done, tasks ended).
 //
 // File: <state_dir>/journal. An 8-byte magic, then records:

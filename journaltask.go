@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-// Tasks in the journal (DESIGN §12): a task's spec is journaled before the task is
+// Tasks in the journal (docs/design.md §12): a task's spec is journaled before the task is
 // reported started; its cursor (the planner's position, an expiry list's lines) is
 // checkpointed every checkpointEvery once every item before it has finished; its end is
 // journaled when it is done, failed or cancelled by request (not when the daemon stops:

@@ -1,6 +1,6 @@
 package main
 
-// Lifecycle tests (DESIGN §7–§8): the real daemon as a child process — started by
+// Lifecycle tests (docs/design.md §7–§8): the real daemon as a child process — started by
 // systemd-socket-activate or with fds passed the way systemd passes them, reloaded with
 // SIGHUP under load, stopped with SIGTERM — with a unixgram socket standing in for
 // systemd's NOTIFY_SOCKET; and the connection guards (allow-list, max_connections).

@@ -7,7 +7,7 @@ import (
 	"time"
 )
 
-// Live helpers (DESIGN §13): wait_ms and pending, refresh, the live keys of renderd.yaml.
+// Live helpers (docs/design.md §13): wait_ms and pending, refresh, the live keys of renderd.yaml.
 // Prefetch is in prefetch.go, renderer CPU and I/O priority in nice.go.
 
 // maxWaitMS bounds wait_ms: a day. Longer is a client bug, not a wish.

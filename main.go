@@ -170,7 +170,7 @@ func rendererArgv(cfg Config, script string) []string {
 	return []string{defaultPython, script}
 }
 
-// plannerArgv is the planner command (DESIGN §10): planner_command, or the bundled worker's
+// plannerArgv is the planner command (docs/design.md §10): planner_command, or the bundled worker's
 // plan mode when there is a MapProxy configuration to plan with; nil when seeding cannot work.
 func plannerArgv(cfg Config, script string) []string {
 	switch {

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// This file is GET /metrics (DESIGN §14): the Prometheus text format 0.0.4, written by hand,
+// This file is GET /metrics (docs/design.md §14): the Prometheus text format 0.0.4, written by hand,
 // every name prefixed mapproxy_renderd_. The scheduler goroutine owns every figure; a scrape
 // asks it for a metricsSnap through its channel (as status does) and formats the copy on the
 // caller's goroutine. A snapshot costs O(priorities + caches × zooms): it reads running
@@ -28,7 +28,7 @@ const (
 
 var protoNames = [nProtos]string{"internal", "native", "http"}
 
-// Request classes: seed is a priority below seed_priority_below (DESIGN §4), live the rest.
+// Request classes: seed is a priority below seed_priority_below (docs/design.md §4), live the rest.
 const (
 	classLive = 0
 	classSeed = 1
@@ -44,7 +44,7 @@ func classOf(seed bool) int {
 	return classLive
 }
 
-// requestResults are the final outcomes of a tile request: the reply statuses of DESIGN §2
+// requestResults are the final outcomes of a tile request: the reply statuses of docs/design.md §2
 // (the status the daemon decided; MapProxy's HTTP client is sent "error" for several of them)
 // and "cancelled" for a request whose client left before its answer.
 var requestResults = [nResults]string{statusOK, statusError, statusQueued, statusBusy, statusExpired, "pending", statusShuttingDown, "cancelled"}

@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 )
 
-// The MapProxy-side module (python/mapproxy_renderd.py, DESIGN §13), embedded so that an
+// The MapProxy-side module (python/mapproxy_renderd.py, docs/design.md §13), embedded so that an
 // installed binary can write out the copy that matches it.
 //
 //go:embed python/mapproxy_renderd.py

@@ -10,7 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Renderer CPU and I/O priority (seed_nice, seed_ioprio_idle; DESIGN §13).
+// Renderer CPU and I/O priority (seed_nice, seed_ioprio_idle; docs/design.md §13).
 //
 // A renderer runs a seed-class job (priority below seed_priority_below, prefetch included)
 // at niceness seed_nice and, with seed_ioprio_idle, in the idle I/O class; a live job at the

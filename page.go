@@ -13,7 +13,7 @@ import (
 	"time"
 )
 
-// This file is the status page, GET / (DESIGN §14): the status document and the scheduler's
+// This file is the status page, GET / (docs/design.md §14): the status document and the scheduler's
 // last 15 minutes as HTML, rendered on the server with html/template. It has no JavaScript:
 // a meta refresh reloads it every few seconds.
 

@@ -1,6 +1,6 @@
 package main
 
-// Who is on the other end of a connection, and may they use the daemon (DESIGN §8).
+// Who is on the other end of a connection, and may they use the daemon (docs/design.md §8).
 
 import (
 	"bufio"

@@ -49,7 +49,7 @@ const plannerTail = 8
 
 // plannerSource is a planner subprocess (the bundled worker's plan mode, or
 // planner_command): the spec goes to its stdin as one JSON line, items come from its
-// stdout as NDJSON (DESIGN §10). The daemon stops reading while the task's window is
+// stdout as NDJSON (docs/design.md §10). The daemon stops reading while the task's window is
 // full, so a planner simply blocks on the full pipe: bounded memory for any task size.
 type plannerSource struct {
 	cmd    *exec.Cmd
@@ -125,7 +125,7 @@ func (p *plannerSource) signal(sig syscall.Signal) {
 	_ = syscall.Kill(-p.cmd.Process.Pid, sig)
 }
 
-// plannerLine is every field a planner line may carry (TASKS protocol, DESIGN §10).
+// plannerLine is every field a planner line may carry (TASKS protocol, docs/design.md §10).
 type plannerLine struct {
 	Tasks []struct {
 		CacheIdentifier string `json:"cache_identifier"`

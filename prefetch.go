@@ -7,7 +7,7 @@ import (
 	"time"
 )
 
-// Next-zoom prefetch (renderd.yaml prefetch:, DESIGN §13).
+// Next-zoom prefetch (renderd.yaml prefetch:, docs/design.md §13).
 //
 // After a live render of a metatile at zoom z (a job in the live class that rendered ok), the
 // metatiles covering its area at z+1 … z+levels (at most max_zoom, and the grid's last level

@@ -10,7 +10,7 @@ import (
 	"unicode/utf8"
 )
 
-// Status values of a reply (DESIGN §2).
+// Status values of a reply (docs/design.md §2).
 const (
 	statusOK           = "ok"
 	statusError        = "error"
@@ -43,7 +43,7 @@ type Request struct {
 	Priority        int
 	Background      bool
 
-	// Task commands (DESIGN §10): seed names a seeds:/cleanups: entry (Task) or carries an
+	// Task commands (docs/design.md §10): seed names a seeds:/cleanups: entry (Task) or carries an
 	// inline seed (Seed); task and cancel name a task (TaskID).
 	Task       string
 	TaskID     string
@@ -59,10 +59,10 @@ type Request struct {
 	// WaitMS: with HasWait, answer pending when the job has not finished after this many ms (§13).
 	WaitMS  int64
 	HasWait bool
-	// Set by expiry tasks only: remove the metatile's tiles from the cache (DESIGN §11).
+	// Set by expiry tasks only: remove the metatile's tiles from the cache (docs/design.md §11).
 	Delete bool
 
-	// The expire command (DESIGN §11): an expiry list as text (Lines) and/or XYZ tiles
+	// The expire command (docs/design.md §11): an expiry list as text (Lines) and/or XYZ tiles
 	// (Tiles, [x, y, z] in the XYZ scheme), propagated over Range.
 	Lines []byte
 	Range expireRange
@@ -202,7 +202,7 @@ func slowParseAs(line []byte, command string) (Request, error) {
 	return req, nil
 }
 
-// parseTaskFields reads the fields of the task commands (DESIGN §10).
+// parseTaskFields reads the fields of the task commands (docs/design.md §10).
 func parseTaskFields(req *Request, w *wireRequest) error {
 	str := func(raw json.RawMessage, name string, dst *string) error {
 		if len(raw) == 0 || string(raw) == "null" {
@@ -244,7 +244,7 @@ func parseTaskFields(req *Request, w *wireRequest) error {
 	return nil
 }
 
-// parseExpireFields reads the expire command's fields (DESIGN §11): cache_identifier,
+// parseExpireFields reads the expire command's fields (docs/design.md §11): cache_identifier,
 // lines (a string of z/x/y lines) and/or tiles ([x, y, z], XYZ scheme), min_zoom (0),
 // max_zoom (absent: each line's own zoom), delete_from (absent: never), priority.
 func parseExpireFields(req *Request, w *wireRequest) error {
@@ -311,7 +311,7 @@ func parsePriority(req *Request, w *wireRequest) error {
 	return nil
 }
 
-// parseCacheIdentifier reads the required cache_identifier (DESIGN §2).
+// parseCacheIdentifier reads the required cache_identifier (docs/design.md §2).
 func parseCacheIdentifier(req *Request, w *wireRequest) error {
 	if len(w.CacheIdentifier) == 0 {
 		return errors.New("missing cache_identifier")
@@ -343,7 +343,7 @@ func parseTileFields(req *Request, w *wireRequest) error {
 	return parseLiveFields(req, w)
 }
 
-// validateCacheIdentifier enforces DESIGN §2: non-empty, at most 256 bytes, no '/', no control characters.
+// validateCacheIdentifier enforces docs/design.md §2: non-empty, at most 256 bytes, no '/', no control characters.
 func validateCacheIdentifier(s string) error {
 	if s == "" {
 		return errors.New("cache_identifier must not be empty")

@@ -22,7 +22,7 @@ type jobKey struct {
 	x, y, z int32 // the metatile's origin tile: x//mx*mx, y//my*my
 }
 
-// deleteKeyBit in jobKey.cache marks a delete job (DESIGN §11: an expiry run removes the
+// deleteKeyBit in jobKey.cache marks a delete job (docs/design.md §11: an expiry run removes the
 // metatile's tiles from the cache instead of rendering them). A delete and a render of one
 // metatile are different jobs; they never merge. Cache numbers stay far below the bit
 // (maxInternedCaches), and the key keeps its 16 bytes.
@@ -205,7 +205,7 @@ func (j *job) String() string {
 // it has no locks and no goroutines, so tests drive it directly.
 //
 // It keeps running counts so that the status document and a metrics scrape never walk the
-// queue (DESIGN §14): queued jobs per priority, requests waiting on queued jobs, and per
+// queue (docs/design.md §14): queued jobs per priority, requests waiting on queued jobs, and per
 // priority the oldest queued job (see prioLevel). Every change to the queue goes through
 // add, next, removeWaiter and drain, which keep them exact.
 type queueState struct {

@@ -124,7 +124,7 @@ type scheduler struct {
 	stopping       bool
 	lastStartErr   string // why the last renderer start failed
 
-	// journal, when on, holds background jobs until they are done (DESIGN §12). Set before
+	// journal, when on, holds background jobs until they are done (docs/design.md §12). Set before
 	// run starts; nil = off.
 	journal *journal
 
@@ -367,7 +367,7 @@ func (s *scheduler) journalBackground(p *pendingRequest, c *cacheInfo, keys []jo
 }
 
 // expireGrid returns the metatile size and XYZ origin of a cache, or an error naming the
-// cache when it does not take expiry lists (DESIGN §11).
+// cache when it does not take expiry lists (docs/design.md §11).
 func (s *scheduler) expireGrid(cache string) (expireGrid, error) {
 	a, ok := ask(s, func(s *scheduler) gridAnswer { return s.expireGridOf(cache) })
 	if !ok {

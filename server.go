@@ -169,7 +169,7 @@ func (s *server) takeSlot() bool {
 
 func (s *server) releaseSlot() { s.open.Add(-1) }
 
-// httpRequestLine matches "METHOD SP target SP HTTP/1.x" (DESIGN §2).
+// httpRequestLine matches "METHOD SP target SP HTTP/1.x" (docs/design.md §2).
 var httpRequestLine = regexp.MustCompile(`^[A-Z]{1,16} [^ \r\n]+ HTTP/1\.[0-9]\r?\n$`)
 
 // sniff looks at the first line without consuming it and reports whether it is HTTP.
@@ -601,7 +601,7 @@ func (s *server) statusDoc() (statusDoc, bool) {
 	return doc, true
 }
 
-// statusReply is the status document (DESIGN §9) with the tasks, as a reply.
+// statusReply is the status document (docs/design.md §9) with the tasks, as a reply.
 func (s *server) statusReply(id *string) Reply {
 	doc, ok := s.statusDoc()
 	if !ok {

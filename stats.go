@@ -101,7 +101,7 @@ func (d *durationRing) percentiles() map[string]float64 {
 	return map[string]float64{"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": durationMS(v[len(v)-1]), "samples": float64(d.n)}
 }
 
-// statusDoc is the document served by `status` and GET /status (DESIGN §9).
+// statusDoc is the document served by `status` and GET /status (docs/design.md §9).
 type statusDoc struct {
 	Version   string                       `json:"version"`
 	UptimeS   float64                      `json:"uptime_s"`
@@ -115,9 +115,9 @@ type statusDoc struct {
 	Config    map[string]any               `json:"config"`
 	// LastStartError is why the last renderer start failed, if one ever did.
 	LastStartError string `json:"last_start_error,omitempty"`
-	// Journal is the journal's size and live records (DESIGN §12); absent when it is off.
+	// Journal is the journal's size and live records (docs/design.md §12); absent when it is off.
 	Journal *journalStats `json:"journal,omitempty"`
-	// Tasks are the task documents (DESIGN §10), newest first; added by the server.
+	// Tasks are the task documents (docs/design.md §10), newest first; added by the server.
 	Tasks []taskDoc `json:"tasks"`
 	// TaskTotals are the task counters' figures (tasks_started_total & co.) since the start.
 	TaskTotals taskTotalsDoc `json:"task_totals"`

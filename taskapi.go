@@ -16,7 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The task API over HTTP (DESIGN §10): POST /tasks (body: the native seed command without
+// The task API over HTTP (docs/design.md §10): POST /tasks (body: the native seed command without
 // "command"), GET /tasks, GET /tasks/{id}, DELETE /tasks/{id}. Bodies are the native replies.
 
 func (s *server) serveStartTask(w http.ResponseWriter, r *http.Request) {

@@ -16,7 +16,7 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// Tasks (DESIGN §10): long-running background work the daemon owns. A task feeds jobs into
+// Tasks (docs/design.md §10): long-running background work the daemon owns. A task feeds jobs into
 // the one queue exactly as a client does: one waited-for tile request per metatile, at the
 // task's priority, submitted to the scheduler. Dedup with live requests, promotion and the
 // seed's capacity rule therefore apply unchanged, and the scheduler stays the one owner of
@@ -58,7 +58,7 @@ type taskError struct {
 	Message         string  `json:"message"`
 }
 
-// taskDoc is the task document (DESIGN §10).
+// taskDoc is the task document (docs/design.md §10).
 type taskDoc struct {
 	TaskID        string      `json:"task_id"`
 	Name          string      `json:"name"`
@@ -80,7 +80,7 @@ type taskDoc struct {
 	Started       string      `json:"started,omitempty"`
 	Finished      string      `json:"finished,omitempty"`
 	Errors        []taskError `json:"errors"`
-	// Expiry runs (DESIGN §11): lines of the list read, bad lines, the first bad ones.
+	// Expiry runs (docs/design.md §11): lines of the list read, bad lines, the first bad ones.
 	Lines      int64             `json:"lines,omitempty"`
 	BadLines   int64             `json:"bad_lines,omitempty"`
 	LineErrors []expireLineError `json:"line_errors,omitempty"`

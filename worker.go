@@ -37,7 +37,7 @@ type rendererConfig struct {
 }
 
 // cacheReady is what a renderer's ready line says about one cache: its metatile size, and
-// whether its grid is the XYZ web-mercator pyramid (DESIGN §11: "xyz": "nw" | "sw").
+// whether its grid is the XYZ web-mercator pyramid (docs/design.md §11: "xyz": "nw" | "sw").
 type cacheReady struct {
 	meta [2]int32
 	xyz  xyzOrigin

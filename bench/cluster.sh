@@ -1,5 +1,5 @@
 #!/bin/bash
-# bench/cluster.sh — several mapproxy-renderd daemons behind HAProxy (DESIGN §15,
+# bench/cluster.sh — several mapproxy-renderd daemons behind HAProxy (docs/design.md §15,
 # examples/cluster): renders/s with 50 ms renders for 1, 2 and 3 daemons × 4 renderers,
 # a seed task spread over 3 daemons by cluster: against one that renders its own, and the
 # latency HAProxy adds per request. Writes the section "Several daemons behind

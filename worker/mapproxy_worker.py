@@ -312,7 +312,7 @@ def xyz_origin(grid):
     """'nw' or 'sw' when grid is the XYZ web-mercator pyramid, else None.
 
     That is EPSG:3857 (or 900913), 256 px tiles, the whole world in one tile
-    at level 0 and the resolution halving per level (DESIGN §11): expiry
+    at level 0 and the resolution halving per level (docs/design.md §11): expiry
     lists (osm2pgsql's z/x/y) then name its tiles, rows flipped when the
     grid's origin is the south-west corner."""
     try:

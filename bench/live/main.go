@@ -66,7 +66,7 @@ const (
 	meta    = 4
 )
 
-// renderer speaks DESIGN §5. Its "cache" is a directory of empty files, one per metatile
+// renderer speaks docs/design.md §5. Its "cache" is a directory of empty files, one per metatile
 // (z-x-y of the origin tile). A job with "refresh": false whose file exists is skipped.
 func renderer(args []string) error {
 	fs := flag.NewFlagSet("renderer", flag.ContinueOnError)

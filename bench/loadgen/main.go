@@ -1,5 +1,5 @@
 // Command loadgen drives the mapproxy-renderd benchmarks. It speaks three
-// protocols — our NDJSON (DESIGN §2), Tirex's key=value datagrams on
+// protocols — our NDJSON (docs/design.md §2), Tirex's key=value datagrams on
 // master.sock, and renderd's 64-byte mod_tile v2 struct — and runs one
 // scenario per invocation, printing one JSON result line on stdout.
 //

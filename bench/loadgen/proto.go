@@ -120,7 +120,7 @@ func dial(t target, cb onReply) (session, error) {
 }
 
 // ---------------------------------------------------------------------------
-// Our NDJSON protocol (DESIGN §2).
+// Our NDJSON protocol (docs/design.md §2).
 
 type ndjsonSession struct {
 	t    target

@@ -220,7 +220,7 @@ func cmdReport(args []string) error {
 	w("* Every request is timed from just before the load generator (`bench/loadgen`, Go) writes it to the " +
 		"arrival of its own final answer: our NDJSON reply matched by `id`, Tirex's `id=` reply datagram, " +
 		"renderd's echoed 64-byte struct (Done or NotDone).\n")
-	w("* Renderers: ours runs `bench/renderer` (Go, DESIGN §5, announces 8×8 metatiles); Tirex runs " +
+	w("* Renderers: ours runs `bench/renderer` (Go, docs/design.md §5, announces 8×8 metatiles); Tirex runs " +
 		"`bench/tirexbackend` (Go, Tirex's backend protocol); both reply at once or after a 50 ms sleep and write " +
 		"nothing. renderd renders in-process with Mapnik: the \"~0 ms\" style is an empty map with `TILESIZE=8` " +
 		"and `TILEDIR=null://` (one 64×64 px render and 64 tiny PNG encodes per metatile, so not free), the 50 ms " +

@@ -1,5 +1,5 @@
 // Command renderer is the benchmark renderer for mapproxy-renderd: it speaks
-// the renderer protocol of DESIGN §5 on stdin/stdout and renders nothing.
+// the renderer protocol of docs/design.md §5 on stdin/stdout and renders nothing.
 //
 // It writes one ready line that announces every cache named by -cache with an
 // 8×8 metatile (so "one metatile" means the same thing as for Tirex and
