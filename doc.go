@@ -2,6 +2,9 @@
 // queue in front of long-lived render subprocesses, speaking MapProxy 1.15's renderd HTTP
 // protocol and a native newline-delimited JSON protocol on the same sockets.
 //
+// The design (the contract with clients, renderers and operators) is docs/design.md; the
+// code cites its sections as "docs/design.md §n".
+//
 // # Map of the package
 //
 // Who owns what (one flat package; one file per concern):
