@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Cluster tests (docs/design.md §15): three daemons on loopback behind a real HAProxy running

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command mapproxy-renderd renders map tiles in the background for MapProxy: a priority
 // queue in front of long-lived render subprocesses, speaking MapProxy 1.15's renderd HTTP
 // protocol and a native newline-delimited JSON protocol on the same sockets.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Lifecycle tests (docs/design.md §7–§8): the real daemon as a child process — started by

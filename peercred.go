@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Who is on the other end of a connection, and may they use the daemon (docs/design.md §8).

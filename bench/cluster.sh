@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # bench/cluster.sh — several mapproxy-renderd daemons behind HAProxy (docs/design.md §15,
 # examples/cluster): renders/s with 50 ms renders for 1, 2 and 3 daemons × 4 renderers,
 # a seed task spread over 3 daemons by cluster: against one that renders its own, and the

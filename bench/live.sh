@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # Live-helper benchmarks (README "Live helpers"): a zoom-in browsing trace with and without
 # prefetch, and live latency behind a CPU-burning seed with seed_nice 0 and 10. Builds the
 # daemon and bench/live into a temp dir, runs both REPS times (default 2), prints the figures

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # bench/run.sh — the one command that runs every mapproxy-renderd benchmark
 # scenario against mapproxy-renderd ("ours"), Tirex 0.7.0 and mod_tile's
 # renderd 0.6.1, plus our floor (a bare socket→pipe→child chain), and writes

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # bench/seed.sh — one seed.yaml entry seeded two ways with the bundled renderer, side by side:
 #   1. mapproxy-seed -c 4 through the daemon (MapProxy's renderd client, HTTP, priority 10);
 #   2. the daemon's own task (mapproxy-renderd seed --wait NAME: bundled planner, common queue).

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Makes docs/status-page.png: a daemon with fake renderers (50 ms each) and the test
 # binary's fake planner runs a seed task while live requests come in bursts, for about two
 # minutes so that the sparklines have something to show; then headless Chromium takes the

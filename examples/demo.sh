@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # mapproxy-renderd demo: bash examples/demo.sh
 #
 # On Debian bookworm (as root if packages are missing; Go in PATH or at

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # What a map user gets from unmodified MapProxy 1.15 when the daemon answers early
 # (renderd.yaml http_wait): a slow upstream (3 s), http_wait 500ms, one WMTS tile
 # fetched twice. Prints the headers MapProxy sends and what the first image holds.

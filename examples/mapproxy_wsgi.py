@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """WSGI entry point for MapProxy talking to mapproxy-renderd over its Unix socket.
 
 MapProxy 1.15 sends tile jobs to ``globals.renderd.address`` with the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Serve a WSGI script on loopback with the standard library: a fixed pool of threads.
 
     /usr/bin/python3 serve_wsgi.py WSGI_FILE PORT [HOST]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Build the Debian package with dpkg-deb (no debhelper, no network: Go modules come
 # from the module cache, as for `go test`):
 #

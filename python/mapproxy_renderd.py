@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """MapProxy 1.15 side of mapproxy-renderd: faster answers for live maps.
 
 Enable it with one line in MapProxy's WSGI script, before make_wsgi_app:

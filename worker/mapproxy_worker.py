@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """mapproxy-renderd's bundled renderer: renders MapProxy metatiles on request.
 
 Run as ``/usr/bin/python3 mapproxy_worker.py [mapproxy.yaml]``; without an

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command clusterload is the load generator of bench/cluster.sh: it POSTs MapProxy 1.15's
 // exact renderd requests (id = sha1 of the Python repr of (cache, [(x, y, z)])) over HTTP,
 // each on a new connection as MapProxy does, to a daemon or to HAProxy in front of several.

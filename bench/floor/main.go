@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command floor is the reference "IPC floor" for the benchmarks: the shortest
 // chain from a client to a renderer and back that mapproxy-renderd could be,
 // with no scheduler in it.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command live benchmarks mapproxy-renderd's live helpers (README "Live helpers"):
 //
 //	live zoom  -daemon BIN [-trace FILE] [-render 50ms] [-think 500ms]

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command loadgen drives the mapproxy-renderd benchmarks. It speaks three
 // protocols — our NDJSON (docs/design.md §2), Tirex's key=value datagrams on
 // master.sock, and renderd's 64-byte mod_tile v2 struct — and runs one

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command renderer is the benchmark renderer for mapproxy-renderd: it speaks
 // the renderer protocol of docs/design.md §5 on stdin/stdout and renders nothing.
 //

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command tirexbackend is a Tirex rendering backend for benchmarks: it speaks
 // the backend protocol of tirex-backend-manager (Tirex 0.7.0) and renders
 // nothing, so a comparison measures tirex-master, not a renderer.
