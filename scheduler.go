@@ -257,7 +257,17 @@ func (s *scheduler) reload(cfg Config) error {
 	case <-s.done:
 		return errors.New("scheduler stopped")
 	}
-	return <-m.done // answered even when the scheduler stops meanwhile (drainMessages)
+	select {
+	case err := <-m.done:
+		return err
+	case <-s.done:
+		select {
+		case err := <-m.done: // handled by drainMessages
+			return err
+		default:
+			return errors.New("scheduler stopped")
+		}
+	}
 }
 
 func (s *scheduler) handleMsg(m schedMsg) {
