@@ -18,7 +18,8 @@
 //   - queue.go: the heap, the job table (dedup), the seed's capacity rule, and running counts
 //     per priority (jobs, oldest job) so that nothing walks the queue. No goroutines.
 //   - scheduler.go: the scheduler goroutine, the one owner of queue.go's state, the renderers'
-//     states and the counters. Everyone else talks to it through its channels.
+//     states and the counters. Everyone else talks to it through its channel: typed messages
+//     where order matters (submit, cancel, due, reload) and ask[T] for every query.
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
 //   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
 //   - router.go: the command router: one function answers a parsed request for both

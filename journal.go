@@ -35,7 +35,10 @@ import (
 // writer goroutine takes the whole buffer, writes it and fdatasyncs once, then wakes every
 // appender of that batch. An appender that must not acknowledge before its work is on disk
 // (a background job, a task spec) waits for its batch; records whose loss costs only a
-// repeated render (jobs done, cursors, task ends) do not wait.
+// repeated render (jobs done, cursors, task ends) do not wait. No lock is held across the
+// write, the fsync or a snapshot's encoding; the scheduler hands jobs done over through a
+// small queue of their own (jobDone) and reads stats without a lock, so its stalls do not
+// grow with the journal.
 //
 // Compaction keeps the file bounded: the journal keeps the live state (background jobs not
 // done, tasks not ended with their last cursor) in memory, and when the file has grown past
