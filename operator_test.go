@@ -19,7 +19,7 @@ import (
 	"time"
 )
 
-// Tests for what an operator meets first (issue 12): the listener flags, check-config's
+// Tests for what an operator meets first: the listener flags, check-config's
 // MapProxy check, and the message when renderers cannot start.
 
 // fakeRendererYAML is a renderer_command line for the fake renderer (so check-config does

@@ -126,7 +126,7 @@ type taskManager struct {
 	schedules  *scheduleLoop
 	forgotten  taskCounts // figures of the finished tasks forgetOld dropped (metrics)
 
-	// Set by run before start (issue 9): the journal (nil: off) keeps task specs, cursors and
+	// Set by run before start (docs/design.md §12): the journal (nil: off) keeps task specs, cursors and
 	// ends; lists keeps expiry lists until their task ends.
 	journal *journal
 	lists   *listStore
@@ -514,7 +514,7 @@ type task struct {
 	walkProgress  float64
 	lastCursor    json.RawMessage
 	totalFinished uint64
-	// Checkpoints (issue 9, journal.go): items taken, cursors not yet journaled, last one.
+	// Checkpoints (docs/design.md §12, journaltask.go): items taken, cursors not yet journaled, last one.
 	taken          uint64
 	cursors        []pendingCursor
 	lastCheckpoint time.Time
