@@ -53,7 +53,7 @@ func (e exitCode) Error() string { return "exit status " + strconv.Itoa(int(e)) 
 const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
                    [--socket PATH] [--http ADDR]
-  mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
+  mapproxy-renderd check-config [--strict] [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
   mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
   mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
@@ -140,6 +140,7 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	var cf configFlags
 	fs := newFlagSet("check-config", stderr)
 	cf.register(fs, true)
+	strict := fs.Bool("strict", false, "fail when MapProxy warns about mapproxy.yaml or seed.yaml (e.g. an unknown key)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -150,12 +151,16 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	if err := checkMapProxy(ctx, cfg, stdout); err != nil {
+	warnings, err := checkMapProxy(ctx, cfg, stdout)
+	if err != nil {
 		return err
 	}
 	seeding, err := checkSeedNames(cfg)
 	if err != nil {
 		return err
+	}
+	if len(warnings) > 0 && *strict {
+		return fmt.Errorf("--strict: MapProxy warned about what it ignores (%d): %s", len(warnings), strings.Join(warnings, "; "))
 	}
 	fmt.Fprintf(stdout, "ok: socket %q, http %q, %d renderers (at most %d seeding below priority %d), renderer %q, %s\n",
 		cfg.Socket, cfg.httpAddr, cfg.Renderers, cfg.maxSeed, cfg.SeedPriorityBelow, rendererArgv(cfg, "<bundled MapProxy worker>"), seeding)
@@ -329,6 +334,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if jr != nil {
 		requeueJournaled(sched, jr, jrep.Jobs, log)
 	}
+	warnCtx, stopWarn := context.WithCancel(ctx)
+	waitWarn := logMapProxyWarnings(warnCtx, cfg, log)
+	defer func() { stopWarn(); waitWarn() }()
 	tasks := newTaskManager(cfg, sched, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env, log)
 	tasks.journal = jr
 	lists, dropLists, err := newListStore(jr, cfg.StateDir)

@@ -10,7 +10,10 @@ loads the configuration exactly as a renderer does at start (and as
 mapproxy-seed's jobs will), and with MAPPROXY_SEED_CONFIG set also that
 seed.yaml with MapProxy's seed loader, building every seed and cleanup as
 mapproxy-seed would; then exits: 0 with one line per cache on stdout, or 1
-with MapProxy's own error message on stderr.
+with MapProxy's own error message on stderr. What MapProxy's loaders only
+warn about (an unknown key such as ``meta_sise`` or ``levles``, a deprecated
+option) is reported on stdout too, one line each:
+``warning: <file>: <MapProxy's message>``.
 
 Protocol: newline-delimited JSON, one object per line, jobs on stdin and
 replies on stdout. stdout carries nothing else; logs go to stderr.
@@ -389,16 +392,21 @@ def check(args):
         print('mapproxy_worker check: no configuration: pass a path or set MAPPROXY_CONFIG',
               file=sys.stderr)
         return 2
+    warned = WarningCollector()
     try:
         worker = Worker(path)
         seed_conf = worker.config_for(seed=True)  # what the first seed job loads
     except Exception as e:
         print('%s: %s: %s' % (path, type(e).__name__, e), file=sys.stderr)
         return 1
+    finally:
+        warnings = warned.take()
     caches = worker.caches()
     print('%s: MapProxy %s loaded it: %d caches' % (path, mapproxy_version(), len(caches)))
     for ident, c in caches.items():
         print('  %s (metatile %dx%d)' % (ident, c['meta_size'][0], c['meta_size'][1]))
+    for w in warnings:
+        print('warning: %s: %s' % (path, w))
 
     seed_path = os.environ.get('MAPPROXY_SEED_CONFIG')
     if seed_path:
@@ -410,10 +418,37 @@ def check(args):
         except Exception as e:
             print('%s: %s: %s' % (seed_path, type(e).__name__, e), file=sys.stderr)
             return 1
+        finally:
+            warnings = warned.take()
         print('%s: %d seed tasks (%s), %d cleanup tasks (%s)' % (
             seed_path, len(seeds), ', '.join(sorted(set(t.md['name'] for t in seeds))) or '-',
             len(cleanups), ', '.join(sorted(set(t.md['name'] for t in cleanups))) or '-'))
+        for w in warnings:
+            print('warning: %s: %s' % (seed_path, w))
     return 0
+
+
+class WarningCollector(logging.Handler):
+    """Collects what MapProxy logs at WARNING or above (its loaders report unknown keys
+    that way and go on) and what it passes to warnings.warn (deprecated options)."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.WARNING)
+        self.messages = []
+        logging.captureWarnings(True)
+        logging.getLogger().addHandler(self)
+
+    def emit(self, record):
+        msg = record.getMessage().strip()
+        if record.name == 'py.warnings':  # "file:line: Category: text" and the source line
+            msg = msg.splitlines()[0].split(': ', 2)[-1] if msg else msg
+        if msg and msg not in self.messages:  # both loads of mapproxy.yaml warn alike
+            self.messages.append(msg)
+
+    def take(self):
+        """The messages since the last take, once each, in order."""
+        msgs, self.messages = self.messages, []
+        return msgs
 
 
 def mapproxy_version():
