@@ -69,6 +69,10 @@ type Config struct {
 	ExpireMinZoom    int  `yaml:"expire_min_zoom"`
 	ExpireMaxZoom    *int `yaml:"expire_max_zoom"`    // nil: each line's own zoom
 	ExpireDeleteFrom *int `yaml:"expire_delete_from"` // nil: never delete
+	// ExpireOnlyCached: expiry runs re-render only metatiles with a tile in the cache (nil:
+	// true, as mod_tile's render_expired); false renders every metatile of a list. A run's
+	// only_cached overrides it.
+	ExpireOnlyCached *bool `yaml:"expire_only_cached"`
 
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
@@ -251,7 +255,7 @@ func (c *Config) Validate() error {
 
 // spoolRange is how lists from expire_dir propagate.
 func (c *Config) spoolRange() expireRange {
-	r := expireRange{MinZoom: c.ExpireMinZoom, MaxZoom: -1, DeleteFrom: -1}
+	r := expireRange{MinZoom: c.ExpireMinZoom, MaxZoom: -1, DeleteFrom: -1, RenderAll: c.ExpireOnlyCached != nil && !*c.ExpireOnlyCached}
 	if c.ExpireMaxZoom != nil {
 		r.MaxZoom = *c.ExpireMaxZoom
 		if r.MaxZoom < 0 {

@@ -44,7 +44,9 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   cache's own rules, or, with ``"refresh_before": <unix seconds>``, when one
   is not newer than that (as mapproxy-seed's refresh_before; a refresh_before
   in the cache's own configuration still takes precedence, as in MapProxy).
-  refresh_before is ignored when "refresh" is true.
+  refresh_before is ignored when "refresh" is true. With ``"only_cached":
+  true`` (an expiry run's job) a metatile none of whose tiles is in the cache
+  is not rendered (as mod_tile's render_expired): the reply says "skipped".
   With "seed" true (mapproxy-seed asked for the tile) the configuration is the
   one mapproxy-seed loads (seed_only sources render); otherwise the one
   MapProxy's web processes load (seed_only sources are blank).
@@ -212,9 +214,12 @@ class Worker(object):
         if refresh_before is not None and (
                 not isinstance(refresh_before, (int, float)) or isinstance(refresh_before, bool)):
             return error('"refresh_before" must be a number (unix seconds)')
-        return self.render(conf, tm, coords, refresh, refresh_before)
+        only_cached = job.get('only_cached', False)
+        if not isinstance(only_cached, bool):
+            return error('"only_cached" must be true or false')
+        return self.render(conf, tm, coords, refresh, refresh_before, only_cached)
 
-    def render(self, conf, tm, coords, refresh, refresh_before=None):
+    def render(self, conf, tm, coords, refresh, refresh_before=None, only_cached=False):
         from mapproxy.cache.tile import Tile
         from mapproxy.config import local_base_config
         from mapproxy.source import SourceError
@@ -247,6 +252,11 @@ class Worker(object):
             with local_base_config(conf.conf.base_config), tm.session():
                 creator = tm.creator()
                 for coord, members in metatiles.values():
+                    if only_cached and not any(tm.cache.is_cached(Tile(c)) for c in members):
+                        # An expiry run's metatile that was never cached (mod_tile's
+                        # render_expired): nobody viewed it, nothing to bring up to date.
+                        skipped += 1
+                        continue
                     if not refresh and all(tm.is_cached(Tile(c)) for c in members):
                         # Nothing missing or stale: no render, and no lock.
                         skipped += 1
