@@ -97,8 +97,9 @@ type Duration time.Duration
 
 // UnmarshalYAML accepts Go duration strings and plain numbers of seconds.
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	// A *yaml.TypeError with the line: keyedYAMLError then names the key.
 	if n.Kind != yaml.ScalarNode {
-		return errors.New("want a duration such as 60s")
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: want a duration such as 60s", n.Line)}}
 	}
 	if secs, err := strconv.ParseFloat(n.Value, 64); err == nil {
 		*d = Duration(secs * float64(time.Second))
@@ -106,7 +107,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	}
 	v, err := time.ParseDuration(n.Value)
 	if err != nil {
-		return fmt.Errorf("want a duration such as 60s, got %q", n.Value)
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: want a duration such as 60s, got %q", n.Line, n.Value)}}
 	}
 	*d = Duration(v)
 	return nil
@@ -161,7 +162,7 @@ func parseConfig(c *Config, r io.Reader) error {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("renderd config: %w", err)
+		return fmt.Errorf("renderd config: %w", keyedYAMLError(err, data))
 	}
 	return nil
 }
@@ -173,6 +174,14 @@ func (c *Config) Validate() error {
 	}
 	if c.ExpireDir != "" && !filepath.IsAbs(c.ExpireDir) {
 		return fmt.Errorf("expire_dir: want an absolute path, got %q", c.ExpireDir)
+	}
+	for _, z := range []struct {
+		key string
+		v   *int
+	}{{"expire_max_zoom", c.ExpireMaxZoom}, {"expire_delete_from", c.ExpireDeleteFrom}} {
+		if z.v != nil && (*z.v < 0 || *z.v > maxExpireZoom) {
+			return fmt.Errorf("%s: want 0..%d, got %d", z.key, maxExpireZoom, *z.v)
+		}
 	}
 	if err := c.spoolRange().validate(); err != nil {
 		return fmt.Errorf("expire_%w", err)

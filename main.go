@@ -151,16 +151,25 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	warnings, err := checkMapProxy(ctx, cfg, stdout)
+	if err := checkStateDir(cfg); err != nil {
+		if cfg.stateDirSet {
+			return err
+		}
+		fmt.Fprintf(stdout, "note: %v: the daemon will run with the journal off (set state_dir, or journal: false)\n", err)
+	}
+	mp, err := checkMapProxy(ctx, cfg, stdout)
 	if err != nil {
+		return err
+	}
+	if err := checkPrefetchCaches(cfg, mp); err != nil {
 		return err
 	}
 	seeding, err := checkSeedNames(cfg)
 	if err != nil {
 		return err
 	}
-	if len(warnings) > 0 && *strict {
-		return fmt.Errorf("--strict: MapProxy warned about what it ignores (%d): %s", len(warnings), strings.Join(warnings, "; "))
+	if len(mp.Warnings) > 0 && *strict {
+		return fmt.Errorf("--strict: MapProxy warned about what it ignores (%d): %s", len(mp.Warnings), strings.Join(mp.Warnings, "; "))
 	}
 	fmt.Fprintf(stdout, "ok: socket %q, http %q, %d renderers (at most %d seeding below priority %d), renderer %q, %s\n",
 		cfg.Socket, cfg.httpAddr, cfg.Renderers, cfg.maxSeed, cfg.SeedPriorityBelow, rendererArgv(cfg, "<bundled MapProxy worker>"), seeding)

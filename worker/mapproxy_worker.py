@@ -414,7 +414,7 @@ def check(args):
     caches = worker.caches()
     print('%s: MapProxy %s loaded it: %d caches' % (path, mapproxy_version(), len(caches)))
     for ident, c in caches.items():
-        print('  %s (metatile %dx%d)' % (ident, c['meta_size'][0], c['meta_size'][1]))
+        print('  %s (metatile %dx%d) of cache %s' % (ident, c['meta_size'][0], c['meta_size'][1], c['cache']))
     for w in warnings:
         print('warning: %s: %s' % (path, w))
 
