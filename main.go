@@ -60,7 +60,8 @@ const usage = `usage:
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
   mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
-  mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
+  mapproxy-renderd install-module [DIR] (writes mapproxy_renderd.py, the module for MapProxy, into DIR;
+                                         default: /usr/bin/python3's site directory, on MapProxy's sys.path)
   mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--only-cached=false] [--wait] [FILE] < list
   mapproxy-renderd version
 `
@@ -85,7 +86,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "top":
 		return runTop(ctx, args, stdout, stderr)
 	case "install-module":
-		return runInstallModule(args, stdout, stderr)
+		return runInstallModule(ctx, args, stdout, stderr)
 	case "expire":
 		return runExpireClient(ctx, args, os.Stdin, stdout, stderr)
 	case "version":
