@@ -6,8 +6,10 @@ Enable it with one line in MapProxy's WSGI script, before make_wsgi_app:
     from mapproxy.wsgiapp import make_wsgi_app
     application = make_wsgi_app('/etc/mapproxy/mapproxy.yaml')
 
-``mapproxy-renderd install-module DIR`` writes this file into DIR (next to the
-WSGI script, or any directory on sys.path). What changes, for caches that
+``mapproxy-renderd install-module`` writes this file into /usr/bin/python3's
+site directory, on sys.path of every WSGI server running that python;
+``install-module DIR`` into DIR, which the WSGI server must then have on
+sys.path (mod_wsgi: python-path=DIR, gunicorn: --chdir DIR). What changes, for caches that
 render through ``globals.renderd.address`` (every cache but those with
 ``disable_storage``):
 
