@@ -261,3 +261,54 @@ func TestMapProxyExpire(t *testing.T) {
 		t.Errorf("after the re-render: %d tiles at level 5 and %d at level 6, want 16 and 16", n5, n6)
 	}
 }
+
+// TestExpireOnlyCachedJob: an expiry run's job asks the renderer for only_cached; a request
+// that joins it (live, seed, prefetch: they want the render) takes that away.
+func TestExpireOnlyCachedJob(t *testing.T) {
+	s := newScheduler(Config{SeedPriorityBelow: 50, MaxQueued: 10, Renderers: 1}, nil, rendererConfig{})
+	c := s.newCache("c")
+	keys := []jobKey{{cache: c.idx, x: 4, y: 4, z: 3}}
+	expiry := &pendingRequest{req: Request{Command: "tile", OnlyCached: true}}
+	if _, err := s.qs.add(keys, 10, false, expiry, 0); err != nil {
+		t.Fatal(err)
+	}
+	j := s.qs.jobs[keys[0]]
+	if j == nil || j.flags&anyCacheJob != 0 {
+		t.Fatalf("expiry job %v: want one without anyCacheJob", j)
+	}
+	line := string(appendJobLine(nil, "1", renderJob{cache: "c", tile: tileCoord{4, 4, 3}, refresh: true, onlyCached: j.flags&anyCacheJob == 0}))
+	if !strings.Contains(line, `"only_cached":true`) || !json.Valid([]byte(line)) {
+		t.Errorf("got %s, want valid JSON with \"only_cached\":true", line)
+	}
+	if line := string(appendJobLine(nil, "2", renderJob{cache: "c", delete: true, onlyCached: true})); strings.Contains(line, "only_cached") {
+		t.Errorf("delete job line %s: only_cached means nothing to a delete", line)
+	}
+	live := &pendingRequest{req: Request{Command: "tile"}}
+	if _, err := s.qs.add(keys, 100, false, live, 0); err != nil {
+		t.Fatal(err)
+	}
+	if j.flags&anyCacheJob == 0 {
+		t.Errorf("after a live request joined: flags %b, want anyCacheJob (render cached or not)", j.flags)
+	}
+	line = string(appendJobLine(nil, "3", renderJob{cache: "c", tile: tileCoord{4, 4, 3}, refresh: true, onlyCached: j.flags&anyCacheJob == 0}))
+	if strings.Contains(line, "only_cached") {
+		t.Errorf("got %s after a live request joined, want no only_cached", line)
+	}
+}
+
+// TestExpireOnlyCachedKey: expire_only_cached sets what spooled lists do (default: only
+// what is cached).
+func TestExpireOnlyCachedKey(t *testing.T) {
+	for _, tt := range []struct {
+		yaml      string
+		renderAll bool
+	}{{"", false}, {"expire_only_cached: true\n", false}, {"expire_only_cached: false\n", true}} {
+		c := defaultConfig()
+		if err := parseConfig(&c, strings.NewReader(tt.yaml)); err != nil {
+			t.Fatal(err)
+		}
+		if got := c.spoolRange().RenderAll; got != tt.renderAll {
+			t.Errorf("%q: spooled lists render all: got %v, want %v", tt.yaml, got, tt.renderAll)
+		}
+	}
+}
