@@ -154,3 +154,126 @@ func TestInstallModuleDefaultDir(t *testing.T) {
 		t.Errorf("install-module with two directories: no error")
 	}
 }
+
+// requireApacheModWSGI fails under CI=true and skips elsewhere when Apache or mod_wsgi is missing.
+func requireApacheModWSGI(t *testing.T) {
+	t.Helper()
+	for _, f := range []string{"/usr/sbin/apache2", "/usr/lib/apache2/modules/mod_wsgi.so", "/usr/lib/apache2/modules/mod_mpm_event.so"} {
+		if _, err := os.Stat(f); err != nil {
+			msg := "Apache with mod_wsgi is missing (apt-get install apache2 libapache2-mod-wsgi-py3): " + err.Error()
+			if os.Getenv("CI") == "true" {
+				t.Fatal(msg)
+			}
+			t.Skip(msg)
+		}
+	}
+}
+
+// TestMapProxyModuleModWSGI: README's mod_wsgi lines (WSGIDaemonProcess processes=3
+// python-path=DIR) with the module installed in DIR, Apache on a loopback port run by the
+// test: a burst for one metatile over three mod_wsgi processes is answered within wait_ms,
+// and the metatile is rendered once. Apache's children run as nobody, so the test opens the
+// daemon's socket and a tile-lock directory to everyone (its own temporary files only).
+func TestMapProxyModuleModWSGI(t *testing.T) {
+	requireApacheModWSGI(t)
+	if os.Geteuid() != 0 {
+		t.Skip("Apache switches to its User (nobody) only when started as root")
+	}
+	r := newModuleRig(t)
+	for _, p := range []string{r.dir, r.socket} {
+		if err := os.Chmod(p, 0o777); err != nil {
+			t.Fatal(err)
+		}
+	}
+	locks, site := filepath.Join(r.dir, "wsgi_locks"), filepath.Join(r.dir, "site")
+	for _, d := range []string{locks, site} {
+		if err := os.Mkdir(d, 0o777); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(d, 0o777) // past the umask: nobody writes its tile locks here
+	}
+	front, err := os.ReadFile(r.writeFrontYAML())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := strings.Replace(string(front), "tile_lock_dir: "+r.dir+"/cache_data/tile_locks", "tile_lock_dir: "+locks, 1)
+	if conf == string(front) {
+		t.Fatal("the rig's mapproxy.yaml has no tile_lock_dir to replace")
+	}
+	os.WriteFile(filepath.Join(site, "mapproxy.yaml"), []byte(conf), 0o644)
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"install-module", site}, &out, &out); err != nil {
+		t.Fatalf("install-module: %v\n%s", err, out.String())
+	}
+	os.WriteFile(filepath.Join(site, "mapproxy_wsgi.py"), []byte(fmt.Sprintf(`import mapproxy_renderd; mapproxy_renderd.enable(wait_ms=1000)
+from mapproxy.wsgiapp import make_wsgi_app
+application = make_wsgi_app(%q)
+`, filepath.Join(site, "mapproxy.yaml"))), 0o644)
+	addr := freeTCPAddr(t)
+	apacheConf := fmt.Sprintf(`ServerRoot %[1]s
+ServerName localhost
+Listen %[2]s
+PidFile %[1]s/apache.pid
+DefaultRuntimeDir %[1]s
+Mutex file:%[1]s default
+ErrorLog %[1]s/apache_error.log
+LogLevel warn
+User nobody
+Group nogroup
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule wsgi_module /usr/lib/apache2/modules/mod_wsgi.so
+WSGISocketPrefix %[1]s/wsgi
+# README's lines:
+WSGIDaemonProcess mapproxy processes=3 threads=16 python-path=%[1]s
+WSGIScriptAlias / %[1]s/mapproxy_wsgi.py process-group=mapproxy application-group=%%{GLOBAL}
+<Directory %[1]s>
+  Require all granted
+</Directory>
+`, site, addr)
+	os.WriteFile(filepath.Join(site, "apache.conf"), []byte(apacheConf), 0o644)
+	cmd := exec.Command("/usr/sbin/apache2", "-f", filepath.Join(site, "apache.conf"), "-DFOREGROUND")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	logs := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(30 * time.Second):
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
+		}
+		if t.Failed() {
+			errLog, _ := os.ReadFile(filepath.Join(site, "apache_error.log"))
+			t.Logf("apache output:\n%s\nerror log (tail):\n%s", logs.String(), tail(string(errLog), 4000))
+		}
+	})
+	base := "http://" + addr + "/"
+	c := &http.Client{Timeout: 10 * time.Second}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		resp, err := c.Get(base + "wmts/1.0.0/WMTSCapabilities.xml")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		select {
+		case <-exited:
+			t.Fatalf("apache exited")
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("apache did not answer: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling for start-up, bounded by the deadline
+	}
+	r.checkBurst([]string{base}, 12, "Apache mod_wsgi, 3 processes × 16 threads")
+}
