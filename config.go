@@ -71,6 +71,10 @@ type Config struct {
 	ExpireMinZoom    int  `yaml:"expire_min_zoom"`
 	ExpireMaxZoom    *int `yaml:"expire_max_zoom"`    // nil: each line's own zoom
 	ExpireDeleteFrom *int `yaml:"expire_delete_from"` // nil: never delete
+	// ExpireOnlyCached: expiry runs re-render only metatiles with a tile in the cache (nil:
+	// true, as mod_tile's render_expired); false renders every metatile of a list. A run's
+	// only_cached overrides it.
+	ExpireOnlyCached *bool `yaml:"expire_only_cached"`
 
 	// Derived by resolve; not part of the file.
 	socketMode  os.FileMode
@@ -95,8 +99,9 @@ type Duration time.Duration
 
 // UnmarshalYAML accepts Go duration strings and plain numbers of seconds.
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	// A *yaml.TypeError with the line: keyedYAMLError then names the key.
 	if n.Kind != yaml.ScalarNode {
-		return errors.New("want a duration such as 60s")
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: want a duration such as 60s", n.Line)}}
 	}
 	if secs, err := strconv.ParseFloat(n.Value, 64); err == nil {
 		*d = Duration(secs * float64(time.Second))
@@ -104,7 +109,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	}
 	v, err := time.ParseDuration(n.Value)
 	if err != nil {
-		return fmt.Errorf("want a duration such as 60s, got %q", n.Value)
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: want a duration such as 60s, got %q", n.Line, n.Value)}}
 	}
 	*d = Duration(v)
 	return nil
@@ -159,7 +164,7 @@ func parseConfig(c *Config, r io.Reader) error {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("renderd config: %w", err)
+		return fmt.Errorf("renderd config: %w", keyedYAMLError(err, data))
 	}
 	return nil
 }
@@ -171,6 +176,14 @@ func (c *Config) Validate() error {
 	}
 	if c.ExpireDir != "" && !filepath.IsAbs(c.ExpireDir) {
 		return fmt.Errorf("expire_dir: want an absolute path, got %q", c.ExpireDir)
+	}
+	for _, z := range []struct {
+		key string
+		v   *int
+	}{{"expire_max_zoom", c.ExpireMaxZoom}, {"expire_delete_from", c.ExpireDeleteFrom}} {
+		if z.v != nil && (*z.v < 0 || *z.v > maxExpireZoom) {
+			return fmt.Errorf("%s: want 0..%d, got %d", z.key, maxExpireZoom, *z.v)
+		}
 	}
 	if err := c.spoolRange().validate(); err != nil {
 		return fmt.Errorf("expire_%w", err)
@@ -253,7 +266,7 @@ func (c *Config) Validate() error {
 
 // spoolRange is how lists from expire_dir propagate.
 func (c *Config) spoolRange() expireRange {
-	r := expireRange{MinZoom: c.ExpireMinZoom, MaxZoom: -1, DeleteFrom: -1}
+	r := expireRange{MinZoom: c.ExpireMinZoom, MaxZoom: -1, DeleteFrom: -1, RenderAll: c.ExpireOnlyCached != nil && !*c.ExpireOnlyCached}
 	if c.ExpireMaxZoom != nil {
 		r.MaxZoom = *c.ExpireMaxZoom
 		if r.MaxZoom < 0 {

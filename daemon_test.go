@@ -499,7 +499,7 @@ func TestConfigErrors(t *testing.T) {
 	tests := []struct{ yaml, want string }{
 		{"renderers: 0\nrenderer_command: [x]\n", "renderers:"},
 		{"renderers: 4\nmax_seed_renderers: 5\nrenderer_command: [x]\n", "max_seed_renderers:"},
-		{"colour: blue\nrenderer_command: [x]\n", "field colour not found"},
+		{"colour: blue\nrenderer_command: [x]\n", "unknown key colour"},
 		{"render_timeout: soon\nrenderer_command: [x]\n", "want a duration"},
 		{"socket_mode: rw\nrenderer_command: [x]\n", "socket_mode:"},
 		{"http: 0.0.0.0:8111\nrenderer_command: [x]\n", "not a loopback address"},

@@ -13,6 +13,8 @@
 //   - main.go: the thin main, run(ctx, args, stdout, stderr), the daemon's lifecycle
 //     (start, SIGHUP reload, ordered shutdown) and the listeners it binds.
 //   - config.go: renderd.yaml and the flags: defaults, parsing, Validate naming the bad key.
+//   - configerr.go: yaml.v3's decoding errors rewritten to name the key (unknown keys with a
+//     "did you mean", type errors with the key path and line).
 //   - proto.go, fastparse.go: the native protocol's requests and replies (fastparse is the
 //     reflection-free hot path, checked against encoding/json by fuzzing).
 //   - queue.go: the heap, the job table (dedup), the seed's capacity rule, and running counts
@@ -48,7 +50,9 @@
 //   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
 //     install-module subcommand that writes it out.
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
-//   - check.go: check-config's MapProxy check (the bundled worker's check mode).
+//   - check.go: check-config's MapProxy check (the bundled worker's check mode: MapProxy's
+//     warnings, the caches for prefetch.caches), the state_dir probe, and the same check run
+//     in the background at daemon start to log MapProxy's warnings.
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the
 //     packaged renderd.yaml, maintainer scripts); deb_test.go builds, installs and purges it,
 //     man_test.go keeps the man page and README's key table in step with Config.

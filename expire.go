@@ -59,6 +59,11 @@ type expireRange struct {
 	// DeleteFrom: metatiles at this zoom and above are deleted from the cache instead of
 	// re-rendered. Negative: never.
 	DeleteFrom int
+	// RenderAll re-renders every metatile of the run. Otherwise (the default, as mod_tile's
+	// render_expired) only metatiles with at least one tile in the cache are re-rendered: a
+	// metatile nobody ever viewed costs no render (the renderer skips it, the task counts it
+	// as skipped).
+	RenderAll bool
 }
 
 // validate checks the range; errors name the request field.

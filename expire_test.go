@@ -96,35 +96,35 @@ func TestExpandPropagation(t *testing.T) {
 		in   []tileCoord // XYZ
 		want []metaOp    // internal coordinates, in order
 	}{
-		{"nw ancestors to z0", expireRange{0, -1, -1}, nw1, []tileCoord{{1, 2, 2}},
+		{"nw ancestors to z0", expireRange{0, -1, -1, false}, nw1, []tileCoord{{1, 2, 2}},
 			[]metaOp{op(2, 1, 2, false), op(1, 0, 1, false), op(0, 0, 0, false)}},
-		{"sw flips y at every zoom", expireRange{0, -1, -1}, sw1, []tileCoord{{1, 2, 2}},
+		{"sw flips y at every zoom", expireRange{0, -1, -1, false}, sw1, []tileCoord{{1, 2, 2}},
 			// z2: 3-2 = 1; z1: XYZ y 1 → 1-1 = 0
 			[]metaOp{op(2, 1, 1, false), op(1, 0, 0, false), op(0, 0, 0, false)}},
-		{"min_zoom stops the ancestors", expireRange{2, -1, -1}, nw1, []tileCoord{{5, 6, 3}},
+		{"min_zoom stops the ancestors", expireRange{2, -1, -1, false}, nw1, []tileCoord{{5, 6, 3}},
 			[]metaOp{op(3, 5, 6, false), op(2, 2, 3, false)}},
-		{"metatiles nw with descendants", expireRange{1, 3, -1}, nw2, []tileCoord{{3, 1, 2}},
+		{"metatiles nw with descendants", expireRange{1, 3, -1, false}, nw2, []tileCoord{{3, 1, 2}},
 			// z2 (3,1) → meta (2,0); z1 (1,0) → (0,0); z3 x 6..7 y 2..3 → meta (6,2)
 			[]metaOp{op(2, 2, 0, false), op(1, 0, 0, false), op(3, 6, 2, false)}},
-		{"delete_from deletes instead", expireRange{1, 3, 2}, nw2, []tileCoord{{3, 1, 2}},
+		{"delete_from deletes instead", expireRange{1, 3, 2, false}, nw2, []tileCoord{{3, 1, 2}},
 			[]metaOp{op(2, 2, 0, true), op(1, 0, 0, false), op(3, 6, 2, true)}},
-		{"sw descendants", expireRange{1, 2, -1}, sw1, []tileCoord{{0, 0, 1}},
+		{"sw descendants", expireRange{1, 2, -1, false}, sw1, []tileCoord{{0, 0, 1}},
 			// z1: y 1-0 = 1; z2: x 0..1, XYZ y 0..1 → internal 3..2
 			[]metaOp{op(1, 0, 1, false), op(2, 0, 2, false), op(2, 1, 2, false), op(2, 0, 3, false), op(2, 1, 3, false)}},
-		{"sw metatiles with descendants", expireRange{2, 3, 3}, sw2, []tileCoord{{1, 0, 2}},
+		{"sw metatiles with descendants", expireRange{2, 3, 3, false}, sw2, []tileCoord{{1, 0, 2}},
 			// z2: internal y 3 → meta (0,2); z3: x 2..3, XYZ y 0..1 → internal 7..6 → meta (2,6)
 			[]metaOp{op(2, 0, 2, false), op(3, 2, 6, true)}},
-		{"dedup by metatile across lines", expireRange{2, -1, -1}, nw2, []tileCoord{{0, 0, 3}, {1, 1, 3}, {3, 3, 3}, {4, 0, 3}},
+		{"dedup by metatile across lines", expireRange{2, -1, -1, false}, nw2, []tileCoord{{0, 0, 3}, {1, 1, 3}, {3, 3, 3}, {4, 0, 3}},
 			// (0,0),(1,1) one metatile; (3,3) → (2,2), its z2 parent (1,1) → (0,0) seen; (4,0) → (4,0), z2 (2,0) → (2,0)
 			[]metaOp{op(3, 0, 0, false), op(2, 0, 0, false), op(3, 2, 2, false), op(3, 4, 0, false), op(2, 2, 0, false)}},
-		{"line above max_zoom marks ancestors from max_zoom", expireRange{0, 1, -1}, nw1, []tileCoord{{5, 5, 3}},
+		{"line above max_zoom marks ancestors from max_zoom", expireRange{0, 1, -1, false}, nw1, []tileCoord{{5, 5, 3}},
 			[]metaOp{op(1, 1, 1, false), op(0, 0, 0, false)}},
-		{"line below min_zoom marks descendants from min_zoom", expireRange{1, 1, -1}, nw1, []tileCoord{{0, 0, 0}},
+		{"line below min_zoom marks descendants from min_zoom", expireRange{1, 1, -1, false}, nw1, []tileCoord{{0, 0, 0}},
 			[]metaOp{op(1, 0, 0, false), op(1, 1, 0, false), op(1, 0, 1, false), op(1, 1, 1, false)}},
-		{"descendant already seen through an earlier line", expireRange{0, 2, -1}, nw1, []tileCoord{{1, 1, 2}, {0, 0, 1}},
+		{"descendant already seen through an earlier line", expireRange{0, 2, -1, false}, nw1, []tileCoord{{1, 1, 2}, {0, 0, 1}},
 			[]metaOp{op(2, 1, 1, false), op(1, 0, 0, false), op(0, 0, 0, false),
 				op(2, 0, 0, false), op(2, 1, 0, false), op(2, 0, 1, false)}},
-		{"metatile 3x3 (not a power of two)", expireRange{1, -1, -1}, expireGrid{origin: originNW, metaX: 3, metaY: 3},
+		{"metatile 3x3 (not a power of two)", expireRange{1, -1, -1, false}, expireGrid{origin: originNW, metaX: 3, metaY: 3},
 			[]tileCoord{{4, 4, 3}, {3, 3, 3}, {6, 6, 3}},
 			// (4,4) → (3,3); z2 (2,2) → (0,0); z1 (1,1) → (0,0). (3,3) same metatile. (6,6) → (6,6); z2 (3,3) → (3,3); z1 (1,1) seen
 			[]metaOp{op(3, 3, 3, false), op(2, 0, 0, false), op(1, 0, 0, false), op(3, 6, 6, false), op(2, 3, 3, false)}},
@@ -220,11 +220,11 @@ func TestExpireRangeValidate(t *testing.T) {
 		rng  expireRange
 		want string
 	}{
-		{expireRange{-1, -1, -1}, "min_zoom"},
-		{expireRange{31, -1, -1}, "min_zoom"},
-		{expireRange{5, 4, -1}, "max_zoom"},
-		{expireRange{0, 31, -1}, "max_zoom"},
-		{expireRange{0, 18, 31}, "delete_from"},
+		{expireRange{-1, -1, -1, false}, "min_zoom"},
+		{expireRange{31, -1, -1, false}, "min_zoom"},
+		{expireRange{5, 4, -1, false}, "max_zoom"},
+		{expireRange{0, 31, -1, false}, "max_zoom"},
+		{expireRange{0, 18, 31, false}, "delete_from"},
 	} {
 		if err := c.rng.validate(); err == nil || !strings.HasPrefix(err.Error(), c.want) {
 			t.Errorf("validate(%+v) = %v, want an error naming %s", c.rng, err, c.want)

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -47,7 +48,8 @@ type expireTaskSpec struct {
 	MinZoom    int    `json:"min_zoom"`
 	MaxZoom    int    `json:"max_zoom"`
 	DeleteFrom int    `json:"delete_from"`
-	From       string `json:"from,omitempty"` // where the list came from (spool file name)
+	RenderAll  bool   `json:"render_all,omitempty"` // also metatiles that were never cached
+	From       string `json:"from,omitempty"`       // where the list came from (spool file name)
 }
 
 // expireCursor is an expire task's resume point: every metatile of lines 1..Lines was
@@ -119,11 +121,24 @@ func (m *taskManager) handleExpire(req Request) Reply {
 		}
 		list = strings.NewReader(b.String())
 	}
-	d, err := m.startExpire(req.CacheIdentifier, req.Range, req.Priority, req.PrioritySet, list, "")
+	rng := req.Range
+	rng.RenderAll = !m.onlyCached(req.ExpireOnlyCached)
+	d, err := m.startExpire(req.CacheIdentifier, rng, req.Priority, req.PrioritySet, list, "")
 	if err != nil {
 		return errorReply(req.ID, err.Error())
 	}
 	return Reply{ID: req.ID, Status: statusQueued, Task: mustJSON(d)}
+}
+
+// onlyCached is whether an expiry run re-renders only cached metatiles: what the run asked
+// for (only_cached), else renderd.yaml's expire_only_cached (default true).
+func (m *taskManager) onlyCached(asked *bool) bool {
+	if asked != nil {
+		return *asked
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.cfg.ExpireOnlyCached == nil || *m.cfg.ExpireOnlyCached
 }
 
 // startExpire checks that the cache takes expiry lists, stores the list and starts its task.
@@ -143,7 +158,7 @@ func (m *taskManager) startExpire(cache string, rng expireRange, priority int, p
 
 // startExpireFile starts the expire task of a stored list file (the task owns it from now on).
 func (m *taskManager) startExpireFile(cache string, rng expireRange, priority int, prioritySet bool, path, from string) (taskDoc, error) {
-	inline, _ := json.Marshal(expireTaskSpec{Cache: cache, List: path, MinZoom: rng.MinZoom, MaxZoom: rng.MaxZoom, DeleteFrom: rng.DeleteFrom, From: from})
+	inline, _ := json.Marshal(expireTaskSpec{Cache: cache, List: path, MinZoom: rng.MinZoom, MaxZoom: rng.MaxZoom, DeleteFrom: rng.DeleteFrom, RenderAll: rng.RenderAll, From: from})
 	m.mu.Lock()
 	spec := taskSpec{Kind: "expire", Name: "expire:" + cache, Inline: inline, priority: m.cfg.SeedPriority}
 	m.mu.Unlock()
@@ -183,7 +198,7 @@ func (m *taskManager) openExpireSource(spec taskSpec) (taskSource, error) {
 		return nil, fmt.Errorf("expiry list: %w", err)
 	}
 	s := &expireSource{f: f, size: st.Size(), cache: es.Cache, resume: cur.Lines,
-		e:  newExpander(expireRange{MinZoom: es.MinZoom, MaxZoom: es.MaxZoom, DeleteFrom: es.DeleteFrom}, grid),
+		e:  newExpander(expireRange{MinZoom: es.MinZoom, MaxZoom: es.MaxZoom, DeleteFrom: es.DeleteFrom, RenderAll: es.RenderAll}, grid),
 		ch: make(chan taskItem), quit: make(chan struct{}), done: make(chan struct{})}
 	go s.run()
 	return s, nil
@@ -280,7 +295,8 @@ func (s *expireSource) run() {
 		buf = s.e.start(t, buf[:0])
 		for more := true; ; {
 			for _, op := range buf {
-				if !s.send(taskItem{cache: s.cache, tile: op.tile, hasTile: true, progress: -1, force: !op.delete, delete: op.delete}) {
+				if !s.send(taskItem{cache: s.cache, tile: op.tile, hasTile: true, progress: -1, force: !op.delete, delete: op.delete,
+					onlyCached: !op.delete && !s.e.rng.RenderAll}) {
 					return
 				}
 			}
@@ -313,7 +329,7 @@ func (s *expireSource) send(it taskItem) bool {
 }
 
 // serveExpire is POST /expire?cache=ID[&min_zoom=Z][&max_zoom=Z][&delete_from=Z][&priority=P]
-// with the list as the body.
+// [&only_cached=true|false] with the list as the body.
 func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	cache := q.Get("cache")
@@ -343,6 +359,16 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, fmt.Sprintf("priority: want 0..%d, got %d", maxPriority, priority)))
 		return
 	}
+	var asked *bool
+	if v := q.Get("only_cached"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, errorReply(nil, "only_cached: want true or false, got "+strconv.Quote(truncate(v, 32))))
+			return
+		}
+		asked = &b
+	}
+	rng.RenderAll = !s.tasks.onlyCached(asked)
 	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, http.MaxBytesReader(w, r.Body, maxExpireBody), "")
 	if err != nil {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, err.Error()))
@@ -352,7 +378,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 }
 
 // runExpireClient is `mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z]
-// [--delete-from Z] [--priority P] [--wait] [FILE] < list`: it POSTs the list to /expire
+// [--delete-from Z] [--priority P] [--only-cached=false] [--wait] [FILE] < list`: it POSTs the list to /expire
 // (over the daemon's Unix socket or TCP address) and prints the task document.
 func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	var cl clientFlags
@@ -364,9 +390,12 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	deleteFrom := fs.Int("delete-from", -1, "delete metatiles at this zoom and above instead of re-rendering (default: never)")
 	priority := fs.Int("priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
 	wait := fs.Bool("wait", false, "wait until the task ends, showing progress")
+	onlyCached := fs.Bool("only-cached", true, "re-render only metatiles with a tile in the cache; --only-cached=false renders all (default: the daemon's expire_only_cached)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	onlyCachedSet := false
+	fs.Visit(func(f *flag.Flag) { onlyCachedSet = onlyCachedSet || f.Name == "only-cached" })
 	if *cache == "" {
 		return errors.New("expire needs --cache ID")
 	}
@@ -397,6 +426,9 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	}
 	if *priority >= 0 {
 		q.Set("priority", strconv.Itoa(*priority))
+	}
+	if onlyCachedSet {
+		q.Set("only_cached", strconv.FormatBool(*onlyCached))
 	}
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer

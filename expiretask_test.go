@@ -183,6 +183,7 @@ func TestExpireSpoolDir(t *testing.T) {
 // cache: its ready line marks GLOBAL_WEBMERCATOR caches "xyz": "nw" (and not the geodetic
 // one), deletes remove a metatile's files, and re-renders write them.
 func TestMapProxyExpire(t *testing.T) {
+	cli := run // the program; run below is this test's expiry helper
 	r := newMapProxyRig(t)
 	d := &testDaemon{t: t, socket: r.socket}
 	call := func(line string) Reply {
@@ -209,19 +210,107 @@ func TestMapProxyExpire(t *testing.T) {
 		json.Unmarshal(rep.Task, &doc)
 		return waitTaskDone(t, d, doc.TaskID)
 	}
-	doc := run(`{"command":"expire","id":"e1","cache_identifier":"wms_cache_GLOBAL_WEBMERCATOR","lines":"5/17/10\n","min_zoom":5,"delete_from":5}`)
+	// Only what is cached is re-rendered (the default, as mod_tile's render_expired):
+	// 6/34/20's metatile was never cached and is skipped; its parent 5/17/10 is re-rendered.
+	old := time.Now().Add(-2 * time.Hour)
+	for _, f := range r.pngFiles("wms_cache_EPSG3857/05") {
+		os.Chtimes(r.dir+"/cache_data/wms_cache_EPSG3857/05/"+f, old, old)
+	}
+	doc := run(`{"command":"expire","id":"e0","cache_identifier":"wms_cache_GLOBAL_WEBMERCATOR","lines":"6/34/20\n","min_zoom":5}`)
+	if doc.State != taskStateDone || doc.Done != 1 || doc.Skipped != 1 {
+		t.Errorf("run over a cached and a never-cached metatile: %+v, want done 1, skipped 1", doc)
+	}
+	if files := r.pngFiles("wms_cache_EPSG3857/06"); len(files) != 0 {
+		t.Errorf("level 6, never cached, after the expiry: %v, want no tiles", files)
+	}
+	for _, f := range r.pngFiles("wms_cache_EPSG3857/05") {
+		if fi, err := os.Stat(r.dir + "/cache_data/wms_cache_EPSG3857/05/" + f); err != nil || !fi.ModTime().After(old.Add(time.Hour)) {
+			t.Errorf("level 5 tile %s was not re-rendered (%v)", f, err)
+		}
+	}
+
+	doc = run(`{"command":"expire","id":"e1","cache_identifier":"wms_cache_GLOBAL_WEBMERCATOR","lines":"5/17/10\n","min_zoom":5,"delete_from":5}`)
 	if doc.State != taskStateDone || doc.Deleted != 1 || doc.Done != 0 {
 		t.Errorf("delete run: %+v, want done with 1 deleted", doc)
 	}
 	if files := r.pngFiles("wms_cache_EPSG3857/05"); len(files) != 0 {
 		t.Errorf("level 5 after the delete: %v, want no tiles", files)
 	}
-	// 6/40/21 and its parent 5/20/10: two 4×4 metatiles re-rendered.
+	// 6/40/21 and its parent 5/20/10, never cached: nothing is rendered.
+	renders := func() uint64 { // renderer jobs that rendered (rendered counts skipped ones too)
+		st := r.status()
+		return st.Counters["rendered"] - st.Counters["render_skipped"]
+	}
+	rendered := renders()
 	doc = run(`{"command":"expire","id":"e2","cache_identifier":"wms_cache_GLOBAL_WEBMERCATOR","lines":"6/40/21\n","min_zoom":5}`)
-	if doc.State != taskStateDone || doc.Done != 2 || doc.Deleted != 0 {
-		t.Errorf("render run: %+v, want done with 2 rendered", doc)
+	if doc.State != taskStateDone || doc.Done != 0 || doc.Skipped != 2 || doc.Deleted != 0 {
+		t.Errorf("run over a never-cached area: %+v, want done 0, skipped 2", doc)
+	}
+	if n5, n6 := len(r.pngFiles("wms_cache_EPSG3857/05")), len(r.pngFiles("wms_cache_EPSG3857/06")); n5 != 0 || n6 != 0 {
+		t.Errorf("after expiring a never-cached area: %d tiles at level 5 and %d at level 6, want none", n5, n6)
+	}
+	if got := renders(); got != rendered {
+		t.Errorf("renders of the cache: %d before, %d after expiring a never-cached area; want no render", rendered, got)
+	}
+	// The CLI's --only-cached=false (POST /expire?only_cached=false): both metatiles rendered.
+	list := r.dir + "/list"
+	os.WriteFile(list, []byte("6/40/21\n"), 0o644)
+	var out, errOut bytes.Buffer
+	if err := cli(t.Context(), []string{"expire", "--socket", r.socket, "--cache", "wms_cache_GLOBAL_WEBMERCATOR", "--min-zoom", "5", "--only-cached=false", "--wait", list}, &out, &errOut); err != nil {
+		t.Fatalf("expire --only-cached=false: %v\n%s%s", err, out.String(), errOut.String())
 	}
 	if n5, n6 := len(r.pngFiles("wms_cache_EPSG3857/05")), len(r.pngFiles("wms_cache_EPSG3857/06")); n5 != 16 || n6 != 16 {
 		t.Errorf("after the re-render: %d tiles at level 5 and %d at level 6, want 16 and 16", n5, n6)
+	}
+}
+
+// TestExpireOnlyCachedJob: an expiry run's job asks the renderer for only_cached; a request
+// that joins it (live, seed, prefetch: they want the render) takes that away.
+func TestExpireOnlyCachedJob(t *testing.T) {
+	s := newScheduler(Config{SeedPriorityBelow: 50, MaxQueued: 10, Renderers: 1}, nil, rendererConfig{})
+	c := s.newCache("c")
+	keys := []jobKey{{cache: c.idx, x: 4, y: 4, z: 3}}
+	expiry := &pendingRequest{req: Request{Command: "tile", OnlyCached: true}}
+	if _, err := s.qs.add(keys, 10, false, expiry, 0); err != nil {
+		t.Fatal(err)
+	}
+	j := s.qs.jobs[keys[0]]
+	if j == nil || j.flags&anyCacheJob != 0 {
+		t.Fatalf("expiry job %v: want one without anyCacheJob", j)
+	}
+	line := string(appendJobLine(nil, "1", renderJob{cache: "c", tile: tileCoord{4, 4, 3}, refresh: true, onlyCached: j.flags&anyCacheJob == 0}))
+	if !strings.Contains(line, `"only_cached":true`) || !json.Valid([]byte(line)) {
+		t.Errorf("got %s, want valid JSON with \"only_cached\":true", line)
+	}
+	if line := string(appendJobLine(nil, "2", renderJob{cache: "c", delete: true, onlyCached: true})); strings.Contains(line, "only_cached") {
+		t.Errorf("delete job line %s: only_cached means nothing to a delete", line)
+	}
+	live := &pendingRequest{req: Request{Command: "tile"}}
+	if _, err := s.qs.add(keys, 100, false, live, 0); err != nil {
+		t.Fatal(err)
+	}
+	if j.flags&anyCacheJob == 0 {
+		t.Errorf("after a live request joined: flags %b, want anyCacheJob (render cached or not)", j.flags)
+	}
+	line = string(appendJobLine(nil, "3", renderJob{cache: "c", tile: tileCoord{4, 4, 3}, refresh: true, onlyCached: j.flags&anyCacheJob == 0}))
+	if strings.Contains(line, "only_cached") {
+		t.Errorf("got %s after a live request joined, want no only_cached", line)
+	}
+}
+
+// TestExpireOnlyCachedKey: expire_only_cached sets what spooled lists do (default: only
+// what is cached).
+func TestExpireOnlyCachedKey(t *testing.T) {
+	for _, tt := range []struct {
+		yaml      string
+		renderAll bool
+	}{{"", false}, {"expire_only_cached: true\n", false}, {"expire_only_cached: false\n", true}} {
+		c := defaultConfig()
+		if err := parseConfig(&c, strings.NewReader(tt.yaml)); err != nil {
+			t.Fatal(err)
+		}
+		if got := c.spoolRange().RenderAll; got != tt.renderAll {
+			t.Errorf("%q: spooled lists render all: got %v, want %v", tt.yaml, got, tt.renderAll)
+		}
 	}
 }

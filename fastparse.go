@@ -293,6 +293,9 @@ func appendJobLine(dst []byte, id string, j renderJob) []byte {
 	if j.seed {
 		dst = append(dst, `,"seed":true`...)
 	}
+	if j.onlyCached && !j.delete {
+		dst = append(dst, `,"only_cached":true`...)
+	}
 	return append(dst, '}', '\n')
 }
 

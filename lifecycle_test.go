@@ -868,7 +868,7 @@ func TestReloadChangesRendererCountUnderLoad(t *testing.T) {
 	lcConfig(t, cfg, sock, "", 3, rend(jobs1), "colour: blue\n")
 	hup(t, p, notify)
 	p.out.waitFor(t, "reload failed; keeping the running configuration", 1)
-	if out := p.out.String(); !strings.Contains(out, "field colour not found") {
+	if out := p.out.String(); !strings.Contains(out, "unknown key colour") {
 		t.Errorf("the failed reload's log does not name the bad key:\n%s", out)
 	}
 	s = d.waitFor("load after the failed reload", rendered(d.status().Counters["rendered"]+20))

@@ -357,7 +357,7 @@ func TestLiveConfig(t *testing.T) {
 		{"prefetch: {caches: [c], max_zoom: 256}\n", "prefetch.max_zoom:"},
 		{"prefetch: {caches: [c], priority: 1001}\n", "prefetch.priority:"},
 		{"prefetch: {caches: [c], max_queued: -1}\n", "prefetch.max_queued:"},
-		{"prefetch: {caches: [c], depth: 2}\n", "field depth not found"},
+		{"prefetch: {caches: [c], depth: 2}\n", "unknown key prefetch.depth"},
 		{"prefetch: {caches: [c], area: middle}\n", "prefetch.area:"},
 	} {
 		c := defaultConfig()

@@ -56,15 +56,16 @@ func (e exitCode) Error() string { return "exit status " + strconv.Itoa(int(e)) 
 const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
                    [--socket PATH] [--http ADDR]
-  mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
+  mapproxy-renderd check-config [--strict] [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
   mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
   mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
   mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
   mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
-  mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
-  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--wait] [FILE] < list
+  mapproxy-renderd install-module [DIR] (writes mapproxy_renderd.py, the module for MapProxy, into DIR;
+                                         default: /usr/bin/python3's site directory, on MapProxy's sys.path)
+  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--only-cached=false] [--wait] [FILE] < list
   mapproxy-renderd version
 `
 
@@ -88,7 +89,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "top":
 		return runTop(ctx, args, stdout, stderr)
 	case "install-module":
-		return runInstallModule(args, stdout, stderr)
+		return runInstallModule(ctx, args, stdout, stderr)
 	case "expire":
 		return runExpireClient(ctx, args, os.Stdin, stdout, stderr)
 	case "version":
@@ -143,6 +144,7 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	var cf configFlags
 	fs := newFlagSet("check-config", stderr)
 	cf.register(fs, true)
+	strict := fs.Bool("strict", false, "fail when MapProxy warns about mapproxy.yaml or seed.yaml (e.g. an unknown key)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -153,12 +155,25 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	if err := checkMapProxy(ctx, cfg, stdout); err != nil {
+	if err := checkStateDir(cfg); err != nil {
+		if cfg.stateDirSet {
+			return err
+		}
+		fmt.Fprintf(stdout, "note: %v: the daemon will run with the journal off (set state_dir, or journal: false)\n", err)
+	}
+	mp, err := checkMapProxy(ctx, cfg, stdout)
+	if err != nil {
+		return err
+	}
+	if err := checkPrefetchCaches(cfg, mp); err != nil {
 		return err
 	}
 	seeding, err := checkSeedNames(cfg)
 	if err != nil {
 		return err
+	}
+	if len(mp.Warnings) > 0 && *strict {
+		return fmt.Errorf("--strict: MapProxy warned about what it ignores (%d): %s", len(mp.Warnings), strings.Join(mp.Warnings, "; "))
 	}
 	fmt.Fprintf(stdout, "ok: socket %q, http %q, %d renderers (at most %d seeding below priority %d), renderer %q, %s\n",
 		cfg.Socket, cfg.httpAddr, cfg.Renderers, cfg.maxSeed, cfg.SeedPriorityBelow, rendererArgv(cfg, "<bundled MapProxy worker>"), seeding)
@@ -332,6 +347,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if jr != nil {
 		requeueJournaled(sched, jr, jrep.Jobs, log)
 	}
+	warnCtx, stopWarn := context.WithCancel(ctx)
+	waitWarn := logMapProxyWarnings(warnCtx, cfg, log)
+	defer func() { stopWarn(); waitWarn() }()
 	tasks := newTaskManager(cfg, sched, plannerArgv(cfg, script), rendererConfigFrom(cfg, script).env, log)
 	tasks.journal = jr
 	lists, dropLists, err := newListStore(jr, cfg.StateDir)

@@ -55,6 +55,7 @@ def application(environ, start_response):
 services: {wmts: {}}
 layers:
   - {name: slow, title: slow upstream, sources: [slow_cache]}
+  - {name: burst, title: slow upstream in 4x4 metatiles, sources: [burst_cache]}
 caches:
   slow_cache:
     grids: [GLOBAL_WEBMERCATOR]
@@ -62,6 +63,7 @@ caches:
     format: image/png
     meta_size: [2, 2]
     refresh_before: {minutes: 30}
+  burst_cache: {grids: [GLOBAL_WEBMERCATOR], sources: [slow_wms], format: image/png, meta_size: [4, 4]}
 sources:
   slow_wms: {type: wms, supported_srs: ['EPSG:3857'], req: {url: "%[3]sservice", layers: dbg, transparent: true}}
 `, dir, url.PathEscape(r.socket), upstream)

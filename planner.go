@@ -31,9 +31,11 @@ type taskItem struct {
 	cursor        json.RawMessage // where to resume from; nil when the item has none
 	// Expiry runs (expiretask.go): force re-renders a metatile however fresh; delete removes
 	// its tiles instead; lines, when set, is the list's reading so far.
-	force  bool
-	delete bool
-	lines  *expireLines
+	// onlyCached renders the metatile only when one of its tiles is in the cache.
+	force      bool
+	delete     bool
+	onlyCached bool
+	lines      *expireLines
 }
 
 // taskSource yields a task's items in order, with back-pressure: it produces the next item

@@ -63,6 +63,10 @@ type Request struct {
 	HasWait bool
 	// Set by expiry tasks only: remove the metatile's tiles from the cache (docs/design.md §11).
 	Delete bool
+	// Set by expiry tasks only: render the metatile only when one of its tiles is cached.
+	OnlyCached bool
+	// The expire command's only_cached (nil: absent, renderd.yaml's expire_only_cached).
+	ExpireOnlyCached *bool
 
 	// The expire command (docs/design.md §11): an expiry list as text (Lines) and/or XYZ tiles
 	// (Tiles, [x, y, z] in the XYZ scheme), propagated over Range.
@@ -115,6 +119,7 @@ type wireRequest struct {
 	MinZoom         json.RawMessage `json:"min_zoom"`
 	MaxZoom         json.RawMessage `json:"max_zoom"`
 	DeleteFrom      json.RawMessage `json:"delete_from"`
+	OnlyCached      json.RawMessage `json:"only_cached"`
 }
 
 var errEmptyLine = errors.New("empty line")
@@ -293,6 +298,13 @@ func parseExpireFields(req *Request, w *wireRequest) error {
 	}
 	if err := req.Range.validate(); err != nil {
 		return err
+	}
+	if len(w.OnlyCached) > 0 && string(w.OnlyCached) != "null" {
+		var b bool
+		if json.Unmarshal(w.OnlyCached, &b) != nil {
+			return errors.New("only_cached must be true or false")
+		}
+		req.ExpireOnlyCached = &b
 	}
 	if err := parsePriority(req, w); err != nil {
 		return err

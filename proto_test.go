@@ -177,11 +177,11 @@ func TestParseExpireRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if string(req.Lines) != "1/0/0\n" || len(req.Tiles) != 1 || req.Range != (expireRange{1, 3, 2}) || req.Priority != 5 || !req.PrioritySet {
+	if string(req.Lines) != "1/0/0\n" || len(req.Tiles) != 1 || req.Range != (expireRange{1, 3, 2, false}) || req.Priority != 5 || !req.PrioritySet {
 		t.Errorf("parsed %+v", req)
 	}
 	req, err = parseRequest([]byte(`{"command":"expire","cache_identifier":"c_G","lines":"1/0/0"}`))
-	if err != nil || req.Range != (expireRange{0, -1, -1}) {
+	if err != nil || req.Range != (expireRange{0, -1, -1, false}) {
 		t.Errorf("defaults: %+v, %v; want min 0, max and delete_from unset", req.Range, err)
 	}
 	for line, want := range map[string]string{

@@ -66,9 +66,10 @@ func (j *job) waiting() []*pendingRequest {
 type jobFlags uint8
 
 const (
-	keepJob  jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
-	seedJob                       // a seed-class request asked for it: render it as mapproxy-seed would
-	forceJob                      // someone asked for a forced render (every request but a task's)
+	keepJob     jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
+	seedJob                          // a seed-class request asked for it: render it as mapproxy-seed would
+	forceJob                         // someone asked for a forced render (every request but a task's)
+	anyCacheJob                      // someone asked for a render cached or not (all but an expiry run's only_cached)
 )
 
 // jobQueue is a max-heap of queued jobs: higher priority first, then lower seq (FIFO).
@@ -405,6 +406,9 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 		}
 		if waiter == nil || !waiter.req.NoForce {
 			j.flags |= forceJob
+		}
+		if waiter == nil || !waiter.req.OnlyCached {
+			j.flags |= anyCacheJob
 		}
 		if waiter != nil {
 			if j.waiters == nil {

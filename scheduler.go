@@ -484,6 +484,9 @@ func (s *scheduler) dispatch() {
 			seed:    j.flags&seedJob != 0,
 			refresh: j.flags&forceJob != 0,
 			prio:    s.jobPriority(seedClass),
+			// Only an expiry run's own job may skip a never-cached metatile: a live request
+			// or seed that merged into it wants the render.
+			onlyCached: j.flags&anyCacheJob == 0,
 		}
 		if !rj.refresh {
 			rj.refreshBefore = j.refreshBefore()

@@ -706,7 +706,7 @@ func (t *task) submit(tj *taskJob) {
 	tj.attempts++
 	p := &pendingRequest{sink: t, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
 		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
-		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete}}
+		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete, OnlyCached: tj.item.onlyCached}}
 	t.outstanding[p] = tj
 	t.route.submit(p)
 }

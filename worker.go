@@ -62,6 +62,8 @@ type renderJob struct {
 	prio          renderPriority // the process's CPU and I/O priority for this job (nice.go)
 	// delete: remove the metatile's tiles from the cache instead of rendering (command "delete")
 	delete bool
+	// onlyCached: render only when a tile of the metatile is in the cache ("only_cached")
+	onlyCached bool
 	// handedOver counts moves to a replacement process after one that never took the job.
 	handedOver int
 }

@@ -69,6 +69,9 @@ def main(argv):
         print('serve_wsgi: SERVE_WSGI_THREADS must be at least 1', file=sys.stderr)
         return 2
     PooledWSGIServer.threads = threads
+    # As "python3 WSGI_FILE", mod_wsgi's python-path= or gunicorn --chdir: modules next to
+    # the script (mapproxy_renderd.py from install-module DIR) can be imported.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[1])))
     app = runpy.run_path(argv[1])['application']
     host = argv[3] if len(argv) == 4 else '127.0.0.1'
     server = make_server(host, int(argv[2]), app, PooledWSGIServer, WSGIRequestHandler)

@@ -7,8 +7,10 @@ Enable it with one line in MapProxy's WSGI script, before make_wsgi_app:
     from mapproxy.wsgiapp import make_wsgi_app
     application = make_wsgi_app('/etc/mapproxy/mapproxy.yaml')
 
-``mapproxy-renderd install-module DIR`` writes this file into DIR (next to the
-WSGI script, or any directory on sys.path). What changes, for caches that
+``mapproxy-renderd install-module`` writes this file into /usr/bin/python3's
+site directory, on sys.path of every WSGI server running that python;
+``install-module DIR`` into DIR, which the WSGI server must then have on
+sys.path (mod_wsgi: python-path=DIR, gunicorn: --chdir DIR). What changes, for caches that
 render through ``globals.renderd.address`` (every cache but those with
 ``disable_storage``):
 
@@ -17,7 +19,12 @@ render through ``globals.renderd.address`` (every cache but those with
   bundled "rendering..." tile, or ``waiting_image``) with
   ``Cache-Control: max-age=waiting_max_age`` (5 s); it is never stored and the
   render goes on, so a request a few seconds later gets the real tile. Without
-  the module MapProxy waits for the render, however long it takes.
+  the module MapProxy waits for the render, however long it takes. Every
+  request of a burst for one metatile (a map view asks for all its tiles at
+  once, from one MapProxy process or several) gets its answer within its own
+  wait_ms: MapProxy's per-metatile tile lock is tried, not waited for, so one
+  request asks the daemon while the others watch the cache; the metatile is
+  still rendered once.
 * A tile that is in the cache but stale (the cache's ``refresh_before``) is
   served at once, with ``max-age=stale_max_age``, and the daemon is asked for
   a background re-render (``"background": true, "refresh": true``; repeated
@@ -63,6 +70,7 @@ def _check_mapproxy():
         from mapproxy import response, wsgiapp
         from mapproxy.image import ImageSource  # noqa: F401
         from mapproxy.source import SourceError  # noqa: F401
+        from mapproxy.util import lock
     except ImportError as e:
         return ['cannot import a MapProxy module: %s' % e]
 
@@ -82,6 +90,9 @@ def _check_mapproxy():
     want = ['self', 'tile_mgr', 'dimensions', 'image_merger', 'bulk_meta_tiles']
     if params(tile.TileCreator.__init__) != want:
         problems.append('TileCreator.__init__ takes %s, want %s' % (params(tile.TileCreator.__init__), want))
+    want = ['self', 'lock_file', 'timeout']
+    if params(lock.FileLock.__init__)[:3] != want or not hasattr(lock, 'LockTimeout'):
+        problems.append('FileLock.__init__ takes %s, want %s first' % (params(lock.FileLock.__init__), want))
     if not hasattr(tile, 'Tile'):
         problems.append('mapproxy.cache.tile.Tile is missing')
     want = ['self', 'timestamp', 'etag_data', 'max_age', 'no_cache']
@@ -112,6 +123,10 @@ from mapproxy.client.log import log_request  # noqa: E402
 from mapproxy.image import ImageSource  # noqa: E402
 from mapproxy.image.opts import ImageOptions  # noqa: E402
 from mapproxy.source import SourceError  # noqa: E402
+from mapproxy.util.lock import FileLock, LockTimeout  # noqa: E402
+
+# How often a request that found its metatile's lock taken looks at the cache (and the lock).
+_LOCK_POLL = 0.02
 
 # The settings enable() was called with.
 _settings = {}
@@ -322,17 +337,54 @@ class LiveRenderdTileCreator(_renderd.RenderdTileCreator):
             self.cache.load_tiles(tiles)
             _limit_max_age(_settings['stale_max_age'])
             return tiles
-        try:
-            with self.tile_locker(main_tile):
-                if not all(self.is_cached(t) for t in present):
-                    self._create_renderd_tile(main_tile.coord)
-        except _Pending:
-            _limit_max_age(_settings['waiting_max_age'])
-            for t in tiles:
-                if t.coord is not None:
-                    t.source = waiting_image(self.grid.tile_size)
-            return tiles
+        # MapProxy's tile lock (one per metatile, a file lock shared by every process on this
+        # cache) still makes sure that one request at a time asks for the render and that
+        # nobody asks for a metatile that was rendered meanwhile. But it is only tried, never
+        # waited for: the holder is asking the daemon for this very metatile, so its render is
+        # in flight, and queueing behind the holder would make each request of a burst wait
+        # its own wait_ms in turn (the 16 tiles of a 4x4 metatile: 1, 2, ... 16 s). A request
+        # that finds the lock taken watches the cache until its own wait_ms is up instead, and
+        # takes the lock (asking the daemon with what is left of its wait_ms) once it is free.
+        deadline = time.monotonic() + _settings['wait_ms'] / 1000.0
+        while True:
+            lock = self._try_lock(main_tile)
+            if lock is not None:
+                try:
+                    if not all(self.is_cached(t) for t in present):
+                        left = max(0, int((deadline - time.monotonic()) * 1000))
+                        self._create_renderd_tile(main_tile.coord, wait_ms=left)
+                except _Pending:
+                    return self._waiting(tiles)
+                finally:
+                    lock.unlock()
+                break
+            if all(self.is_cached(t) for t in present):
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._waiting(tiles)
+            time.sleep(min(_LOCK_POLL, left))
         self.cache.load_tiles(tiles)
+        return tiles
+
+    def _try_lock(self, tile):
+        """Take MapProxy's tile lock for tile if it is free: the held lock, or None."""
+        lock = self.tile_locker(tile)
+        if isinstance(lock, FileLock):
+            lock.timeout = 0  # one attempt: FileLock.lock raises LockTimeout at once
+            try:
+                lock.lock()
+            except LockTimeout:
+                return None
+            return lock
+        lock.lock()  # a DummyLock (locking disabled)
+        return lock
+
+    def _waiting(self, tiles):
+        _limit_max_age(_settings['waiting_max_age'])
+        for t in tiles:
+            if t.coord is not None:
+                t.source = waiting_image(self.grid.tile_size)
         return tiles
 
     def _ask_refresh(self, coord):
@@ -348,9 +400,9 @@ class LiveRenderdTileCreator(_renderd.RenderdTileCreator):
             log.warning('stale tile served; refresh request answered %s: %s',
                         result.get('status'), result.get('error_message', ''))
 
-    def _create_renderd_tile(self, tile_coord):
+    def _create_renderd_tile(self, tile_coord, wait_ms=None):
         start_time = time.time()
-        result = self._send_tile_request(self.tile_mgr.identifier, [tile_coord])
+        result = self._send_tile_request(self.tile_mgr.identifier, [tile_coord], wait_ms=wait_ms)
         duration = time.time() - start_time
         address = '%s:%s:%r' % (self.renderd_address, self.tile_mgr.identifier, tile_coord)
         status = result.get('status')
@@ -367,7 +419,7 @@ class LiveRenderdTileCreator(_renderd.RenderdTileCreator):
             raise SourceError('Error from renderd: %s %s' % (status, result.get('error_message', '')))
         log_request(address, 200, None, duration=duration, method='RENDERD')
 
-    def _send_tile_request(self, cache_identifier, tile_coords, background=False, refresh=False):
+    def _send_tile_request(self, cache_identifier, tile_coords, background=False, refresh=False, wait_ms=None):
         coords = [tuple(c) for c in tile_coords]
         # The same id as MapProxy's own client, so that daemons behind a hash balancer agree.
         identifier = hashlib.sha1(str((cache_identifier, coords)).encode('ascii')).hexdigest()
@@ -382,5 +434,5 @@ class LiveRenderdTileCreator(_renderd.RenderdTileCreator):
             message['background'] = True
             message['refresh'] = refresh
         elif self._live():
-            message['wait_ms'] = _settings['wait_ms']
+            message['wait_ms'] = _settings['wait_ms'] if wait_ms is None else wait_ms
         return post(self.renderd_address, message)

@@ -11,7 +11,10 @@ loads the configuration exactly as a renderer does at start (and as
 mapproxy-seed's jobs will), and with MAPPROXY_SEED_CONFIG set also that
 seed.yaml with MapProxy's seed loader, building every seed and cleanup as
 mapproxy-seed would; then exits: 0 with one line per cache on stdout, or 1
-with MapProxy's own error message on stderr.
+with MapProxy's own error message on stderr. What MapProxy's loaders only
+warn about (an unknown key such as ``meta_sise`` or ``levles``, a deprecated
+option) is reported on stdout too, one line each:
+``warning: <file>: <MapProxy's message>``.
 
 Protocol: newline-delimited JSON, one object per line, jobs on stdin and
 replies on stdout. stdout carries nothing else; logs go to stderr.
@@ -42,7 +45,9 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
   cache's own rules, or, with ``"refresh_before": <unix seconds>``, when one
   is not newer than that (as mapproxy-seed's refresh_before; a refresh_before
   in the cache's own configuration still takes precedence, as in MapProxy).
-  refresh_before is ignored when "refresh" is true.
+  refresh_before is ignored when "refresh" is true. With ``"only_cached":
+  true`` (an expiry run's job) a metatile none of whose tiles is in the cache
+  is not rendered (as mod_tile's render_expired): the reply says "skipped".
   With "seed" true (mapproxy-seed asked for the tile) the configuration is the
   one mapproxy-seed loads (seed_only sources render); otherwise the one
   MapProxy's web processes load (seed_only sources are blank).
@@ -210,9 +215,12 @@ class Worker(object):
         if refresh_before is not None and (
                 not isinstance(refresh_before, (int, float)) or isinstance(refresh_before, bool)):
             return error('"refresh_before" must be a number (unix seconds)')
-        return self.render(conf, tm, coords, refresh, refresh_before)
+        only_cached = job.get('only_cached', False)
+        if not isinstance(only_cached, bool):
+            return error('"only_cached" must be true or false')
+        return self.render(conf, tm, coords, refresh, refresh_before, only_cached)
 
-    def render(self, conf, tm, coords, refresh, refresh_before=None):
+    def render(self, conf, tm, coords, refresh, refresh_before=None, only_cached=False):
         from mapproxy.cache.tile import Tile
         from mapproxy.config import local_base_config
         from mapproxy.source import SourceError
@@ -245,6 +253,11 @@ class Worker(object):
             with local_base_config(conf.conf.base_config), tm.session():
                 creator = tm.creator()
                 for coord, members in metatiles.values():
+                    if only_cached and not any(tm.cache.is_cached(Tile(c)) for c in members):
+                        # An expiry run's metatile that was never cached (mod_tile's
+                        # render_expired): nobody viewed it, nothing to bring up to date.
+                        skipped += 1
+                        continue
                     if not refresh and all(tm.is_cached(Tile(c)) for c in members):
                         # Nothing missing or stale: no render, and no lock.
                         skipped += 1
@@ -390,16 +403,21 @@ def check(args):
         print('mapproxy_worker check: no configuration: pass a path or set MAPPROXY_CONFIG',
               file=sys.stderr)
         return 2
+    warned = WarningCollector()
     try:
         worker = Worker(path)
         seed_conf = worker.config_for(seed=True)  # what the first seed job loads
     except Exception as e:
         print('%s: %s: %s' % (path, type(e).__name__, e), file=sys.stderr)
         return 1
+    finally:
+        warnings = warned.take()
     caches = worker.caches()
     print('%s: MapProxy %s loaded it: %d caches' % (path, mapproxy_version(), len(caches)))
     for ident, c in caches.items():
-        print('  %s (metatile %dx%d)' % (ident, c['meta_size'][0], c['meta_size'][1]))
+        print('  %s (metatile %dx%d) of cache %s' % (ident, c['meta_size'][0], c['meta_size'][1], c['cache']))
+    for w in warnings:
+        print('warning: %s: %s' % (path, w))
 
     seed_path = os.environ.get('MAPPROXY_SEED_CONFIG')
     if seed_path:
@@ -411,10 +429,37 @@ def check(args):
         except Exception as e:
             print('%s: %s: %s' % (seed_path, type(e).__name__, e), file=sys.stderr)
             return 1
+        finally:
+            warnings = warned.take()
         print('%s: %d seed tasks (%s), %d cleanup tasks (%s)' % (
             seed_path, len(seeds), ', '.join(sorted(set(t.md['name'] for t in seeds))) or '-',
             len(cleanups), ', '.join(sorted(set(t.md['name'] for t in cleanups))) or '-'))
+        for w in warnings:
+            print('warning: %s: %s' % (seed_path, w))
     return 0
+
+
+class WarningCollector(logging.Handler):
+    """Collects what MapProxy logs at WARNING or above (its loaders report unknown keys
+    that way and go on) and what it passes to warnings.warn (deprecated options)."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.WARNING)
+        self.messages = []
+        logging.captureWarnings(True)
+        logging.getLogger().addHandler(self)
+
+    def emit(self, record):
+        msg = record.getMessage().strip()
+        if record.name == 'py.warnings':  # "file:line: Category: text" and the source line
+            msg = msg.splitlines()[0].split(': ', 2)[-1] if msg else msg
+        if msg and msg not in self.messages:  # both loads of mapproxy.yaml warn alike
+            self.messages.append(msg)
+
+    def take(self):
+        """The messages since the last take, once each, in order."""
+        msgs, self.messages = self.messages, []
+        return msgs
 
 
 def mapproxy_version():
