@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,16 +51,27 @@ func checkMapProxy(ctx context.Context, cfg Config, stdout io.Writer) error {
 	rc := rendererConfigFrom(cfg, script)
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(cfg.StartTimeout))
 	defer cancel()
-	cmd := exec.CommandContext(ctx, rc.argv[0], append(rc.argv[1:], "check")...)
+	cmd := exec.Command(rc.argv[0], append(rc.argv[1:], "check")...)
 	cmd.Env = append(os.Environ(), rc.env...)
 	withSeed := cfg.SeedConfig != "" && len(cfg.PlannerCommand) == 0
 	if withSeed {
 		cmd.Env = append(cmd.Env, "MAPPROXY_SEED_CONFIG="+cfg.SeedConfig)
 	}
-	cmd.WaitDelay = killGrace
 	var errBuf bytes.Buffer
 	cmd.Stdout, cmd.Stderr = stdout, &errBuf
-	err = cmd.Run()
+	c, err := startChild(cmd, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		return fmt.Errorf("mapproxy_config %s: cannot run the MapProxy check: %w", cfg.MapProxyConfig, err)
+	}
+	select {
+	case <-c.exited:
+	case <-ctx.Done():
+		c.stop("the MapProxy check") // its group: SIGTERM, then SIGKILL (bounded)
+		if !c.waitFor(0) {
+			return fmt.Errorf("mapproxy_config %s: the MapProxy check (pid %d) did not finish within start_timeout %s and survived SIGKILL", cfg.MapProxyConfig, c.pid, cfg.StartTimeout)
+		}
+	}
+	err = c.waitErr
 	if err == nil {
 		return nil
 	}

@@ -15,6 +15,9 @@
 //   - scheduler.go: the scheduler goroutine, the one owner of queue.go's state, the renderers'
 //     states and the counters. Everyone else talks to it through its channels.
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
+//   - proc.go: the one way children are started and stopped (renderers, planners, the
+//     MapProxy check): own process group, Pdeathsig from the spawner's locked thread, the
+//     reaper process that ends their groups when the daemon dies, SIGTERM → SIGKILL, stderr tail.
 //   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
 //   - http.go: the HTTP routes, MapProxy 1.15's renderd protocol among them.
 //   - health.go: GET /healthz and the native health command: may this daemon be sent work now.
@@ -63,5 +66,7 @@
 // after the scheduler has stopped. A wait_ms timer is a time.AfterFunc whose goroutine ends
 // when its message is sent or the scheduler exits. Tasks never touch the queue: they submit
 // requests and take replies like any client. Every wait on a child process is bounded
-// (SIGTERM, then SIGKILL).
+// (SIGTERM, then SIGKILL). Two goroutines live as long as the process, by design (proc.go):
+// the spawner, whose locked thread forks every child so that Pdeathsig fires only when the
+// daemon dies, and the one that waits for the reaper process.
 package main
