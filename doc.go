@@ -54,6 +54,7 @@
 //     the expire_dir spool, the list store and the task source reading a stored list.
 //   - journal.go: the append-only journal (group commit, CRC-framed records, compaction,
 //     replay) and the re-queueing of journaled background jobs at start.
+//   - replay.go: replayed jobs are queued whatever max_queued (accepted work is owed).
 //   - journaltask.go: tasks in the journal: specs, checkpointed cursors, ends, resumption.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the

@@ -832,16 +832,23 @@ type replaySink struct {
 	logged int
 }
 
+// Only an error (its cache is unknown now, say) retires the job from the journal; any other
+// answer (shutting_down: the daemon stops during the replay) keeps it for the next start.
 func (r *replaySink) deliver(p *pendingRequest, rep Reply) {
 	if rep.Status == statusQueued {
 		return
 	}
-	r.j.jobDone(p.req.CacheIdentifier, p.req.Tiles[0])
+	what := "dropped"
+	if rep.Status == statusError {
+		r.j.jobDone(p.req.CacheIdentifier, p.req.Tiles[0])
+	} else {
+		what = "kept in the journal for the next start"
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.logged++; r.logged <= 10 {
 		t := p.req.Tiles[0]
-		r.log.Warn("journal: a journaled job could not be queued again; dropped", "cache", p.req.CacheIdentifier,
+		r.log.Warn("journal: a journaled job could not be queued again; "+what, "cache", p.req.CacheIdentifier,
 			"z", t.Z, "x", t.X, "y", t.Y, "status", rep.Status, "error", rep.ErrorMessage)
 	}
 }
