@@ -52,6 +52,8 @@
 //   - expire.go: expiry lists (z/x/y) parsed and propagated to metatiles; pure functions.
 //   - expiretask.go: expiry runs as tasks: the expire command, POST /expire, the expire CLI,
 //     the expire_dir spool, the list store and the task source reading a stored list.
+//   - spool.go: what becomes of a spooled list: removed only when its task is done or
+//     cancelled; put back when its task cannot start, <file>.rejected when it fails.
 //   - journal.go: the append-only journal (group commit, CRC-framed records, compaction,
 //     replay) and the re-queueing of journaled background jobs at start.
 //   - replay.go: replayed jobs are queued whatever max_queued (accepted work is owed).
