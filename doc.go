@@ -57,6 +57,9 @@
 //   - journal.go: the append-only journal (group commit, CRC-framed records, compaction,
 //     replay) and the re-queueing of journaled background jobs at start.
 //   - replay.go: replayed jobs are queued whatever max_queued (accepted work is owed).
+//   - journalfail.go: a journal that cannot write (full or failing state_dir): it fails
+//     instead of the daemon, refuses durable work, retries a snapshot until it recovers;
+//     a damaged file is set aside whatever the damage.
 //   - journaltask.go: tasks in the journal: specs, checkpointed cursors, ends, resumption.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the

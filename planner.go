@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // taskItem is one thing a task's source yields: a metatile to render (hasTile), and/or
@@ -50,7 +51,8 @@ const plannerTail = 8
 // stdout as NDJSON (DESIGN §10). The daemon stops reading while the task's window is
 // full, so a planner simply blocks on the full pipe: bounded memory for any task size.
 type plannerSource struct {
-	c    *child // the process and its group (proc.go)
+	c    *child   // the process and its group (proc.go)
+	out  *os.File // our end of its stdout; the reader goroutine closes it
 	ch   chan taskItem
 	quit chan struct{} // closed by close: the reader stops sending
 	done chan struct{} // closed when the reader goroutine has returned
@@ -75,15 +77,20 @@ func startPlanner(argv, env []string, spec taskSpec, log *slog.Logger) (*planner
 	cmd.Stdin = bytes.NewReader(append(line, '\n'))
 	tail := newStderrTail(log, "planner: ", plannerTail, 500)
 	cmd.Stderr = tail
-	out, err := cmd.StdoutPipe()
+	// Our own pipe, not StdoutPipe: the child's waiter may finish before the last line is
+	// read, and Wait closes a StdoutPipe under the reader.
+	out, outW, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
+	cmd.Stdout = outW
 	c, err := startChild(cmd, log)
+	outW.Close()
 	if err != nil {
+		out.Close()
 		return nil, fmt.Errorf("start planner %s: %w", argv[0], err)
 	}
-	p := &plannerSource{c: c, ch: make(chan taskItem), quit: make(chan struct{}), done: make(chan struct{}),
+	p := &plannerSource{c: c, out: out, ch: make(chan taskItem), quit: make(chan struct{}), done: make(chan struct{}),
 		tail: tail, log: log.With("planner_pid", c.pid)}
 	c.log = p.log
 	go p.read(out)
@@ -100,7 +107,14 @@ func (p *plannerSource) err() error { return p.errv }
 func (p *plannerSource) close() {
 	p.closeOnce.Do(func() { close(p.quit) })
 	p.c.stop("planner")
-	<-p.done
+	t := time.NewTimer(killGrace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+	case <-t.C: // something outside its group holds its stdout: stop reading
+		p.out.Close()
+		<-p.done
+	}
 }
 
 // plannerLine is every field a planner line may carry (TASKS protocol, DESIGN §10).
@@ -123,6 +137,7 @@ type plannerLine struct {
 func (p *plannerSource) read(out io.Reader) {
 	defer close(p.done)
 	err := p.readItems(bufio.NewReaderSize(out, 64<<10))
+	p.out.Close()
 	stopped := false
 	select {
 	case <-p.quit:
