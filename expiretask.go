@@ -499,6 +499,12 @@ func (m *taskManager) spoolOnce(ctx context.Context, dir string, rng expireRange
 
 func (m *taskManager) takeSpoolFile(ctx context.Context, path, cache string, rng expireRange, priority int, prioritySet bool, warned spoolWarnings) {
 	log := m.log.With("file", path, "cache", cache)
+	if m.journal != nil {
+		if err := m.journal.failure(); err != nil { // its task could not start: leave it
+			warned.warn(log, path, "expire_dir: task not started; the list stays in the spool and is tried again", err)
+			return
+		}
+	}
 	if _, err := m.sched.expireGrid(cache); err != nil {
 		if ctx.Err() != nil { // the daemon is stopping: not a reason to reject the list
 			return

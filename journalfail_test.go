@@ -190,3 +190,72 @@ func TestJournalCorruptTailOnFullDisk(t *testing.T) {
 		t.Errorf("journal.corrupt has %d bytes, want the damaged file's %d", len(got), len(data))
 	}
 }
+
+// TestDaemonFullStateDir (issue 17 items 8 and 6): the daemon starts on a full state_dir,
+// replays its journal, serves live tiles, refuses durable work clearly (background jobs,
+// a spooled list, which stays in the spool), shows the failure in /healthz (200, degraded),
+// /metrics and the status document, and recovers without a restart once space returns:
+// then the spooled list is taken and done.
+func TestDaemonFullStateDir(t *testing.T) {
+	mnt := smallTmpfs(t, "512k")
+	state := filepath.Join(mnt, "state")
+	j, _, err := openJournal(state, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := j.addJobs("exp_GRID", []tileCoord{{int32(2 * i), 0, 5}}, 10); err != nil { // 3 metatiles
+			t.Fatal(err)
+		}
+	}
+	j.close()
+	fillUp(t, filepath.Join(mnt, "filler"))
+	spool := shortTempDir(t)
+	os.MkdirAll(spool+"/exp_GRID", 0o755)
+	os.WriteFile(spool+"/exp_GRID/b.list", []byte(spoolList), 0o644)
+
+	d := newTestDaemon(t, daemonOpts{maxSeed: -1, rendArgs: []string{"-caches", expireCaches},
+		extraYAML: "state_dir: " + state + "\nexpire_dir: " + spool + "\nexpire_min_zoom: 3\n"})
+	// The journaled jobs are rendered.
+	d.waitFor("the 3 replayed jobs", func(statusDoc) bool { return len(d.jobLog()) >= 3 })
+	cl := d.dial()
+	cl.send(`{"command":"tile","id":"live","cache_identifier":"exp_GRID","tiles":[[8,0,5]]}`)
+	if r := cl.read(); r.Status != statusOK {
+		t.Errorf("live tile: %+v", r)
+	}
+	cl.send(`{"command":"tile","id":"bg","cache_identifier":"exp_GRID","tiles":[[10,0,5]],"background":true}`)
+	if r := cl.read(); r.Status != statusError || !strings.Contains(r.ErrorMessage, "not journaled") {
+		t.Errorf("background job on a failed journal: %+v, want an error saying it is not journaled", r)
+	}
+	waitLog(t, d, "task not started; the list stays in the spool")
+	if _, err := os.Stat(spool + "/exp_GRID/b.list"); err != nil {
+		t.Errorf("the spooled list is gone while its task cannot start: %v", err)
+	}
+	hc := httpClientFor("unix", d.socket)
+	code, _, body := httpGet(t, hc, "/healthz")
+	if code != 200 || !strings.Contains(string(body), `"degraded":"journal cannot write`) {
+		t.Errorf("/healthz: %d %s, want 200 and degraded", code, body)
+	}
+	if _, _, m := httpGet(t, hc, "/metrics"); !strings.Contains(string(m), "mapproxy_renderd_journal_failed 1") {
+		t.Errorf("/metrics has no journal_failed 1")
+	}
+	if st := d.status(); st.Journal == nil || !strings.Contains(st.Journal.Failed, "no space left") {
+		t.Errorf("status journal %+v, want failed: no space left", st.Journal)
+	}
+
+	os.Remove(filepath.Join(mnt, "filler"))
+	freed := time.Now()
+	d.waitFor("the journal writable again", func(s statusDoc) bool { return s.Journal != nil && s.Journal.Failed == "" })
+	t.Logf("journal writable again %s after space returned (retry every %s)", time.Since(freed).Round(time.Millisecond), journalRetry)
+	waitFile(t, spool+"/exp_GRID/b.list", false, "the list taken once the journal writes", d)
+	if code, _, body := httpGet(t, hc, "/healthz"); code != 200 || strings.Contains(string(body), "degraded") {
+		t.Errorf("/healthz after the recovery: %d %s", code, body)
+	}
+	cl.send(`{"command":"tile","id":"bg2","cache_identifier":"exp_GRID","tiles":[[12,0,5]],"background":true}`)
+	if r := cl.read(); r.Status != statusQueued {
+		t.Errorf("background job after the recovery: %+v, want queued", r)
+	}
+	if n := strings.Count(d.stderr.String(), "task not started; the list stays in the spool"); n != 1 {
+		t.Errorf("%d warnings about the spooled list, want 1 (same reason every poll)", n)
+	}
+}

@@ -24,7 +24,7 @@ type spoolWarnings map[string]string
 const maxSpoolWarnings = 4096
 
 func (w spoolWarnings) warn(log *slog.Logger, path, msg string, err error) {
-	key := msg + ": " + err.Error()
+	key := msg + ": " + errReason(err)
 	if w[path] == key {
 		return
 	}
@@ -33,6 +33,20 @@ func (w spoolWarnings) warn(log *slog.Logger, path, msg string, err error) {
 	}
 	w[path] = key
 	log.Warn(msg, "error", err)
+}
+
+// errReason is err without the file name: the same failure on a fresh temporary file each
+// poll is the same reason.
+func errReason(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Op + ": " + pe.Err.Error()
+	}
+	var le *os.LinkError
+	if errors.As(err, &le) {
+		return le.Op + ": " + le.Err.Error()
+	}
+	return err.Error()
 }
 
 // putBackList returns a list whose task did not start to the spool at path: the stored copy
