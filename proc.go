@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -167,7 +168,7 @@ func (w *stderrTail) Write(b []byte) (int, error) {
 	defer w.mu.Unlock()
 	w.buf = append(w.buf, b...)
 	for {
-		i := strings.IndexByte(string(w.buf), '\n')
+		i := bytes.IndexByte(w.buf, '\n')
 		if i < 0 {
 			if len(w.buf) > 16<<10 {
 				w.emit(w.buf)
@@ -244,8 +245,10 @@ func reaperSend(op byte, pgid int) {
 	if reaper.w == nil {
 		return
 	}
-	// A few bytes to a pipe the reaper drains: this does not block in practice, and a
-	// dead reaper (EPIPE) only loses the grandchildren guarantee.
+	// A few bytes to a pipe the reaper drains: this does not block in practice (the
+	// deadline bounds it if the reaper hangs), and a dead reaper (EPIPE) only loses the
+	// grandchildren guarantee.
+	_ = reaper.w.SetWriteDeadline(time.Now().Add(time.Second))
 	if _, err := reaper.w.Write([]byte(string(op) + strconv.Itoa(pgid) + "\n")); err != nil {
 		reaper.w.Close()
 		reaper.w = nil
