@@ -259,3 +259,27 @@ func TestDaemonFullStateDir(t *testing.T) {
 		t.Errorf("%d warnings about the spooled list, want 1 (same reason every poll)", n)
 	}
 }
+
+// TestDaemonBadJournalHeader: a journal whose 8-byte header is damaged no longer stops the
+// start: it is set aside as journal.corrupt and the daemon journals anew.
+func TestDaemonBadJournalHeader(t *testing.T) {
+	data, _ := journalWithJobs(t, 3)
+	data[0] ^= 0x01
+	state := filepath.Join(shortTempDir(t), "state")
+	os.MkdirAll(state, 0o750)
+	if err := os.WriteFile(filepath.Join(state, journalFile), data, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	d := newTestDaemon(t, daemonOpts{maxSeed: -1, extraYAML: "state_dir: " + state + "\n"})
+	if got, _ := os.ReadFile(filepath.Join(state, journalFile+".corrupt")); !bytes.Equal(got, data) {
+		t.Errorf("journal.corrupt holds %d bytes, want the damaged journal's %d", len(got), len(data))
+	}
+	cl := d.dial()
+	cl.send(`{"command":"tile","id":"bg","cache_identifier":"c","tiles":[[1,2,3]],"background":true}`)
+	if r := cl.read(); r.Status != statusQueued {
+		t.Errorf("background job after the set-aside: %+v, want queued", r)
+	}
+	if st := d.status(); st.Journal == nil || st.Journal.Failed != "" || st.Journal.Jobs != 1 {
+		t.Errorf("status journal %+v, want writable with 1 job", st.Journal)
+	}
+}
