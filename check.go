@@ -63,16 +63,27 @@ func checkMapProxy(ctx context.Context, cfg Config, stdout io.Writer) (rep mappr
 	rc := rendererConfigFrom(cfg, script)
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(cfg.StartTimeout))
 	defer cancel()
-	cmd := exec.CommandContext(ctx, rc.argv[0], append(rc.argv[1:], "check")...)
+	cmd := exec.Command(rc.argv[0], append(rc.argv[1:], "check")...)
 	cmd.Env = append(os.Environ(), rc.env...)
 	withSeed := cfg.SeedConfig != "" && len(cfg.PlannerCommand) == 0
 	if withSeed {
 		cmd.Env = append(cmd.Env, "MAPPROXY_SEED_CONFIG="+cfg.SeedConfig)
 	}
-	cmd.WaitDelay = killGrace
 	var outBuf, errBuf bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &outBuf, &errBuf
-	err = cmd.Run()
+	c, err := startChild(cmd, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		return rep, fmt.Errorf("mapproxy_config %s: cannot run the MapProxy check: %w", cfg.MapProxyConfig, err)
+	}
+	select {
+	case <-c.exited:
+	case <-ctx.Done():
+		c.stop("the MapProxy check") // its group: SIGTERM, then SIGKILL (bounded)
+		if !c.waitFor(0) {
+			return rep, fmt.Errorf("mapproxy_config %s: the MapProxy check (pid %d) did not finish within start_timeout %s and survived SIGKILL", cfg.MapProxyConfig, c.pid, cfg.StartTimeout)
+		}
+	}
+	err = c.waitErr
 	stdout.Write(outBuf.Bytes())
 	for line := range strings.Lines(outBuf.String()) {
 		line = strings.TrimRight(line, "\n")

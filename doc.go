@@ -23,6 +23,9 @@
 //     states and the counters. Everyone else talks to it through its channel: typed messages
 //     where order matters (submit, cancel, due, reload) and ask[T] for every query.
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
+//   - proc.go: the one way children are started and stopped (renderers, planners, the
+//     MapProxy check): own process group, Pdeathsig from the spawner's locked thread, the
+//     reaper process that ends their groups when the daemon dies, SIGTERM → SIGKILL, stderr tail.
 //   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
 //   - router.go: the command router: one function answers a parsed request for both
 //     protocols (NDJSON and HTTP POST), and one turns a request error into its reply.
@@ -61,8 +64,14 @@
 //   - expire.go: expiry lists (z/x/y) parsed and propagated to metatiles; pure functions.
 //   - expiretask.go: expiry runs as tasks: the expire command, POST /expire, the expire CLI,
 //     the expire_dir spool, the list store and the task source reading a stored list.
+//   - spool.go: what becomes of a spooled list: removed only when its task is done or
+//     cancelled; put back when its task cannot start, <file>.rejected when it fails.
 //   - journal.go: the append-only journal (group commit, CRC-framed records, compaction,
 //     replay) and the re-queueing of journaled background jobs at start.
+//   - replay.go: replayed jobs are queued whatever max_queued (accepted work is owed).
+//   - journalfail.go: a journal that cannot write (full or failing state_dir): it fails
+//     instead of the daemon, refuses durable work, retries a snapshot until it recovers;
+//     a damaged file is set aside whatever the damage.
 //   - journaltask.go: tasks in the journal: specs, checkpointed cursors, ends, resumption.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
@@ -75,5 +84,7 @@
 // after the scheduler has stopped. A wait_ms timer is a time.AfterFunc whose goroutine ends
 // when its message is sent or the scheduler exits. Tasks never touch the queue: they submit
 // requests and take replies like any client. Every wait on a child process is bounded
-// (SIGTERM, then SIGKILL).
+// (SIGTERM, then SIGKILL). Two goroutines live as long as the process, by design (proc.go):
+// the spawner, whose locked thread forks every child so that Pdeathsig fires only when the
+// daemon dies, and the one that waits for the reaper process.
 package main

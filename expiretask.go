@@ -50,6 +50,9 @@ type expireTaskSpec struct {
 	DeleteFrom int    `json:"delete_from"`
 	RenderAll  bool   `json:"render_all,omitempty"` // also metatiles that were never cached
 	From       string `json:"from,omitempty"`       // where the list came from (spool file name)
+	// Spool is the spool file's path when the list came from expire_dir: a task that fails
+	// puts the list back there as <file>.rejected (spool.go).
+	Spool string `json:"spool,omitempty"`
 }
 
 // expireCursor is an expire task's resume point: every metatile of lines 1..Lines was
@@ -60,8 +63,9 @@ type expireCursor struct {
 
 // listStore keeps expiry lists as files until their task ends.
 type listStore struct {
-	dir string
-	n   atomic.Uint64
+	dir      string
+	volatile bool // a temporary directory, removed at exit (no journal): nothing resumes
+	n        atomic.Uint64
 }
 
 // create returns a new list file open for writing and its final path; finish makes it
@@ -157,8 +161,14 @@ func (m *taskManager) startExpire(cache string, rng expireRange, priority int, p
 }
 
 // startExpireFile starts the expire task of a stored list file (the task owns it from now on).
+// from is the spool file's path for a list taken from expire_dir: when the task cannot
+// start, the caller puts the list back; otherwise the stored file is removed.
 func (m *taskManager) startExpireFile(cache string, rng expireRange, priority int, prioritySet bool, path, from string) (taskDoc, error) {
-	inline, _ := json.Marshal(expireTaskSpec{Cache: cache, List: path, MinZoom: rng.MinZoom, MaxZoom: rng.MaxZoom, DeleteFrom: rng.DeleteFrom, RenderAll: rng.RenderAll, From: from})
+	es := expireTaskSpec{Cache: cache, List: path, MinZoom: rng.MinZoom, MaxZoom: rng.MaxZoom, DeleteFrom: rng.DeleteFrom, RenderAll: rng.RenderAll}
+	if from != "" {
+		es.From, es.Spool = filepath.Base(from), from
+	}
+	inline, _ := json.Marshal(es)
 	m.mu.Lock()
 	spec := taskSpec{Kind: "expire", Name: "expire:" + cache, Inline: inline, priority: m.cfg.SeedPriority}
 	m.mu.Unlock()
@@ -166,7 +176,7 @@ func (m *taskManager) startExpireFile(cache string, rng expireRange, priority in
 		spec.priority = priority
 	}
 	d, err := m.startTask(spec)
-	if err != nil {
+	if err != nil && from == "" {
 		os.Remove(path)
 	}
 	return d, err
@@ -478,12 +488,15 @@ const spoolPoll = time.Second
 // ".tmp" and rename it when complete: the daemon ignores those names, so it never reads a
 // half-written list. A file is taken by renaming it into the list store (a copy when that
 // is on another file system), then its task starts; a file for a cache that does not take
-// expiry lists is renamed to <file>.rejected and the reason logged.
+// expiry lists is renamed to <file>.rejected and the reason logged. A list is removed only
+// when its task ends done or cancelled (spool.go): when the task cannot start it is put
+// back, and when the task fails it comes back as <file>.rejected, each with a warning.
 func (m *taskManager) runSpool(ctx context.Context, dir string, opts expireRange, priority int, prioritySet bool) {
 	tick := time.NewTicker(spoolPoll)
 	defer tick.Stop()
+	warned := spoolWarnings{}
 	for {
-		m.spoolOnce(dir, opts, priority, prioritySet)
+		m.spoolOnce(ctx, dir, opts, priority, prioritySet, warned)
 		select {
 		case <-ctx.Done():
 			return
@@ -492,7 +505,7 @@ func (m *taskManager) runSpool(ctx context.Context, dir string, opts expireRange
 	}
 }
 
-func (m *taskManager) spoolOnce(dir string, rng expireRange, priority int, prioritySet bool) {
+func (m *taskManager) spoolOnce(ctx context.Context, dir string, rng expireRange, priority int, prioritySet bool, warned spoolWarnings) {
 	caches, err := os.ReadDir(dir)
 	if err != nil {
 		m.log.Warn("expire_dir: cannot read it", "dir", dir, "error", err)
@@ -511,54 +524,74 @@ func (m *taskManager) spoolOnce(dir string, rng expireRange, priority int, prior
 			if !f.Type().IsRegular() || strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".tmp") || strings.HasSuffix(name, ".rejected") {
 				continue
 			}
-			m.takeSpoolFile(filepath.Join(dir, c.Name(), name), c.Name(), rng, priority, prioritySet)
+			if ctx.Err() != nil { // stopping: the rest stay in the spool for the next start
+				return
+			}
+			m.takeSpoolFile(ctx, filepath.Join(dir, c.Name(), name), c.Name(), rng, priority, prioritySet, warned)
 		}
 	}
 }
 
-func (m *taskManager) takeSpoolFile(path, cache string, rng expireRange, priority int, prioritySet bool) {
+func (m *taskManager) takeSpoolFile(ctx context.Context, path, cache string, rng expireRange, priority int, prioritySet bool, warned spoolWarnings) {
 	log := m.log.With("file", path, "cache", cache)
+	if m.journal != nil {
+		if err := m.journal.failure(); err != nil { // its task could not start: leave it
+			warned.warn(log, path, "expire_dir: task not started; the list stays in the spool and is tried again", err)
+			return
+		}
+	}
 	if _, err := m.sched.expireGrid(cache); err != nil {
-		log.Error("expire_dir: list rejected", "error", err)
-		os.Rename(path, path+".rejected")
+		if ctx.Err() != nil { // the daemon is stopping: not a reason to reject the list
+			return
+		}
+		warned.warn(log, path, "expire_dir: list rejected", err)
+		if rerr := os.Rename(path, path+".rejected"); rerr != nil {
+			warned.warn(log, path+".rejected", "expire_dir: cannot rename the rejected list; it stays in the spool", rerr)
+		}
 		return
 	}
 	if err := os.MkdirAll(m.lists.dir, 0o750); err != nil {
-		log.Error("expire_dir: cannot store the list", "error", err)
+		warned.warn(log, path, "expire_dir: cannot store the list; it stays in the spool", err)
 		return
 	}
 	_, dst, err := m.lists.createName()
 	if err != nil {
-		log.Error("expire_dir: cannot store the list", "error", err)
+		warned.warn(log, path, "expire_dir: cannot store the list; it stays in the spool", err)
 		return
 	}
+	copied := false
 	if err := os.Rename(path, dst); err != nil {
 		if !errors.Is(err, unix.EXDEV) {
-			log.Error("expire_dir: cannot take the list", "error", err)
+			warned.warn(log, path, "expire_dir: cannot take the list; it stays in the spool", err)
 			return
 		}
-		// Another file system: copy durably, then remove the spool file.
+		// Another file system: copy durably; the spool file goes once its task has started.
 		src, err := os.Open(path)
 		if err != nil {
-			log.Error("expire_dir: cannot take the list", "error", err)
+			warned.warn(log, path, "expire_dir: cannot read the list; it stays in the spool", err)
 			return
 		}
 		stored, err := m.lists.store(src)
 		src.Close()
 		if err != nil {
-			log.Error("expire_dir: cannot store the list", "error", err)
+			warned.warn(log, path, "expire_dir: cannot store the list; it stays in the spool", err)
 			return
 		}
-		os.Remove(path)
-		dst = stored
+		dst, copied = stored, true
 	} else if err := syncDir(m.lists.dir); err != nil {
 		log.Warn("expire_dir: fsync of the list directory failed", "error", err)
 	}
-	d, err := m.startExpireFile(cache, rng, priority, prioritySet, dst, filepath.Base(path))
+	d, err := m.startExpireFile(cache, rng, priority, prioritySet, dst, path)
 	if err != nil {
-		log.Error("expire_dir: task not started", "error", err)
+		m.putBackList(log, dst, path, copied, err, warned)
 		return
 	}
+	if copied {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			log.Error("expire_dir: the list was taken but cannot be removed from the spool; it will be taken again", "error", err)
+		}
+	}
+	delete(warned, path)
 	log.Info("expire_dir: list taken", "task", d.TaskID)
 }
 
@@ -566,15 +599,4 @@ func (m *taskManager) takeSpoolFile(path, cache string, rng expireRange, priorit
 func (ls *listStore) createName() (string, string, error) {
 	name := fmt.Sprintf("expire-%d-%d.list", time.Now().UnixNano(), ls.n.Add(1))
 	return name, filepath.Join(ls.dir, name), nil
-}
-
-// forget removes a finished expire task's list file.
-func (ls *listStore) forget(spec taskSpec) {
-	if spec.Kind != "expire" {
-		return
-	}
-	var es expireTaskSpec
-	if json.Unmarshal(spec.Inline, &es) == nil && es.List != "" && filepath.Dir(es.List) == ls.dir {
-		os.Remove(es.List)
-	}
 }

@@ -10,8 +10,9 @@ import (
 // health is whether the daemon should be sent work now (docs/design.md §15): a load balancer's
 // health check asks GET /healthz, a script the native command "health".
 type health struct {
-	ok     bool
-	reason string // why not, when !ok
+	ok       bool
+	reason   string // why not, when !ok
+	degraded string // when ok: what does not work (the journal), see journalfail.go
 }
 
 // healthNow is the scheduler's side of the answer; it runs on the scheduler goroutine.
@@ -30,6 +31,11 @@ func (s *scheduler) healthNow() health {
 		return health{reason: "every renderer fails to start: " + truncate(s.lastStartErr, 300)}
 	case ready == 0:
 		return health{reason: "no renderer ready: " + strconv.Itoa(total) + " restarting"}
+	}
+	if s.journal != nil {
+		if err := s.journal.failure(); err != nil {
+			return health{ok: true, degraded: "journal cannot write; durable work is refused: " + truncate(err.Error(), 300)}
+		}
 	}
 	return health{ok: true}
 }
@@ -58,13 +64,15 @@ func (s *server) health() health {
 
 func (h health) reply(id *string) Reply {
 	if h.ok {
-		return Reply{ID: id, Status: statusOK}
+		return Reply{ID: id, Status: statusOK, Degraded: h.degraded}
 	}
 	return errorReply(id, "not ready: "+h.reason)
 }
 
 // serveHealthz is GET /healthz, for load balancers (HAProxy's option httpchk): 200
 // {"status":"ok"} while the daemon takes work, else 503 with the reason in error_message.
+// A journal that cannot write leaves it 200, since live requests are served, with
+// "degraded" saying why durable work is refused.
 // It is answered at once, also while the renderers are still starting.
 func (s *server) serveHealthz(w http.ResponseWriter, r *http.Request) {
 	h := s.health()

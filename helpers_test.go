@@ -24,6 +24,9 @@ import (
 // TestMain lets the test binary play two other programs, as os/exec's tests do:
 // "fake-renderer" (a renderer speaking docs/design.md §5) and "daemon" (the real daemon, run()).
 func TestMain(m *testing.M) {
+	if os.Getenv(reaperEnv) == "1" { // a daemon's reaper (proc.go), as main does
+		os.Exit(reaperMain(os.Stdin))
+	}
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case "fake-renderer":

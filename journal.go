@@ -16,6 +16,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -142,7 +143,7 @@ type journal struct {
 	buf    []byte     // records not yet written
 	group  *commitGroup
 	closed bool
-	failed error // a write or fsync failed: nothing more is acknowledged (see append)
+	failed error // the journal cannot write: durable work is refused until it recovers (journalfail.go)
 	caches map[string]uint32
 	names  []string       // by cache number
 	jobs   map[jkey]int32 // live jobs: index in order
@@ -159,52 +160,88 @@ type journal struct {
 
 	// The figures of stats, published so that reading them takes no lock (the scheduler
 	// reads them for every status document and metrics scrape).
-	statBytes, statJobs, statTasks, statRecords, statBatches atomic.Int64
+	statBytes, statJobs, statTasks, statRecords, statBatches, statRecoveries atomic.Int64
+	statFailed                                                               atomic.Pointer[journalFailure] // nil while the journal can write
 
 	wake   chan struct{} // capacity 1: there is something in buf
 	quit   chan struct{} // closed by close
 	exited chan struct{} // closed when the writer goroutine returns
-	f      *os.File      // owned by the writer goroutine after open
-	lock   *os.File      // <dir>/lock, flocked: one daemon per state_dir
+	f      *os.File      // owned by the writer goroutine after open; nil while failed from the start
+	lock   *os.File      // <dir>/lock, flocked: one daemon per state_dir; nil until it could be created
+
+	// A failed journal (journalfail.go), guarded by mu: failedAt is when failed was set;
+	// recovering: a recovery snapshot is being written, so appends are buffered for the new
+	// file; recoveries counts them; lastWarn is the last warning (at most one a minute).
+	failedAt   time.Time
+	recovering bool
+	recoveries int64
+	lastWarn   time.Time
+	retryEvery time.Duration
 }
 
 // openJournal replays <dir>/journal (creating dir and the file when missing), writes a
 // compacted file holding the live state, and starts the writer goroutine, which close stops.
 // A corrupt or truncated tail is not an error: replay.Corrupt says what was cut.
+//
+// A journal that cannot be written (a full or failing state_dir) is not an error: the
+// journal opens failed (journalfail.go), durable work is refused until a retry succeeds, and
+// the daemon serves live requests meanwhile. A damaged file, whatever the damage, is set
+// aside as journal.corrupt. Errors are what an operator must fix: another daemon holds the
+// state_dir, or it cannot be used at all (permissions, not a directory).
 func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) {
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
-	}
+	return openJournalRetry(dir, log, journalRetry)
+}
+
+// openJournalRetry is openJournal with a failed journal retrying every retry.
+func openJournalRetry(dir string, log *slog.Logger, retry time.Duration) (*journal, journalReplay, error) {
 	j := newJournalState(dir, log)
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o640)
-	if err != nil {
-		return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
+	j.retryEvery = retry
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		if !storageError(err) {
+			return nil, journalReplay{}, fmt.Errorf("state_dir: %w", err)
+		}
+		j.fail(fmt.Errorf("state_dir: %w", err))
+	} else if err := j.takeLock(); err != nil {
+		if !storageError(err) {
+			return nil, journalReplay{}, err
+		}
+		j.fail(err)
 	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		return nil, journalReplay{}, fmt.Errorf("state_dir: %s is in use by another mapproxy-renderd (%w)", dir, err)
-	}
-	j.lock = lock
 	path := filepath.Join(dir, journalFile)
 	rep, err := j.replayFile(path)
 	if err != nil {
-		lock.Close()
-		return nil, rep, err
-	}
-	if rep.Corrupt != "" {
+		var de *journalDamage
+		if !errors.As(err, &de) {
+			j.closeLock()
+			return nil, rep, err
+		}
+		// Nothing of it can be read: it is set aside whole, and the journal starts empty.
+		rep = journalReplay{Corrupt: de.why, Dropped: de.size}
+		log.Error("journal: unreadable; set aside, and the journal starts empty", "file", path, "reason", de.why, "kept_as", path+".corrupt")
+		if err := os.Rename(path, path+".corrupt"); err != nil {
+			j.closeLock()
+			return nil, rep, fmt.Errorf("journal: cannot set the damaged file aside: %w", err)
+		}
+	} else if rep.Corrupt != "" {
 		log.Error("journal: corrupt tail cut; the valid prefix is used", "file", path, "records", rep.Records,
 			"reason", rep.Corrupt, "bytes_dropped", rep.Dropped, "kept_as", path+".corrupt")
-		if err := copyFile(path, path+".corrupt"); err != nil {
+		if err := keepCorrupt(path); err != nil {
 			log.Warn("journal: could not keep the corrupt file", "error", err)
 		}
 	}
 	rep.Jobs, rep.Tasks = j.liveState()
-	f, size, err := j.writeSnapshot()
-	if err != nil {
-		lock.Close()
-		return nil, rep, err
+	if j.failed == nil {
+		f, size, err := j.writeSnapshot()
+		if err != nil {
+			if !storageError(err) {
+				j.closeLock()
+				return nil, rep, err
+			}
+			j.fail(err)
+		} else {
+			j.f, j.size = f, size
+		}
 	}
-	j.f, j.size = f, size
 	j.publishLocked()
 	go j.writer()
 	return j, rep, nil
@@ -213,7 +250,7 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 // newJournalState is an empty journal, not yet open: replayFile fills it.
 func newJournalState(dir string, log *slog.Logger) *journal {
 	return &journal{
-		dir: dir, log: log, compactMin: defaultCompactMin,
+		dir: dir, log: log, compactMin: defaultCompactMin, retryEvery: journalRetry,
 		caches: make(map[string]uint32), jobs: make(map[jkey]int32), tasks: make(map[string]*jtask),
 		group: &commitGroup{done: make(chan struct{})},
 		wake:  make(chan struct{}, 1), quit: make(chan struct{}), exited: make(chan struct{}),
@@ -235,9 +272,15 @@ func (j *journal) replayFile(path string) (journalReplay, error) {
 	if err != nil {
 		return rep, fmt.Errorf("journal: %w", err)
 	}
+	if !st.Mode().IsRegular() {
+		return rep, &journalDamage{why: "not a regular file (" + st.Mode().Type().String() + ")"}
+	}
 	r := bufio.NewReaderSize(f, 1<<20)
 	magic := make([]byte, len(journalMagic))
-	n, _ := io.ReadFull(r, magic)
+	n, err := io.ReadFull(r, magic)
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+		return rep, &journalDamage{why: "cannot read its header: " + err.Error(), size: st.Size()}
+	}
 	switch {
 	case n == 0:
 		return rep, nil // empty file
@@ -245,7 +288,7 @@ func (j *journal) replayFile(path string) (journalReplay, error) {
 		rep.Corrupt, rep.Dropped = "truncated header", int64(n)
 		return rep, nil
 	case string(magic) != journalMagic:
-		return rep, fmt.Errorf("journal: %s is not a mapproxy-renderd journal (bad magic)", path)
+		return rep, &journalDamage{why: fmt.Sprintf("%s is not a mapproxy-renderd journal (bad magic)", path), size: st.Size()}
 	}
 	off := int64(len(journalMagic))
 	var body []byte
@@ -262,6 +305,9 @@ func (j *journal) replayFile(path string) (journalReplay, error) {
 		if err != nil {
 			if errors.Is(err, io.ErrUnexpectedEOF) {
 				return cut("truncated record length")
+			}
+			if errors.As(err, new(*os.PathError)) {
+				return cut("read error (" + err.Error() + ")")
 			}
 			return cut("bad record length")
 		}
@@ -480,13 +526,20 @@ func copyFile(from, to string) error {
 // between batches. It returns after close, having written what was appended before.
 func (j *journal) writer() {
 	defer close(j.exited)
+	retry := time.NewTicker(j.retryEvery)
+	defer retry.Stop()
 	for {
 		select {
 		case <-j.wake:
+		case <-retry.C:
+			j.retryFailed()
+			continue
 		case <-j.quit:
 			j.flush()
-			j.f.Close()
-			j.lock.Close() // the flock goes with it
+			if j.f != nil {
+				j.f.Close()
+			}
+			j.closeLock() // the flock goes with it
 			return
 		}
 		j.flush()
@@ -504,21 +557,24 @@ func (j *journal) flush() {
 	failed := j.failed
 	j.mu.Unlock()
 	err := failed
+	synced := false
 	if err == nil && len(data) > 0 {
 		if _, err = j.f.Write(data); err == nil {
 			err = unix.Fdatasync(int(j.f.Fd()))
 		}
 		if err != nil {
 			// After a failed write or fsync the kernel's page cache and the disk may
-			// disagree, so nothing written later could be trusted: refuse from now on.
+			// disagree, so nothing more is appended to this file: durable work is refused
+			// until a fresh snapshot is in place (journalfail.go).
 			err = fmt.Errorf("journal write failed: %w", err)
-			j.log.Error("journal: write failed; background work is refused until restart", "error", err)
-			j.mu.Lock()
-			j.failed = err
-			j.mu.Unlock()
+			j.fail(err)
+		} else {
+			synced = true
 		}
 	}
-	j.statBatches.Add(1)
+	if synced {
+		j.statBatches.Add(1)
+	}
 	g.err = err
 	close(g.done)
 	for _, f := range g.then {
@@ -578,11 +634,14 @@ func (j *journal) appendLocked(body []byte) {
 	if err := j.apply(body); err != nil {
 		panic("journal: appending a record it cannot read back: " + err.Error())
 	}
+	j.statRecords.Add(1)
+	defer j.publishLocked()
+	if j.failed != nil && !j.recovering {
+		return // the live state has it; the recovery snapshot writes it
+	}
 	n := len(j.buf)
 	j.buf = appendRecord(j.buf, body)
 	j.size += int64(len(j.buf) - n)
-	j.statRecords.Add(1)
-	j.publishLocked()
 }
 
 // publishLocked publishes the figures stats reads. Caller holds mu.
@@ -688,9 +747,6 @@ func (j *journal) recordDonesLocked() {
 	dones := j.dones
 	j.dones = nil
 	j.doneMu.Unlock()
-	if j.failed != nil {
-		return
-	}
 	var scratch [48]byte
 	for _, d := range dones {
 		c, ok := j.caches[d.cache]
@@ -710,13 +766,20 @@ func (j *journal) addTask(id string, spec []byte) error {
 		return err
 	}
 	j.appendLocked(encodeTask(nil, recTaskSpec, id, spec))
-	return j.end(true)
+	err := j.end(true)
+	if err != nil {
+		// The task is refused: a recovery snapshot must not bring it back.
+		j.mu.Lock()
+		delete(j.tasks, id)
+		j.mu.Unlock()
+	}
+	return err
 }
 
 // taskCursor records where a task resumes. It does not wait: a lost cursor means resuming
 // from the one before (more repeated work, never less).
 func (j *journal) taskCursor(id string, cursor []byte) {
-	if j.begin() != nil {
+	if j.beginState() != nil {
 		return
 	}
 	if _, ok := j.tasks[id]; ok {
@@ -727,7 +790,7 @@ func (j *journal) taskCursor(id string, cursor []byte) {
 
 // taskEnd records that a task ended; it is not resumed after a restart. It does not wait.
 func (j *journal) taskEnd(id string) {
-	if j.begin() != nil {
+	if j.beginState() != nil {
 		return
 	}
 	if _, ok := j.tasks[id]; ok {
@@ -743,12 +806,20 @@ type journalStats struct {
 	Tasks   int   `json:"tasks"`
 	Records int64 `json:"records"`
 	Batches int64 `json:"batches"`
+	// Failed says why the journal cannot write ("" = it can): durable work is refused.
+	Failed      string `json:"failed,omitempty"`
+	FailedSince string `json:"failed_since,omitempty"` // RFC 3339
+	Recoveries  int64  `json:"recoveries"`             // times it became writable again
 }
 
 // stats returns the journal's figures without taking its lock.
 func (j *journal) stats() journalStats {
-	return journalStats{Bytes: j.statBytes.Load(), Jobs: int(j.statJobs.Load()), Tasks: int(j.statTasks.Load()),
-		Records: j.statRecords.Load(), Batches: j.statBatches.Load()}
+	st := journalStats{Bytes: j.statBytes.Load(), Jobs: int(j.statJobs.Load()), Tasks: int(j.statTasks.Load()),
+		Records: j.statRecords.Load(), Batches: j.statBatches.Load(), Recoveries: j.statRecoveries.Load()}
+	if f := j.statFailed.Load(); f != nil {
+		st.Failed, st.FailedSince = f.err.Error(), f.at.UTC().Format(time.RFC3339)
+	}
+	return st
 }
 
 // close writes what was appended, stops the writer goroutine and closes the file.
@@ -877,16 +948,23 @@ type replaySink struct {
 	logged int
 }
 
+// Only an error (its cache is unknown now, say) retires the job from the journal; any other
+// answer (shutting_down: the daemon stops during the replay) keeps it for the next start.
 func (r *replaySink) deliver(p *pendingRequest, rep Reply) {
 	if rep.Status == statusQueued {
 		return
 	}
-	r.j.jobDone(p.req.CacheIdentifier, p.req.Tiles[0])
+	what := "dropped"
+	if rep.Status == statusError {
+		r.j.jobDone(p.req.CacheIdentifier, p.req.Tiles[0])
+	} else {
+		what = "kept in the journal for the next start"
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.logged++; r.logged <= 10 {
 		t := p.req.Tiles[0]
-		r.log.Warn("journal: a journaled job could not be queued again; dropped", "cache", p.req.CacheIdentifier,
+		r.log.Warn("journal: a journaled job could not be queued again; "+what, "cache", p.req.CacheIdentifier,
 			"z", t.Z, "x", t.X, "y", t.Y, "status", rep.Status, "error", rep.ErrorMessage)
 	}
 }

@@ -204,11 +204,35 @@ func TestJournalFlippedByte(t *testing.T) {
 	}
 }
 
+// TestJournalBadMagic: a file that is not a journal, or whose 8-byte header is damaged, is
+// set aside whole as journal.corrupt, and the journal starts empty and writable.
 func TestJournalBadMagic(t *testing.T) {
+	data, _ := journalWithJobs(t, 3)
+	damaged := bytes.Clone(data)
+	damaged[3] ^= 0x40
+	for name, content := range map[string][]byte{"foreign": []byte("hello, world\n"), "bad header": damaged} {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, journalFile), content, 0o600)
+		j, rep := mustOpenJournal(t, dir)
+		if !strings.Contains(rep.Corrupt, "not a mapproxy-renderd journal") || len(rep.Jobs) != 0 {
+			t.Errorf("%s: corrupt %q, %d jobs; want it reported as not a journal, and no jobs", name, rep.Corrupt, len(rep.Jobs))
+		}
+		if got, _ := os.ReadFile(filepath.Join(dir, journalFile+".corrupt")); !bytes.Equal(got, content) {
+			t.Errorf("%s: journal.corrupt holds %q, want the damaged file", name, got)
+		}
+		if err := j.addJobs("c_GRID", []tileCoord{{1, 2, 3}}, 10); err != nil {
+			t.Errorf("%s: the new journal cannot write: %v", name, err)
+		}
+		j.close()
+		if _, rep := mustOpenJournal(t, dir); len(rep.Jobs) != 1 || rep.Corrupt != "" {
+			t.Errorf("%s: reopened: %d jobs, corrupt %q; want 1 and clean", name, len(rep.Jobs), rep.Corrupt)
+		}
+	}
+	// A directory where the journal should be is set aside too.
 	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, journalFile), []byte("hello, world\n"), 0o600)
-	if _, _, err := openJournal(dir, quietLog()); err == nil || !strings.Contains(err.Error(), "not a mapproxy-renderd journal") {
-		t.Errorf("foreign file: %v, want an error saying it is not a journal", err)
+	os.MkdirAll(filepath.Join(dir, journalFile, "x"), 0o700)
+	if _, rep := mustOpenJournal(t, dir); !strings.Contains(rep.Corrupt, "not a regular file") {
+		t.Errorf("directory: corrupt %q, want not a regular file", rep.Corrupt)
 	}
 }
 

@@ -86,13 +86,16 @@ func (t *task) checkpoint(force bool) {
 // stopping. end calls it once, without t.mu.
 func (t *task) recordEnd(state, reason string) {
 	if state == taskStateCancelled && reason == reasonShutdown {
+		if t.m.lists != nil && t.m.journal == nil { // no resumption: a spooled list goes back
+			t.m.lists.release(t.spec, state, reason, t.m.log)
+		}
 		return
 	}
 	if t.m.journal != nil {
 		t.m.journal.taskEnd(t.id)
 	}
 	if t.m.lists != nil {
-		t.m.lists.forget(t.spec)
+		t.m.lists.release(t.spec, state, reason, t.m.log)
 	}
 }
 
@@ -154,5 +157,5 @@ func newListStore(j *journal, stateDir string) (ls *listStore, cleanup func(), e
 	if err != nil {
 		return nil, nil, err
 	}
-	return &listStore{dir: dir}, func() { os.RemoveAll(dir) }, nil
+	return &listStore{dir: dir, volatile: true}, func() { os.RemoveAll(dir) }, nil
 }

@@ -31,6 +31,9 @@ var bundledWorker []byte
 const defaultPython = "/usr/bin/python3"
 
 func main() {
+	if os.Getenv(reaperEnv) == "1" { // this process is the daemon's reaper (proc.go)
+		os.Exit(reaperMain(os.Stdin))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, unix.SIGTERM)
 	go func() {
 		<-ctx.Done()

@@ -472,6 +472,10 @@ func (m *metricsSnap) appendText(b []byte) []byte {
 		w.counter("journal_records_total", uint64(j.Records))
 		w.family("journal_syncs_total", "counter", "Journal batches written and fdatasynced since start (group commit).")
 		w.counter("journal_syncs_total", uint64(j.Batches))
+		w.family("journal_failed", "gauge", "1 while the journal cannot write (state_dir full or failing): durable work is refused.")
+		w.sample("journal_failed", float64(boolInt(j.Failed != "")))
+		w.family("journal_recoveries_total", "counter", "Times a failed journal became writable again without a restart.")
+		w.counter("journal_recoveries_total", uint64(j.Recoveries))
 	}
 	return w.b
 }

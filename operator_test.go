@@ -211,26 +211,26 @@ func TestStartFailureCarriesStderr(t *testing.T) {
 	}
 }
 
-func TestLineRing(t *testing.T) {
-	var r lineRing
-	if got := r.lines(); len(got) != 0 {
-		t.Errorf("empty ring: got %q", got)
+func TestLineTail(t *testing.T) {
+	r := lineTail{max: stderrTailLines, width: stderrTailBytes}
+	if got := r.String(); got != "" {
+		t.Errorf("empty tail: got %q", got)
 	}
 	for i := 1; i <= 3; i++ {
 		r.add(fmt.Sprint(i))
 	}
-	if got := strings.Join(r.lines(), ","); got != "1,2,3" {
-		t.Errorf("3 lines: got %q, want 1,2,3", got)
+	if got := r.String(); got != "1 | 2 | 3" {
+		t.Errorf("3 lines: got %q, want 1 | 2 | 3", got)
 	}
 	for i := 4; i <= 12; i++ {
 		r.add(fmt.Sprint(i))
 	}
-	if got := strings.Join(r.lines(), ","); got != "8,9,10,11,12" {
-		t.Errorf("12 lines: got %q, want 8,9,10,11,12", got)
+	if got := r.String(); got != "8 | 9 | 10 | 11 | 12" {
+		t.Errorf("12 lines: got %q, want 8 | 9 | 10 | 11 | 12", got)
 	}
 	r.add(strings.Repeat("x", 1000))
-	if got := r.lines(); len(got[4]) > stderrTailBytes+len("…") {
-		t.Errorf("a long line is kept with %d bytes, want at most %d", len(got[4]), stderrTailBytes)
+	if got := r.lines[4]; len(got) > stderrTailBytes+len("…") {
+		t.Errorf("a long line is kept with %d bytes, want at most %d", len(got), stderrTailBytes)
 	}
 }
 

@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -56,20 +55,19 @@ const plannerTail = 8
 // stdout as NDJSON (docs/design.md §10). The daemon stops reading while the task's window is
 // full, so a planner simply blocks on the full pipe: bounded memory for any task size.
 type plannerSource struct {
-	cmd    *exec.Cmd
-	ch     chan taskItem
-	quit   chan struct{} // closed by close: the reader stops sending
-	done   chan struct{} // closed when the reader goroutine has returned
-	exited chan struct{} // closed when the process has been waited for
-	tail   *lineTail
-	log    *slog.Logger
+	c    *child   // the process and its group (proc.go)
+	out  *os.File // our end of its stdout; the reader goroutine closes it
+	ch   chan taskItem
+	quit chan struct{} // closed by close: the reader stops sending
+	done chan struct{} // closed when the reader goroutine has returned
+	tail *stderrTail
+	log  *slog.Logger
 
 	errv      error // written before ch is closed
 	closeOnce sync.Once
 }
 
-// startPlanner starts a planner for spec. The process gets its own process group, so a
-// terminal's Ctrl-C reaches only the daemon, which stops planners in order.
+// startPlanner starts a planner for spec, in its own process group (proc.go).
 func startPlanner(argv, env []string, spec taskSpec, log *slog.Logger) (*plannerSource, error) {
 	if len(argv) == 0 {
 		return nil, errors.New("no planner command")
@@ -81,21 +79,24 @@ func startPlanner(argv, env []string, spec taskSpec, log *slog.Logger) (*planner
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdin = bytes.NewReader(append(line, '\n'))
-	tail := &lineTail{max: plannerTail}
-	cmd.Stderr = &stderrLogger{log: log, tail: tail}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	// Wait returns at most this long after the process exited, even if a grandchild holds
-	// its pipes open.
-	cmd.WaitDelay = killGrace
-	out, err := cmd.StdoutPipe()
+	tail := newStderrTail(log, "planner: ", plannerTail, 500)
+	cmd.Stderr = tail
+	// Our own pipe, not StdoutPipe: the child's waiter may finish before the last line is
+	// read, and Wait closes a StdoutPipe under the reader.
+	out, outW, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
-	if err := cmd.Start(); err != nil {
+	cmd.Stdout = outW
+	c, err := startChild(cmd, log)
+	outW.Close()
+	if err != nil {
+		out.Close()
 		return nil, fmt.Errorf("start planner %s: %w", argv[0], err)
 	}
-	p := &plannerSource{cmd: cmd, ch: make(chan taskItem), quit: make(chan struct{}), done: make(chan struct{}),
-		exited: make(chan struct{}), tail: tail, log: log.With("planner_pid", cmd.Process.Pid)}
+	p := &plannerSource{c: c, out: out, ch: make(chan taskItem), quit: make(chan struct{}), done: make(chan struct{}),
+		tail: tail, log: log.With("planner_pid", c.pid)}
+	c.log = p.log
 	go p.read(out)
 	return p, nil
 }
@@ -109,24 +110,15 @@ func (p *plannerSource) err() error { return p.errv }
 // ended, and waits for the reader.
 func (p *plannerSource) close() {
 	p.closeOnce.Do(func() { close(p.quit) })
+	p.c.stop("planner")
+	t := time.NewTimer(killGrace)
+	defer t.Stop()
 	select {
-	case <-p.exited:
-	default:
-		p.signal(syscall.SIGTERM)
-		t := time.NewTimer(killGrace)
-		select {
-		case <-p.exited:
-		case <-t.C:
-			p.log.Warn("planner ignored SIGTERM; sending SIGKILL")
-			p.signal(syscall.SIGKILL)
-		}
-		t.Stop()
+	case <-p.done:
+	case <-t.C: // something outside its group holds its stdout: stop reading
+		p.out.Close()
+		<-p.done
 	}
-	<-p.done
-}
-
-func (p *plannerSource) signal(sig syscall.Signal) {
-	_ = syscall.Kill(-p.cmd.Process.Pid, sig)
 }
 
 // plannerLine is every field a planner line may carry (TASKS protocol, docs/design.md §10).
@@ -149,6 +141,7 @@ type plannerLine struct {
 func (p *plannerSource) read(out io.Reader) {
 	defer close(p.done)
 	err := p.readItems(bufio.NewReaderSize(out, 64<<10))
+	p.out.Close()
 	stopped := false
 	select {
 	case <-p.quit:
@@ -157,16 +150,16 @@ func (p *plannerSource) read(out io.Reader) {
 	}
 	if err != nil && !stopped {
 		// A protocol error: the planner may still be running; it must not outlive its task.
-		p.signal(syscall.SIGTERM)
+		p.c.signal(syscall.SIGTERM)
 	}
 	waitErr := p.wait()
 	switch {
 	case stopped:
 		err = errors.New("stopped")
 	case err == nil && waitErr != nil:
-		err = fmt.Errorf("planner %s", exitDescription(waitErr))
+		err = fmt.Errorf("planner %s", exitText(waitErr))
 	case err != nil && waitErr != nil:
-		err = fmt.Errorf("planner %s (%w)", exitDescription(waitErr), err)
+		err = fmt.Errorf("planner %s (%w)", exitText(waitErr), err)
 	}
 	if err != nil && !stopped {
 		if t := p.tail.String(); t != "" {
@@ -177,22 +170,14 @@ func (p *plannerSource) read(out io.Reader) {
 	close(p.ch)
 }
 
-// wait waits for the process, killing it if it has not exited within killGrace.
+// wait waits for the process, killing its group if it has not exited within killGrace.
 func (p *plannerSource) wait() error {
-	ch := make(chan error, 1)
-	go func() { ch <- p.cmd.Wait() }()
-	t := time.NewTimer(killGrace)
-	defer t.Stop()
-	var err error
-	select {
-	case err = <-ch:
-	case <-t.C:
+	if !p.c.waitFor(killGrace) {
 		p.log.Warn("planner did not exit after its output ended; killing it")
-		p.signal(syscall.SIGKILL)
-		err = <-ch // bounded: SIGKILL, then WaitDelay for the pipes
+		p.c.signal(syscall.SIGKILL)
+		<-p.c.exited // bounded: SIGKILL, then WaitDelay for the pipes
 	}
-	close(p.exited)
-	return err
+	return p.c.waitErr
 }
 
 // readItems reads lines until the done line (nil), an error line, EOF or a protocol error.
@@ -263,72 +248,4 @@ func plannerTile(v []int64) (tileCoord, error) {
 		}
 	}
 	return tileCoord{int32(v[0]), int32(v[1]), int32(v[2])}, nil
-}
-
-// exitDescription says how a process ended, from cmd.Wait's error.
-func exitDescription(err error) string {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return "was killed by signal " + ws.Signal().String()
-		}
-		return fmt.Sprintf("exited with status %d", ee.ExitCode())
-	}
-	return "failed: " + err.Error()
-}
-
-// lineTail keeps the last max lines written to it.
-type lineTail struct {
-	mu    sync.Mutex
-	max   int
-	lines []string
-}
-
-func (t *lineTail) add(line string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if len(t.lines) == t.max {
-		copy(t.lines, t.lines[1:])
-		t.lines = t.lines[:t.max-1]
-	}
-	t.lines = append(t.lines, truncate(line, 500))
-}
-
-// String joins the kept lines with " | ".
-func (t *lineTail) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return strings.Join(t.lines, " | ")
-}
-
-// stderrLogger logs a child's stderr line by line and keeps its tail.
-type stderrLogger struct {
-	log  *slog.Logger
-	tail *lineTail
-	buf  []byte
-}
-
-func (w *stderrLogger) Write(b []byte) (int, error) {
-	w.buf = append(w.buf, b...)
-	for {
-		i := bytes.IndexByte(w.buf, '\n')
-		if i < 0 {
-			if len(w.buf) > 16<<10 {
-				w.emit(w.buf)
-				w.buf = w.buf[:0]
-			}
-			return len(b), nil
-		}
-		w.emit(w.buf[:i])
-		w.buf = w.buf[i+1:]
-	}
-}
-
-func (w *stderrLogger) emit(line []byte) {
-	s := string(bytes.TrimRight(line, "\r"))
-	if strings.TrimSpace(s) == "" {
-		return
-	}
-	w.tail.add(s)
-	w.log.Info("planner: " + s)
 }

@@ -91,6 +91,9 @@ type Reply struct {
 	Task         json.RawMessage `json:"task,omitempty"`
 	Tasks        json.RawMessage `json:"tasks,omitempty"`
 	Schedules    json.RawMessage `json:"schedules,omitempty"`
+	// Degraded: health is ok (live requests are served) but something is wrong: the journal
+	// cannot write, so durable work is refused (journalfail.go).
+	Degraded string `json:"degraded,omitempty"`
 }
 
 // requestError is a request that cannot be served; id is echoed when it was parsed.

@@ -335,6 +335,9 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	if err != nil && s.makeRoomForRequest(len(keys)) { // prefetch jobs go first
 		merged, err = s.qs.add(keys, p.req.Priority, p.req.Background, waiter, p.received)
 	}
+	if err != nil && p.req.replayed { // accepted before the restart: never refused (replay.go)
+		merged, err = s.qs.addReplayed(keys, p.req.Priority, p.received)
+	}
 	if err != nil {
 		s.stats.busyRejected++
 		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", len(s.qs.queue))})

@@ -4,7 +4,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,9 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -287,17 +284,15 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 
 // rendererProcess is one running render subprocess and the goroutines that read its output.
 type rendererProcess struct {
-	cmd     *exec.Cmd
+	c       *child // the process and its group (proc.go)
 	pid     int
 	started time.Time
 	stdin   *os.File
 	stdout  *os.File
-	stderr  *os.File
 	lines   chan []byte   // stdout lines; closed at EOF, error or an over-long line
-	readers chan struct{} // closed when both output readers have returned
+	readers chan struct{} // closed when the stdout reader has returned
 	quit    chan struct{} // closed to stop the stdout reader
-	exited  chan struct{} // closed when the process has been waited for
-	waitErr error         // written before exited is closed
+	exited  chan struct{} // the child's: closed when the process has been waited for
 	readErr error         // written before lines is closed
 	// notTaken: the last job never reached the renderer: writing it failed, or the process
 	// exited with status 0 without answering (renderers exit cleanly only between jobs,
@@ -307,7 +302,7 @@ type rendererProcess struct {
 	lineBuf  []byte // reused for job lines
 	// stderrTail keeps the last stderr lines: when a renderer fails to start, its reason
 	// (a MapProxy configuration error, say) goes into the start error, not only the log.
-	stderrTail lineRing
+	stderrTail *stderrTail
 	// prio is what the process runs at (it starts at the daemon's); prioWarned: a change
 	// failed and was logged.
 	prio       renderPriority
@@ -332,47 +327,31 @@ func startProcess(cfg rendererConfig, hardStop <-chan struct{}, log *slog.Logger
 		inW.Close()
 		return nil, nil, err
 	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		inR.Close()
-		inW.Close()
-		outR.Close()
-		outW.Close()
-		return nil, nil, err
-	}
 	cmd := exec.Command(cfg.argv[0], cfg.argv[1:]...)
 	cmd.Env = append(os.Environ(), cfg.env...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
-	// Its own process group, so that a terminal's Ctrl-C reaches the daemon, which then
-	// stops renderers in order instead of having them die under running jobs.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	err = cmd.Start()
+	tail := newStderrTail(log, "renderer: ", stderrTailLines, stderrTailBytes)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, tail
+	c, err := startChild(cmd, log)
 	inR.Close()
 	outW.Close()
-	errW.Close()
 	if err != nil {
 		inW.Close()
 		outR.Close()
-		errR.Close()
 		return nil, nil, fmt.Errorf("start %s: %w", cfg.argv[0], err)
 	}
 	p := &rendererProcess{
-		cmd: cmd, pid: cmd.Process.Pid, started: time.Now(), prio: renderPriority{nice: baseNice},
-		stdin: inW, stdout: outR, stderr: errR,
-		lines: make(chan []byte, 4), readers: make(chan struct{}), quit: make(chan struct{}), exited: make(chan struct{}),
+		c: c, pid: c.pid, started: time.Now(), prio: renderPriority{nice: baseNice},
+		stdin: inW, stdout: outR, stderrTail: tail, exited: c.exited,
+		lines: make(chan []byte, 4), readers: make(chan struct{}), quit: make(chan struct{}),
 	}
 	plog := log.With("pid", p.pid)
-	outDone, errDone := make(chan struct{}), make(chan struct{})
-	go func() { defer close(outDone); p.readLines() }()
-	go func() { defer close(errDone); logStderr(errR, plog, &p.stderrTail) }()
-	go func() { <-outDone; <-errDone; close(p.readers) }()
-	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
+	go func() { defer close(p.readers); p.readLines() }()
 
 	caches, err := p.handshake(cfg.startTimeout, hardStop)
 	if err != nil {
-		p.kill(plog) // also waits (bounded) for the stderr reader: the tail is complete
-		if tail := p.stderrTail.lines(); len(tail) > 0 {
-			err = fmt.Errorf("%w; its last stderr lines: %s", err, strings.Join(tail, " | "))
+		p.kill(plog) // the process has been waited for: its stderr tail is complete
+		if tail := p.stderrTail.String(); tail != "" {
+			err = fmt.Errorf("%w; its last stderr lines: %s", err, tail)
 		}
 		return nil, nil, fmt.Errorf("renderer %s (pid %d): %w", cfg.argv[0], p.pid, err)
 	}
@@ -437,58 +416,10 @@ func readLimitedLine(br *bufio.Reader, limit int) ([]byte, error) {
 	}
 }
 
-// lineRing keeps the last few lines written to it, each shortened. Safe for concurrent use.
-type lineRing struct {
-	mu   sync.Mutex
-	buf  [stderrTailLines]string
-	n    int // lines written so far
-	last int // index of the next slot
-}
-
 const (
-	stderrTailLines = 5
-	stderrTailBytes = 300
+	stderrTailLines = 5   // a renderer's last stderr lines in its start error
+	stderrTailBytes = 300 // each shortened to this
 )
-
-func (r *lineRing) add(line string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.buf[r.last] = truncate(line, stderrTailBytes)
-	r.last = (r.last + 1) % len(r.buf)
-	r.n++
-}
-
-// lines returns the kept lines, oldest first.
-func (r *lineRing) lines() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	k := min(r.n, len(r.buf))
-	out := make([]string, 0, k)
-	for i := len(r.buf) - k; i < len(r.buf); i++ {
-		out = append(out, r.buf[(r.last+i)%len(r.buf)])
-	}
-	return out
-}
-
-// logStderr logs every stderr line of a renderer and keeps the last ones in tail.
-func logStderr(r io.Reader, log *slog.Logger, tail *lineRing) {
-	br := bufio.NewReaderSize(r, 16<<10)
-	for {
-		line, err := readLimitedLine(br, 16<<10)
-		if len(line) > 0 {
-			text := string(bytes.TrimRight(line, "\r"))
-			log.Info("renderer: " + text)
-			tail.add(text)
-		}
-		if errors.Is(err, errLineTooLong) {
-			log.Warn("renderer: (over-long stderr line dropped)")
-			continue
-		}
-		if err != nil {
-			return
-		}
-	}
-}
 
 func (p *rendererProcess) handshake(timeout time.Duration, hardStop <-chan struct{}) (map[string]cacheReady, error) {
 	t := time.NewTimer(timeout)
@@ -641,7 +572,7 @@ func (p *rendererProcess) exitTextWithin(d time.Duration) string {
 func (p *rendererProcess) exitedCleanly() bool {
 	select {
 	case <-p.exited:
-		return p.waitErr == nil
+		return p.c.waitErr == nil
 	default:
 		return false
 	}
@@ -653,17 +584,7 @@ func (p *rendererProcess) exitText() string {
 	default:
 		return "is running"
 	}
-	if p.waitErr == nil {
-		return "exited with status 0"
-	}
-	var ee *exec.ExitError
-	if errors.As(p.waitErr, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return "was killed by signal " + ws.Signal().String()
-		}
-		return "exited with status " + strconv.Itoa(ee.ExitCode())
-	}
-	return "failed: " + p.waitErr.Error()
+	return exitText(p.c.waitErr)
 }
 
 // stop asks the process to exit by closing its stdin, then kills it if it has not exited
@@ -681,28 +602,9 @@ func (p *rendererProcess) stop(log *slog.Logger) {
 	}
 }
 
-// kill ends the process: SIGTERM, then SIGKILL after killGrace. Every wait is bounded; a
-// process that survives SIGKILL (uninterruptible sleep) is left behind with a log line.
+// kill ends the process and its group: SIGTERM, then SIGKILL after killGrace (proc.go).
 func (p *rendererProcess) kill(log *slog.Logger) {
-	select {
-	case <-p.exited:
-	default:
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
-		t := time.NewTimer(killGrace)
-		select {
-		case <-p.exited:
-		case <-t.C:
-			log.Warn("renderer ignored SIGTERM; sending SIGKILL", "pid", p.pid)
-			_ = p.cmd.Process.Kill()
-			t.Reset(killGrace)
-			select {
-			case <-p.exited:
-			case <-t.C:
-				log.Error("renderer survived SIGKILL; abandoning it", "pid", p.pid)
-			}
-		}
-		t.Stop()
-	}
+	p.c.stop("renderer")
 	p.release()
 }
 
@@ -720,7 +622,6 @@ func (p *rendererProcess) release() {
 		case <-t.C:
 		}
 		p.stdout.Close()
-		p.stderr.Close()
 		<-p.readers
 	})
 }
