@@ -873,8 +873,7 @@ func requeueJournaled(s *scheduler, j *journal, jobs []journalJob, log *slog.Log
 type replaySink struct {
 	j      *journal
 	log    *slog.Logger
-	mu     sync.Mutex
-	logged int
+	logged atomic.Int64
 }
 
 func (r *replaySink) deliver(p *pendingRequest, rep Reply) {
@@ -882,9 +881,7 @@ func (r *replaySink) deliver(p *pendingRequest, rep Reply) {
 		return
 	}
 	r.j.jobDone(p.req.CacheIdentifier, p.req.Tiles[0])
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.logged++; r.logged <= 10 {
+	if r.logged.Add(1) <= 10 {
 		t := p.req.Tiles[0]
 		r.log.Warn("journal: a journaled job could not be queued again; dropped", "cache", p.req.CacheIdentifier,
 			"z", t.Z, "x", t.X, "y", t.Y, "status", rep.Status, "error", rep.ErrorMessage)
