@@ -944,8 +944,7 @@ func requeueJournaled(s *scheduler, j *journal, jobs []journalJob, log *slog.Log
 type replaySink struct {
 	j      *journal
 	log    *slog.Logger
-	mu     sync.Mutex
-	logged int
+	logged atomic.Int64
 }
 
 // Only an error (its cache is unknown now, say) retires the job from the journal; any other
@@ -960,9 +959,7 @@ func (r *replaySink) deliver(p *pendingRequest, rep Reply) {
 	} else {
 		what = "kept in the journal for the next start"
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.logged++; r.logged <= 10 {
+	if r.logged.Add(1) <= 10 {
 		t := p.req.Tiles[0]
 		r.log.Warn("journal: a journaled job could not be queued again; "+what, "cache", p.req.CacheIdentifier,
 			"z", t.Z, "x", t.X, "y", t.Y, "status", rep.Status, "error", rep.ErrorMessage)

@@ -97,6 +97,31 @@ func TestJournalReplay(t *testing.T) {
 	}
 }
 
+// TestJournalJobDoneOrder: jobDone takes no lock and is recorded by the next append or batch,
+// yet in order: a job queued again after its done stays live, and a done just before close
+// is on disk.
+func TestJournalJobDoneOrder(t *testing.T) {
+	dir := t.TempDir()
+	j, _ := mustOpenJournal(t, dir)
+	again, gone := tileCoord{1, 1, 5}, tileCoord{2, 2, 5}
+	if err := j.addJobs("a_GRID", []tileCoord{again, gone}, 10); err != nil {
+		t.Fatal(err)
+	}
+	j.jobDone("a_GRID", again)
+	if err := j.addJobs("a_GRID", []tileCoord{again}, 10); err != nil { // queued again
+		t.Fatal(err)
+	}
+	j.jobDone("a_GRID", gone)
+	if st := j.stats(); st.Records < 4 {
+		t.Errorf("stats before close: %+v, want at least 4 records (cache, 2 jobs, a done)", st)
+	}
+	j.close()
+	_, rep := mustOpenJournal(t, dir)
+	if want := []journalJob{{"a_GRID", again, 10}}; !slices.Equal(rep.Jobs, want) {
+		t.Errorf("replayed jobs %v, want %v", rep.Jobs, want)
+	}
+}
+
 // journalWithJobs writes n one-job records to a fresh journal and returns the file's bytes
 // and the end offset of every record.
 func journalWithJobs(t *testing.T, n int) (data []byte, ends []int) {
