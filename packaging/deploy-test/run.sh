@@ -2,6 +2,7 @@
 # The deployment test (README "Production on Debian 12 or 13"), as root:
 #
 #   packaging/deploy-test/run.sh [SUITE…]        default: bookworm trixie
+#   packaging/deploy-test/run.sh --rootfs SUITE   print the cached root file system's path
 #
 # Builds two packages of this tree with packaging/build-deb.sh (the second with a higher
 # version, for the upgrade), then for each suite: a root file system from debootstrap
@@ -72,6 +73,14 @@ rootfs() {
 	) 9>"$cache/.lock" || die "debootstrap $suite failed"
 	echo "$dir"
 }
+
+# --rootfs SUITE: only print the cached root file system's path (built when missing), e.g.
+# for the cluster test with trixie's HAProxy (packaging/deploy-test/haproxy-from-root).
+if [ "${suites[0]}" = --rootfs ]; then
+	[ ${#suites[@]} = 2 ] || die "usage: run.sh --rootfs SUITE"
+	rootfs "${suites[1]}"
+	exit 0
+fi
 
 # Two builds of this tree: "old" and a newer "new" for the upgrade.
 mkdir -p "$work/debs/old" "$work/debs/new"
