@@ -183,7 +183,16 @@ find /etc /usr /lib /var/lib /var/cache /var/spool -xdev 2>/dev/null | grep -v -
 	-e '^/var/cache/apt' -e '^/var/cache/debconf' -e '^/var/lib/systemd/' -e '^/var/cache/mapproxy/' -e '^/var/cache/man' | sort >/tmp/after
 comm -23 /tmp/before /tmp/after >/tmp/removed
 echo "removed by purge:"; cat /tmp/removed
-unexpected=$(grep -v -e mapproxy-renderd -e '^/usr/share/man/man8$' /tmp/removed || true)
+unexpected=
+while read -r gone; do
+	case $gone in
+	*mapproxy-renderd*) ;;
+	/etc/systemd/system/*.wants)
+		# made by enabling our units: held only their links
+		grep "^$gone/" /tmp/before | grep -qv mapproxy-renderd && unexpected="$unexpected $gone" ;;
+	*) unexpected="$unexpected $gone" ;;
+	esac
+done </tmp/removed
 [ -z "$unexpected" ] || fail "purge removed what the package did not make: $unexpected"
 left=$(grep -e '/mapproxy-renderd' /tmp/after | grep -v -e '^/var/spool/mapproxy-renderd' \
 	-e '^/etc/systemd/system/mapproxy-renderd.service.d' || true)
