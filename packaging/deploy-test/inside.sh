@@ -69,7 +69,7 @@ step "versions"
 	echo "python $(/usr/bin/python3 -c 'import platform; print(platform.python_version())')"
 	echo "haproxy $(haproxy -v | head -n 1)"
 	echo "systemd $(systemctl --version | head -n 1)"
-	echo "apache2 $(dpkg-query -W -f='${Version}' apache2) mod_wsgi $(dpkg-query -W -f='${Version}' libapache2-mod-wsgi-py3 2>/dev/null || echo '(not yet installed)')"
+	echo "apache2 $(dpkg-query -W -f='${Version}' apache2) mod_wsgi $(dpkg-query -W -f='${Version}' libapache2-mod-wsgi-py3)"
 } | tee /ci/versions
 
 step "upstream WMS (the test's data source, 127.0.0.1:8112)"
@@ -85,7 +85,6 @@ for u in mapproxy-renderd.socket mapproxy-renderd.service; do
 	systemctl -q is-active "$u" && fail "after the first install $u is active"
 done
 [ -z "$(pids_of_daemon_user)" ] || fail "processes of mapproxy-renderd after the first install"
-echo "mod_wsgi $(dpkg-query -W -f='${Version}' libapache2-mod-wsgi-py3)" >>/ci/versions
 
 block configure /ci
 block apache /ci
