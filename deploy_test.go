@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -45,5 +46,49 @@ func TestDebianPackageDeployment(t *testing.T) {
 	t.Logf("packaging/deploy-test/run.sh:\n%s", out)
 	if err != nil {
 		t.Fatalf("deployment test: %v", err)
+	}
+}
+
+// TestRenderersLockInTheDaemonsDirectory: the bundled renderers take MapProxy's tile locks
+// in the daemon's own directory, not in <cache base_dir>/tile_locks, which MapProxy's web
+// processes create with their own umask (issue 16; README "Tile locks"). Here tile_locks is
+// a regular file, which no process (root included) can lock in: a render that locks there
+// fails.
+func TestRenderersLockInTheDaemonsDirectory(t *testing.T) {
+	requireMapProxy(t)
+	dir := shortTempDir(t)
+	socket := dir + "/renderd.sock"
+	mapproxyYAML := `globals:
+  cache: {base_dir: ` + dir + `/cache_data, lock_dir: ` + dir + `/cache_data/locks}
+services:
+  tms:
+layers:
+  - {name: dbg, title: debug, sources: [dbg_cache]}
+caches:
+  dbg_cache: {grids: [GLOBAL_WEBMERCATOR], sources: [debug_src], format: image/png}
+sources:
+  debug_src: {type: debug}
+`
+	if err := os.MkdirAll(dir+"/cache_data", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{
+		"mapproxy.yaml":         mapproxyYAML,
+		"renderd.yaml":          "socket: " + socket + "\nhttp: \"\"\nrenderers: 1\nstate_dir: " + dir + "/state\n",
+		"cache_data/tile_locks": "not a directory\n",
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := runConfiguredDaemon(t, socket, &syncBuffer{}, "-f", dir+"/mapproxy.yaml", "-c", dir+"/renderd.yaml")
+	c := d.dial()
+	c.send(tileReq("a", "dbg_cache_GLOBAL_WEBMERCATOR", 1, 2, 3, 100))
+	if r := c.read(); r.Status != "ok" {
+		t.Fatalf("render with <base_dir>/tile_locks unusable: got %q %q, want ok", r.Status, r.ErrorMessage)
+	}
+	pngs, _ := filepath.Glob(filepath.Join(dir, "cache_data/dbg_cache_*/03/*/*/*/*/*/*.png"))
+	if len(pngs) != 1 {
+		t.Errorf("tiles written at level 3: %v, want one", pngs)
 	}
 }
