@@ -46,11 +46,16 @@ func TestMapProxyRequestID(t *testing.T) {
 	}
 }
 
-// requireHAProxy returns haproxy's path; it fails under CI=true and skips elsewhere when
-// HAProxy is missing.
+// requireHAProxy returns haproxy's path: $RENDERD_HAPROXY when set (another HAProxy
+// version, e.g. trixie's 3.0 through packaging/deploy-test/haproxy-from-root), else haproxy
+// on PATH. It fails under CI=true and skips elsewhere when HAProxy is missing.
 func requireHAProxy(t *testing.T) string {
 	t.Helper()
-	path, err := exec.LookPath("haproxy")
+	exe := "haproxy"
+	if env := os.Getenv("RENDERD_HAPROXY"); env != "" {
+		exe = env
+	}
+	path, err := exec.LookPath(exe)
 	if err != nil {
 		msg := "haproxy is missing (apt-get install haproxy): " + err.Error()
 		if os.Getenv("CI") == "true" {

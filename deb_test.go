@@ -197,6 +197,14 @@ func TestDebianPackage(t *testing.T) {
 			t.Errorf("after dpkg -i: %v", err)
 		}
 	}
+	// A first install enables nothing (issue 16): deb-systemd-helper's was-enabled answers
+	// true for units it has never seen, which the postinst must not take for the admin's choice.
+	for _, link := range []string{"/etc/systemd/system/sockets.target.wants/mapproxy-renderd.socket",
+		"/etc/systemd/system/multi-user.target.wants/mapproxy-renderd.service"} {
+		if _, err := os.Lstat(link); err == nil {
+			t.Errorf("after the first dpkg -i: %s exists: the unit was enabled", link)
+		}
+	}
 	if c := debRun(t, time.Minute, nil, "dpkg-query", "-W", "-f=${Conffiles}", debPackage); !strings.Contains(c, "/etc/mapproxy-renderd/renderd.yaml") {
 		t.Errorf("conffiles: got %q, want /etc/mapproxy-renderd/renderd.yaml", c)
 	}

@@ -59,6 +59,9 @@
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the
 //     packaged renderd.yaml, maintainer scripts); deb_test.go builds, installs and purges it,
 //     man_test.go keeps the man page and README's key table in step with Config.
+//     packaging/deploy-test/ boots Debian 12 and 13 with systemd-nspawn and follows README's
+//     production section there (deploy_test.go runs it; haproxy-from-root runs trixie's
+//     HAProxy 3.0 for the cluster tests).
 //   - worker/mapproxy_worker.py (embedded as bundledWorker): the bundled renderer, and in
 //     "plan" mode the planner that walks seed.yaml tasks with MapProxy's own seed code.
 //   - expire.go: expiry lists (z/x/y) parsed and propagated to metatiles; pure functions.

@@ -211,6 +211,12 @@ func rendererConfigFrom(cfg Config, script string) rendererConfig {
 		}
 		rc.env = []string{"MAPPROXY_CONFIG=" + abs}
 	}
+	if script != "" && len(cfg.RendererCommand) == 0 {
+		// The bundled worker's tile locks go to the daemon's private directory, not to
+		// <cache_dir>/tile_locks, which MapProxy's web processes create with their own
+		// umask (README "Tile locks").
+		rc.env = append(rc.env, "MAPPROXY_RENDERD_LOCK_DIR="+filepath.Join(filepath.Dir(script), "tile_locks"))
+	}
 	return rc
 }
 

@@ -295,6 +295,30 @@ func TestCheckConfigLoadsMapProxy(t *testing.T) {
 		}
 	}
 
+	if strings.Contains(out.String(), "warning:") {
+		t.Errorf("examples (TCP address): got a warning: %q", out.String())
+	}
+
+	// An http+unix:// address: a warning naming the clients that need the monkeypatch or
+	// the module (issue 16).
+	example, err := os.ReadFile("examples/mapproxy.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unixConf := filepath.Join(dir, "unix.yaml")
+	os.WriteFile(unixConf, []byte(strings.Replace(string(example), "address: http://127.0.0.1:8111",
+		"address: http+unix://%2Frun%2Fmapproxy-renderd.sock/", 1)), 0o644)
+	out.Reset()
+	if err := run(t.Context(), []string{"check-config", "-f", unixConf, "-c", "examples/renderd.yaml"}, &out, io.Discard); err != nil {
+		t.Fatalf("http+unix address: %v\n%s", err, out.String())
+	}
+	for _, want := range []string{"warning: globals: renderd.address is http+unix://", "requests_unixsocket.monkeypatch()",
+		"install-module", "mapproxy-seed", "invalid JSON", "ok: "} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("http+unix address: got %q, want it to contain %q", out.String(), want)
+		}
+	}
+
 	// A custom renderer: not checked, and check-config says so.
 	rd := filepath.Join(dir, "custom.yaml")
 	os.WriteFile(rd, []byte(fakeRendererYAML("")), 0o644)

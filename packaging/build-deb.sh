@@ -11,7 +11,9 @@
 # 3 commits later 1.2.0+3.gabc1234-1; without a tag 0.0~git<commits>.g<hash>-1 (ordered
 # by the number of commits). "+dirty" marks a build from a modified tree.
 # Environment: GO (default: go on PATH, else /usr/local/go/bin/go),
-# SOURCE_DATE_EPOCH (default: the commit time; file times in the package).
+# SOURCE_DATE_EPOCH (default: the commit time; file times in the package),
+# VERSION_SUFFIX (appended to both versions, e.g. "+local2": a newer build of the same
+# commit, as the deployment test's upgrade needs).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,10 +27,13 @@ command -v dpkg-deb >/dev/null || die "dpkg-deb not found (apt-get install dpkg)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-describe=$(git -C "$repo" describe --tags --always --dirty)
+describe=$(git -C "$repo" describe --tags --always --dirty)${VERSION_SUFFIX:-}
 commits=$(git -C "$repo" rev-list --count HEAD)
 hash=$(git -C "$repo" rev-parse --short HEAD)
 upstream=${describe#v}
+suffix=${VERSION_SUFFIX:-}
+[[ $suffix =~ ^[0-9A-Za-z.+~]*$ ]] || die "VERSION_SUFFIX may hold only 0-9 A-Z a-z . + ~"
+upstream=${upstream%"$suffix"}
 dirty=
 if [[ $upstream == *-dirty ]]; then
 	upstream=${upstream%-dirty}
@@ -41,7 +46,7 @@ elif [[ $upstream =~ ^([0-9][0-9A-Za-z.+~]*)-([0-9]+)-g([0-9a-f]+)$ ]]; then
 else
 	upstream="0.0~git$commits.g$hash"
 fi
-debversion="$upstream$dirty-1"
+debversion="$upstream$dirty$suffix-1"
 
 case $(dpkg --print-architecture) in
 amd64) arch=amd64 goarch=amd64 ;;

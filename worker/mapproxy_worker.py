@@ -146,6 +146,29 @@ class Config(object):
                     self.managers[tm.identifier] = tm
                     self.names[tm.identifier] = name
                     self.defaults[tm.identifier] = (tm._expire_timestamp, tm._refresh_before)
+        relocate_tile_locks(self.managers.values(), os.environ.get('MAPPROXY_RENDERD_LOCK_DIR'))
+
+
+def relocate_tile_locks(managers, lock_dir):
+    """Take the renderers' tile locks in lock_dir, a directory of the daemon's own.
+
+    MapProxy's default lock directory, <cache_dir>/tile_locks, is shared with
+    MapProxy's web processes: they create it (and their own renderd locks in
+    it) with the WSGI server's umask, e.g. 022 under Apache, so renderers
+    running as another user could not create their lock files there. The
+    renderers' locks only exclude each other (MapProxy's web processes lock
+    <id>_renderd-… names, never the renderers' <id>-…), and the daemon already
+    hands each metatile to one renderer at a time, so a directory that only
+    this daemon's renderers use loses no exclusion. Processes rendering
+    without the daemon (mapproxy-seed without renderd, other MapProxy
+    instances) keep MapProxy's own locking. Without lock_dir (a renderer run
+    by hand), MapProxy's locking is left as it is."""
+    if not lock_dir:
+        return
+    for tm in managers:
+        locker = getattr(tm, 'locker', None)
+        if locker is not None and hasattr(locker, 'lock_dir'):
+            locker.lock_dir = lock_dir
 
 
 class Worker(object):
@@ -418,6 +441,9 @@ def check(args):
         print('  %s (metatile %dx%d) of cache %s' % (ident, c['meta_size'][0], c['meta_size'][1], c['cache']))
     for w in warnings:
         print('warning: %s: %s' % (path, w))
+    for where, address in renderd_addresses(worker.live.conf):
+        if address.startswith('http+unix://'):
+            print(UNIX_ADDRESS_WARNING % (where, address))
 
     seed_path = os.environ.get('MAPPROXY_SEED_CONFIG')
     if seed_path:
@@ -460,6 +486,29 @@ class WarningCollector(logging.Handler):
         """The messages since the last take, once each, in order."""
         msgs, self.messages = self.messages, []
         return msgs
+
+
+UNIX_ADDRESS_WARNING = (
+    'warning: %s renderd.address is %s: MapProxy\'s requests library speaks only TCP, so only '
+    'processes that extend it reach this address: a WSGI script that calls '
+    'requests_unixsocket.monkeypatch() before make_wsgi_app (examples/mapproxy_wsgi.py) or '
+    'that loads the MapProxy-side module (mapproxy-renderd install-module). mapproxy-seed, '
+    'mapproxy-util serve-develop and WSGI scripts without either fail with "Error while '
+    'communicating with renderd: invalid JSON"; seed with `mapproxy-renderd seed`, or give '
+    'those clients a configuration with the TCP address (http://127.0.0.1:8111/).')
+
+
+def renderd_addresses(conf):
+    """(where, address) for globals.renderd.address and every cache's own renderd.address."""
+    found = []
+    address = conf.globals.get_value('renderd.address')
+    if isinstance(address, str):
+        found.append(('globals:', address))
+    for name, cache_conf in sorted(conf.caches.items()):
+        local = (cache_conf.conf.get('renderd') or {}).get('address')
+        if isinstance(local, str):
+            found.append(('caches.%s:' % name, local))
+    return found
 
 
 def mapproxy_version():
