@@ -27,7 +27,8 @@ import (
 // whose source (expireSource) reads the file, propagates each line (expire.go) and yields
 // one item per metatile: re-render it (forced) or, at zooms ≥ delete_from, delete it.
 
-// maxExpireBody bounds an expiry list sent over HTTP (and so by the CLI).
+// maxExpireBody bounds an expiry list sent over HTTP (and so by the CLI), and any list the
+// daemon reads (a spooled one included).
 const maxExpireBody = 1 << 30
 
 // expireLines is an expiry run's reading so far: lines read, bad lines, the first bad ones.
@@ -170,13 +171,8 @@ func (m *taskManager) openExpireSource(spec taskSpec) (taskSource, error) {
 			return nil, fmt.Errorf("expire task cursor: %w", err)
 		}
 	}
-	f, err := os.Open(es.List)
+	f, st, err := openRegular(es.List, maxExpireBody)
 	if err != nil {
-		return nil, fmt.Errorf("expiry list: %w", err)
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
 		return nil, fmt.Errorf("expiry list: %w", err)
 	}
 	s := &expireSource{f: f, size: st.Size(), cache: es.Cache, resume: cur.Lines,
@@ -340,7 +336,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, fmt.Sprintf("priority: want 0..%d, got %d", maxPriority, priority)))
 		return
 	}
-	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, http.MaxBytesReader(w, r.Body, maxExpireBody), "")
+	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, s.clientBody(w, r, maxExpireBody), "")
 	if err != nil {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, err.Error()))
 		return
@@ -503,7 +499,7 @@ func (m *taskManager) takeSpoolFile(path, cache string, rng expireRange, priorit
 			return
 		}
 		// Another file system: copy durably, then remove the spool file.
-		src, err := os.Open(path)
+		src, _, err := openRegular(path, maxExpireBody)
 		if err != nil {
 			log.Error("expire_dir: cannot take the list", "error", err)
 			return

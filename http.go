@@ -53,7 +53,7 @@ func (s *server) serveNoRoute(w http.ResponseWriter, r *http.Request) {
 // error_message.
 func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 	maxLine := s.limits.Load().maxLine
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(maxLine)))
+	body, err := io.ReadAll(s.clientBody(w, r, int64(maxLine)))
 	if err != nil {
 		s.invalid.Add(1)
 		var mbe *http.MaxBytesError
@@ -87,6 +87,7 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 		return
 	case "health":
 		writeJSON(w, http.StatusOK, s.health().reply(req.ID))
+		return
 	case "expire":
 		writeJSON(w, http.StatusOK, s.tasks.handleExpire(req))
 		return

@@ -311,3 +311,47 @@ func systemGroupsOf(uid int) ([]int, error) {
 	}
 	return gids, nil
 }
+
+// socketRule is who the Unix socket admits by its mode and group: root, the daemon's uid,
+// members of its group (socket_group, else the daemon's group) when the mode lets the
+// group in, everyone when it lets others in. Loopback TCP peers are held to it when no
+// allow-list is set (issue 17): otherwise the TCP port would admit every local user that
+// the socket's permissions keep out.
+type socketRule struct {
+	mode     os.FileMode
+	uid, gid int // the daemon's uid; the socket's group (-1: none could be found)
+	// groupsOf as in accessPolicy; nil means the system's databases.
+	groupsOf func(uid int) ([]int, error)
+}
+
+func newSocketRule(cfg Config) socketRule {
+	r := socketRule{mode: cfg.socketMode, uid: os.Getuid(), gid: os.Getgid()}
+	if cfg.SocketGroup != "" {
+		g, err := lookupGroup(cfg.SocketGroup)
+		if err != nil {
+			g = -1 // the socket cannot be bound either; nobody gets in by group
+		}
+		r.gid = g
+	}
+	return r
+}
+
+// allows reports whether the socket's rule admits the peer. An unknown uid is refused.
+func (r socketRule) allows(c peerCred) bool {
+	switch {
+	case c.UID < 0:
+		return false
+	case c.UID == 0 || c.UID == r.uid || r.mode&0o002 != 0:
+		return true
+	case r.mode&0o020 == 0 || r.gid < 0:
+		return false
+	case c.GID >= 0 && c.GID == r.gid:
+		return true
+	}
+	groupsOf := r.groupsOf
+	if groupsOf == nil {
+		groupsOf = systemGroupsOf
+	}
+	groups, err := groupsOf(c.UID)
+	return err == nil && slices.Contains(groups, r.gid)
+}
