@@ -437,16 +437,16 @@ type ndjsonConn struct {
 	mu       sync.Mutex
 	out      []Reply
 	inflight map[*pendingRequest]struct{}
-	// Replies not yet written (in out or being written), and their size: they count
-	// against max_in_flight_per_connection, so that a client pipelining requests without
-	// reading its replies stops being read instead of growing the daemon (issue 17).
-	unwritten      int
-	unwrittenBytes int
 	readDone bool // no more requests will come (EOF, error, or shutdown)
 	stopped  bool // stopReading was called: its deadline must stay
 	gone     bool // the client is gone: nothing more is written
 	wake     chan struct{}
 	space    chan struct{} // signalled when in-flight drops below the limit
+
+	// Replies not yet written (in out or being written), and their size: they count
+	// against max_in_flight_per_connection, so that a client pipelining requests without
+	// reading its replies stops being read instead of growing the daemon (issue 17).
+	unwritten, unwrittenBytes int
 }
 
 func newNDJSONConn(s *server, c net.Conn, br *bufio.Reader) *ndjsonConn {

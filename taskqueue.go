@@ -30,18 +30,18 @@ func (m *taskManager) dequeue(t *task, reason string) bool {
 	return false
 }
 
-// replyBox is a task's mailbox for scheduler replies: put never blocks, and memory is
+// taskReplyQueue is a task's mailbox for scheduler replies: put never blocks, and memory is
 // what waits in it (a channel with room for seed_window replies per task cost ~3 MB of
 // address space each, up front).
-type replyBox struct {
+type taskReplyQueue struct {
 	mu    sync.Mutex
 	q     []taskReply
 	ready chan struct{} // has a value while q may be non-empty
 }
 
-func newReplyBox() replyBox { return replyBox{ready: make(chan struct{}, 1)} }
+func newTaskReplyQueue() taskReplyQueue { return taskReplyQueue{ready: make(chan struct{}, 1)} }
 
-func (b *replyBox) put(r taskReply) {
+func (b *taskReplyQueue) put(r taskReply) {
 	b.mu.Lock()
 	b.q = append(b.q, r)
 	b.mu.Unlock()
@@ -49,7 +49,7 @@ func (b *replyBox) put(r taskReply) {
 }
 
 // take returns every reply waiting, oldest first.
-func (b *replyBox) take() []taskReply {
+func (b *taskReplyQueue) take() []taskReply {
 	b.mu.Lock()
 	q := b.q
 	b.q = nil

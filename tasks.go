@@ -515,7 +515,7 @@ type task struct {
 	id       string
 	spec     taskSpec
 	set      taskSettings
-	replies  replyBox       // from the scheduler
+	replies  taskReplyQueue // from the scheduler; never full
 	stopCh   chan string    // a stop reason; buffered 1, first one wins
 	ended    chan struct{}  // closed when run has returned
 	created  time.Time
@@ -562,7 +562,7 @@ type taskReply struct {
 func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 	now := time.Now()
 	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set,
-		replies: newReplyBox(), stopCh: make(chan string, 1), ended: make(chan struct{}),
+		replies: newTaskReplyQueue(), stopCh: make(chan string, 1), ended: make(chan struct{}),
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
 	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
 		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
