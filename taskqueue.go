@@ -6,6 +6,10 @@ package main
 
 import "sync"
 
+// maxWaitingTasks bounds the tasks queued behind max_tasks: a new one beyond it is refused
+// (a resumed one never is: it was accepted before).
+const maxWaitingTasks = 1000
+
 // launchWaiting starts waiting tasks while fewer than max_tasks run. m.mu is held.
 func (m *taskManager) launchWaiting() {
 	for !m.stopping && m.running < m.cfg.MaxTasks && len(m.waiting) > 0 {

@@ -300,6 +300,9 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 		return taskDoc{}, errors.New("seeding needs mapproxy_config (-f) or planner_command")
 	}
 	resumed := id != ""
+	if !resumed && len(m.waiting) >= maxWaitingTasks {
+		return taskDoc{}, fmt.Errorf("task not started: %d tasks are already queued behind max_tasks (%d running); try again later", len(m.waiting), m.running)
+	}
 	if !resumed {
 		m.nextID++
 		id = "t" + strconv.Itoa(m.nextID)
