@@ -24,7 +24,8 @@ import (
 type peerCred struct{ UID, GID, PID int } // PID and GID are -1 when unknown (TCP gives only the uid)
 
 // peerCredentials returns the peer of c: SO_PEERCRED for *net.UnixConn; for a *net.TCPConn whose
-// both ends are loopback, the uid that owns the client's socket from /proc/net/tcp or /proc/net/tcp6
+// both ends are loopback, the uid that owns the client's socket from sock_diag (peercred_diag.go),
+// else from /proc/net/tcp or /proc/net/tcp6
 // (the row whose local address is c.RemoteAddr() and remote address is c.LocalAddr(), state ESTABLISHED),
 // as identd does. Anything else, or no matching row, is an error (the caller refuses the peer when an allow-list is set).
 //
@@ -103,6 +104,16 @@ const (
 func loopbackTCPOwner(client, server netip.AddrPort) (int, error) {
 	if !client.Addr().IsLoopback() || !server.Addr().IsLoopback() {
 		return 0, errors.New("not a loopback connection")
+	}
+	// One sock_diag query first (peercred_diag.go); the table scan below when it finds
+	// nothing or netlink is not available.
+	if uid, err := diagTCPOwner(client, server); err == nil {
+		return uid, nil
+	}
+	if client.Addr().Is4() {
+		if uid, err := diagTCPOwner(ipv4Mapped(client), ipv4Mapped(server)); err == nil {
+			return uid, nil
+		}
 	}
 	// An IPv4 client socket is in tcp; an IPv6 socket connected to an IPv4
 	// address (dual-stack) is in tcp6 under IPv4-mapped addresses.

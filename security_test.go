@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -460,5 +461,44 @@ func TestHTTPHealthCommandAnswersOnce(t *testing.T) {
 	doc := d.status()
 	if doc.Conns.Invalid != 0 || doc.Counters["invalid"] != 0 || len(doc.Requests) != 0 {
 		t.Errorf("health counted as a request: connections %+v, invalid %d, requests %v", doc.Conns, doc.Counters["invalid"], doc.Requests)
+	}
+}
+
+// TestDiagTCPOwnerAgreesWithTheTable: the sock_diag lookup finds the same owner as the
+// /proc/net/tcp scan for a live loopback connection (IPv4 and IPv6), and nothing for a
+// tuple without a socket.
+func TestDiagTCPOwnerAgreesWithTheTable(t *testing.T) {
+	for _, network := range []string{"tcp4", "tcp6"} {
+		addr := "127.0.0.1:0"
+		if network == "tcp6" {
+			addr = "[::1]:0"
+		}
+		l, err := net.Listen(network, addr)
+		if err != nil {
+			t.Logf("%s: %v (skipped)", network, err)
+			continue
+		}
+		defer l.Close()
+		c, err := net.Dial(network, l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		client, server := tcpAddrPort(c.LocalAddr().(*net.TCPAddr)), tcpAddrPort(c.RemoteAddr().(*net.TCPAddr))
+		got, err := diagTCPOwner(client, server)
+		if err != nil || got != os.Getuid() {
+			t.Errorf("%s: diagTCPOwner = %d, %v; want %d", network, got, err, os.Getuid())
+		}
+		table := procNetTCP.v4
+		if network == "tcp6" {
+			table = procNetTCP.v6
+		}
+		if uid, found, err := findTCPOwner(table, client, server); err != nil || !found || uid != got {
+			t.Errorf("%s: the table says %d, %v, %v", network, uid, found, err)
+		}
+		gone := netip.AddrPortFrom(client.Addr(), 1)
+		if _, err := diagTCPOwner(gone, server); !errors.Is(err, errDiagNotFound) {
+			t.Errorf("%s: a tuple without a socket: got %v, want errDiagNotFound", network, err)
+		}
 	}
 }
