@@ -86,7 +86,9 @@ func tcpAddrPort(a *net.TCPAddr) netip.AddrPort {
 }
 
 // procNetTCP names the kernel socket tables; tests may point them elsewhere.
-var procNetTCP = struct{ v4, v6 string }{"/proc/net/tcp", "/proc/net/tcp6"}
+var procNetTCP = realProcNetTCP
+
+var realProcNetTCP = struct{ v4, v6 string }{"/proc/net/tcp", "/proc/net/tcp6"}
 
 // maxProcNetBytes bounds how much of one socket table is read (~150 bytes a row:
 // about 400,000 sockets). A busier host gets an error, not a stall.
@@ -105,15 +107,21 @@ func loopbackTCPOwner(client, server netip.AddrPort) (int, error) {
 	if !client.Addr().IsLoopback() || !server.Addr().IsLoopback() {
 		return 0, errors.New("not a loopback connection")
 	}
-	// One sock_diag query first (peercred_diag.go); the table scan below when it finds
-	// nothing or netlink is not available.
-	if uid, err := diagTCPOwner(client, server); err == nil {
+	// One sock_diag query first (peercred_diag.go); the table scan below when netlink
+	// cannot answer (or tests point the tables elsewhere). A socket sock_diag does not know
+	// is gone, the client having hung up: no scan (~50 ms on a busy host) for it.
+	uid, err := diagTCPOwner(client, server)
+	if err == nil {
 		return uid, nil
 	}
-	if client.Addr().Is4() {
-		if uid, err := diagTCPOwner(ipv4Mapped(client), ipv4Mapped(server)); err == nil {
+	if errors.Is(err, errDiagNotFound) && client.Addr().Is4() {
+		// Or a dual-stack client socket connected to an IPv4 address.
+		if uid, err = diagTCPOwner(ipv4Mapped(client), ipv4Mapped(server)); err == nil {
 			return uid, nil
 		}
+	}
+	if errors.Is(err, errDiagNotFound) && procNetTCP == realProcNetTCP {
+		return 0, errors.New("no owner found: the client's socket is gone")
 	}
 	// An IPv4 client socket is in tcp; an IPv6 socket connected to an IPv4
 	// address (dual-stack) is in tcp6 under IPv4-mapped addresses.
