@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -44,16 +45,19 @@ type Config struct {
 	LogLevel          string   `yaml:"log_level"`
 	LogFormat         string   `yaml:"log_format"`
 	StopTimeout       Duration `yaml:"stop_timeout"`
+	ClientTimeout     Duration `yaml:"client_timeout"` // a connection's first line; a POST body (plus 1 s per 64 KiB)
 
 	// Tasks (docs/design.md §10): seeding and cleanup run by the daemon itself.
-	SeedConfig          string     `yaml:"seed_config"`            // MapProxy's seed.yaml; -s overrides
-	SeedPriority        int        `yaml:"seed_priority"`          // default priority of a task's jobs
-	SeedWindow          int        `yaml:"seed_window"`            // a task's jobs queued or running at once
-	SeedRetries         int        `yaml:"seed_retries"`           // retries of a failed task job
-	SeedRetryBackoff    Duration   `yaml:"seed_retry_backoff"`     // first retry delay, doubling
-	SeedMaxFailureRatio float64    `yaml:"seed_max_failure_ratio"` // of the last 1,000 metatiles
-	PlannerCommand      []string   `yaml:"planner_command"`        // default: the bundled worker's plan mode
-	Schedules           []Schedule `yaml:"schedules"`
+	SeedConfig          string            `yaml:"seed_config"`            // MapProxy's seed.yaml; -s overrides
+	SeedConfigs         map[string]string `yaml:"seed_configs"`           // more seed.yaml files, by the name requests use
+	MaxTasks            int               `yaml:"max_tasks"`              // tasks running at once; the rest wait queued
+	SeedPriority        int               `yaml:"seed_priority"`          // default priority of a task's jobs
+	SeedWindow          int               `yaml:"seed_window"`            // a task's jobs queued or running at once
+	SeedRetries         int               `yaml:"seed_retries"`           // retries of a failed task job
+	SeedRetryBackoff    Duration          `yaml:"seed_retry_backoff"`     // first retry delay, doubling
+	SeedMaxFailureRatio float64           `yaml:"seed_max_failure_ratio"` // of the last 1,000 metatiles
+	PlannerCommand      []string          `yaml:"planner_command"`        // default: the bundled worker's plan mode
+	Schedules           []Schedule        `yaml:"schedules"`
 	// Live helpers (live.go, prefetch.go, docs/design.md §13).
 	SeedNice       int             `yaml:"seed_nice"`
 	SeedIOPrioIdle bool            `yaml:"seed_ioprio_idle"`
@@ -141,8 +145,10 @@ func defaultConfig() Config {
 		StateDir:          defaultStateDir,
 		Journal:           true,
 		StopTimeout:       Duration(60 * time.Second),
+		ClientTimeout:     Duration(60 * time.Second),
 
 		SeedPriority:        10,
+		MaxTasks:            4,
 		SeedWindow:          10_000,
 		SeedRetries:         3,
 		SeedRetryBackoff:    Duration(time.Second),
@@ -209,6 +215,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StopTimeout < 0 {
 		return fmt.Errorf("stop_timeout: must not be negative, got %s", c.StopTimeout)
+	}
+	if c.ClientTimeout < Duration(100*time.Millisecond) {
+		return fmt.Errorf("client_timeout: want at least 100ms, got %s", c.ClientTimeout)
 	}
 	if c.RecycleAfter < 0 {
 		return fmt.Errorf("recycle_after: must not be negative, got %d", c.RecycleAfter)
@@ -310,7 +319,7 @@ func (c *Config) applyMapProxyConfig(socketSet bool) error {
 	if c.MapProxyConfig == "" {
 		return nil
 	}
-	data, err := os.ReadFile(c.MapProxyConfig)
+	data, err := readRegular(c.MapProxyConfig, maxConfigFileBytes)
 	if err != nil {
 		return fmt.Errorf("mapproxy_config: %w", err)
 	}
@@ -382,7 +391,7 @@ func loadConfig(f configFlags) (Config, error) {
 	c := defaultConfig()
 	socketSet := false
 	if renderdPath != "" {
-		data, err := os.ReadFile(renderdPath)
+		data, err := readRegular(renderdPath, maxConfigFileBytes)
 		if err != nil {
 			return c, err
 		}
@@ -408,6 +417,11 @@ func loadConfig(f configFlags) (Config, error) {
 		// The planner runs with another working directory's view of relative paths.
 		if abs, err := filepath.Abs(c.SeedConfig); err == nil {
 			c.SeedConfig = abs
+		}
+	}
+	for name, p := range c.SeedConfigs {
+		if abs, err := filepath.Abs(p); err == nil && p != "" {
+			c.SeedConfigs[name] = abs
 		}
 	}
 	if maxSeed >= 0 {
@@ -474,6 +488,17 @@ func (c *Config) validateTasks() error {
 			return fmt.Errorf("cluster: want HAProxy's address as an http:// (or https://) URL, e.g. http://127.0.0.1:8111/, got %q", c.Cluster)
 		}
 	}
+	if c.MaxTasks < 1 || c.MaxTasks > 1000 {
+		return fmt.Errorf("max_tasks: want 1..1000, got %d", c.MaxTasks)
+	}
+	for name, p := range c.SeedConfigs {
+		if !seedConfigName.MatchString(name) {
+			return fmt.Errorf("seed_configs: name %q: want letters, digits, '_', '-' or '.' (at most 64), not a path", name)
+		}
+		if p == "" {
+			return fmt.Errorf("seed_configs.%s: want the path of a seed.yaml", name)
+		}
+	}
 	if len(c.Schedules) > 0 && c.SeedConfig == "" {
 		return errors.New("schedules: need seed_config (or -s seed.yaml)")
 	}
@@ -495,6 +520,10 @@ func (c *Config) validateTasks() error {
 	}
 	return nil
 }
+
+// seedConfigName is what a seed_configs name may be: requests send it, so it must not
+// look like a path.
+var seedConfigName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$`)
 
 // parseClock parses "HH:MM" (24-hour local time).
 func parseClock(s string) (hour, minute int, err error) {

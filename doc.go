@@ -52,7 +52,13 @@
 //     renderd.yaml; renderer CPU and I/O priority for seed jobs; next-zoom prefetch.
 //   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
 //     install-module subcommand that writes it out.
-//   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
+//   - systemd.go, peercred.go, peercred_diag.go: socket activation, sd_notify, peer
+//     credentials (sock_diag for loopback TCP) and who may connect (README "Security").
+//   - safefile.go: the one way the daemon reads a file its configuration names: regular
+//     files only, opened without blocking on a FIFO, with a size cap; YAML errors without
+//     the file's bytes. No request names a file.
+//   - clientio.go: request bodies with a size cap and a deadline (client_timeout).
+//   - taskqueue.go: max_tasks (tasks beyond it wait queued) and a task's reply mailbox.
 //   - check.go: check-config's MapProxy check (the bundled worker's check mode: MapProxy's
 //     warnings, the caches for prefetch.caches), the state_dir probe, and the same check run
 //     in the background at daemon start to log MapProxy's warnings.

@@ -31,7 +31,8 @@ import (
 // whose source (expireSource) reads the file, propagates each line (expire.go) and yields
 // one item per metatile: re-render it (forced) or, at zooms ≥ delete_from, delete it.
 
-// maxExpireBody bounds an expiry list sent over HTTP (and so by the CLI).
+// maxExpireBody bounds an expiry list sent over HTTP (and so by the CLI), and any list the
+// daemon reads (a spooled one included).
 const maxExpireBody = 1 << 30
 
 // expireLines is an expiry run's reading so far: lines read, bad lines, the first bad ones.
@@ -198,13 +199,8 @@ func (m *taskManager) openExpireSource(spec taskSpec) (taskSource, error) {
 			return nil, fmt.Errorf("expire task cursor: %w", err)
 		}
 	}
-	f, err := os.Open(es.List)
+	f, st, err := openRegular(es.List, maxExpireBody)
 	if err != nil {
-		return nil, fmt.Errorf("expiry list: %w", err)
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
 		return nil, fmt.Errorf("expiry list: %w", err)
 	}
 	s := &expireSource{f: f, size: st.Size(), cache: es.Cache, resume: cur.Lines,
@@ -379,7 +375,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 		asked = &b
 	}
 	rng.RenderAll = !s.tasks.onlyCached(asked)
-	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, http.MaxBytesReader(w, r.Body, maxExpireBody), "")
+	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, s.clientBody(w, r, maxExpireBody), "")
 	if err != nil {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, err.Error()))
 		return
@@ -566,7 +562,7 @@ func (m *taskManager) takeSpoolFile(ctx context.Context, path, cache string, rng
 			return
 		}
 		// Another file system: copy durably; the spool file goes once its task has started.
-		src, err := os.Open(path)
+		src, _, err := openRegular(path, maxExpireBody)
 		if err != nil {
 			warned.warn(log, path, "expire_dir: cannot read the list; it stays in the spool", err)
 			return

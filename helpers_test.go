@@ -44,7 +44,21 @@ func TestMain(m *testing.M) {
 			os.Exit(0)
 		}
 	}
-	os.Exit(m.Run())
+	os.Exit(guardDefaultStateDir(m.Run))
+}
+
+// guardDefaultStateDir fails a CI run in which some test created the daemon's default
+// state_dir (issue 17: tests keep their state in their own temp dirs; the demo too). Only
+// under CI=true: on a shared machine another process may create it meanwhile.
+func guardDefaultStateDir(run func() int) int {
+	_, err := os.Lstat(defaultStateDir)
+	existed := err == nil
+	code := run()
+	if _, err := os.Lstat(defaultStateDir); err == nil && !existed && os.Getenv("CI") == "true" {
+		fmt.Fprintf(os.Stderr, "FAIL: a test created %s (the default state_dir): give every daemon its own state_dir or journal: false\n", defaultStateDir)
+		return 1
+	}
+	return code
 }
 
 // fakeRenderer is a renderer for tests. Behaviour per job is chosen by the tile's x:

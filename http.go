@@ -52,7 +52,7 @@ func (s *server) serveNoRoute(w http.ResponseWriter, r *http.Request) {
 // than "error" and "lock" as success, so every failure is "error" here, with the cause in
 // error_message.
 func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
-	body, rep, ok := readBody(w, r, s.limits.Load().maxLine)
+	body, rep, ok := readBody(s.clientBody(w, r, int64(s.limits.Load().maxLine)), s.limits.Load().maxLine)
 	if !ok {
 		s.invalid.Add(1)
 		writeJSON(w, http.StatusOK, rep)

@@ -26,7 +26,8 @@ import (
 type peerCred struct{ UID, GID, PID int } // PID and GID are -1 when unknown (TCP gives only the uid)
 
 // peerCredentials returns the peer of c: SO_PEERCRED for *net.UnixConn; for a *net.TCPConn whose
-// both ends are loopback, the uid that owns the client's socket from /proc/net/tcp or /proc/net/tcp6
+// both ends are loopback, the uid that owns the client's socket from sock_diag (peercred_diag.go),
+// else from /proc/net/tcp or /proc/net/tcp6
 // (the row whose local address is c.RemoteAddr() and remote address is c.LocalAddr(), state ESTABLISHED),
 // as identd does. Anything else, or no matching row, is an error (the caller refuses the peer when an allow-list is set).
 //
@@ -87,7 +88,9 @@ func tcpAddrPort(a *net.TCPAddr) netip.AddrPort {
 }
 
 // procNetTCP names the kernel socket tables; tests may point them elsewhere.
-var procNetTCP = struct{ v4, v6 string }{"/proc/net/tcp", "/proc/net/tcp6"}
+var procNetTCP = realProcNetTCP
+
+var realProcNetTCP = struct{ v4, v6 string }{"/proc/net/tcp", "/proc/net/tcp6"}
 
 // maxProcNetBytes bounds how much of one socket table is read (~150 bytes a row:
 // about 400,000 sockets). A busier host gets an error, not a stall.
@@ -105,6 +108,22 @@ const (
 func loopbackTCPOwner(client, server netip.AddrPort) (int, error) {
 	if !client.Addr().IsLoopback() || !server.Addr().IsLoopback() {
 		return 0, errors.New("not a loopback connection")
+	}
+	// One sock_diag query first (peercred_diag.go); the table scan below when netlink
+	// cannot answer (or tests point the tables elsewhere). A socket sock_diag does not know
+	// is gone, the client having hung up: no scan (~50 ms on a busy host) for it.
+	uid, err := diagTCPOwner(client, server)
+	if err == nil {
+		return uid, nil
+	}
+	if errors.Is(err, errDiagNotFound) && client.Addr().Is4() {
+		// Or a dual-stack client socket connected to an IPv4 address.
+		if uid, err = diagTCPOwner(ipv4Mapped(client), ipv4Mapped(server)); err == nil {
+			return uid, nil
+		}
+	}
+	if errors.Is(err, errDiagNotFound) && procNetTCP == realProcNetTCP {
+		return 0, errors.New("no owner found: the client's socket is gone")
 	}
 	// An IPv4 client socket is in tcp; an IPv6 socket connected to an IPv4
 	// address (dual-stack) is in tcp6 under IPv4-mapped addresses.
@@ -312,4 +331,48 @@ func systemGroupsOf(uid int) ([]int, error) {
 		}
 	}
 	return gids, nil
+}
+
+// socketRule is who the Unix socket admits by its mode and group: root, the daemon's uid,
+// members of its group (socket_group, else the daemon's group) when the mode lets the
+// group in, everyone when it lets others in. Loopback TCP peers are held to it when no
+// allow-list is set (issue 17): otherwise the TCP port would admit every local user that
+// the socket's permissions keep out.
+type socketRule struct {
+	mode     os.FileMode
+	uid, gid int // the daemon's uid; the socket's group (-1: none could be found)
+	// groupsOf as in accessPolicy; nil means the system's databases.
+	groupsOf func(uid int) ([]int, error)
+}
+
+func newSocketRule(cfg Config) socketRule {
+	r := socketRule{mode: cfg.socketMode, uid: os.Getuid(), gid: os.Getgid()}
+	if cfg.SocketGroup != "" {
+		g, err := lookupGroup(cfg.SocketGroup)
+		if err != nil {
+			g = -1 // the socket cannot be bound either; nobody gets in by group
+		}
+		r.gid = g
+	}
+	return r
+}
+
+// allows reports whether the socket's rule admits the peer. An unknown uid is refused.
+func (r socketRule) allows(c peerCred) bool {
+	switch {
+	case c.UID < 0:
+		return false
+	case c.UID == 0 || c.UID == r.uid || r.mode&0o002 != 0:
+		return true
+	case r.mode&0o020 == 0 || r.gid < 0:
+		return false
+	case c.GID >= 0 && c.GID == r.gid:
+		return true
+	}
+	groupsOf := r.groupsOf
+	if groupsOf == nil {
+		groupsOf = systemGroupsOf
+	}
+	groups, err := groupsOf(c.UID)
+	return err == nil && slices.Contains(groups, r.gid)
 }

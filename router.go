@@ -59,12 +59,12 @@ func requestErrorReply(err error) Reply {
 	return errorReply(nil, "invalid request: "+err.Error())
 }
 
-// readBody reads an HTTP request body of at most max bytes; a failure comes with the
-// reply that says why.
-func readBody(w http.ResponseWriter, r *http.Request, max int) ([]byte, Reply, bool) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(max)))
+// readBody reads an HTTP request body from body (a server.clientBody: capped at max bytes,
+// with a deadline); a failure comes with the reply that says why.
+func readBody(body io.Reader, max int) ([]byte, Reply, bool) {
+	b, err := io.ReadAll(body)
 	if err == nil {
-		return body, Reply{}, true
+		return b, Reply{}, true
 	}
 	var mbe *http.MaxBytesError
 	if errors.As(err, &mbe) {

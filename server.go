@@ -75,28 +75,28 @@ func newServer(cfg Config, sched *scheduler, log *slog.Logger) *server {
 // serverLimits are the connection settings from the configuration; a reload swaps them
 // whole. The allow-list applies to connections accepted after the swap.
 type serverLimits struct {
-	policy      accessPolicy
-	maxLine     int
-	maxInFlight int
-	maxConns    int
-	httpWait    time.Duration // http_wait: MapProxy's live POSTs get pending after this (0 = wait)
-	seedBelow   int           // seed_priority_below: http_wait leaves the seed class alone
+	policy        accessPolicy
+	tcpRule       socketRule // loopback TCP peers without an allow-list
+	maxLine       int
+	maxInFlight   int
+	maxConns      int
+	clientTimeout time.Duration // client_timeout: a first line, a POST body
+	httpWait      time.Duration // http_wait: MapProxy's live POSTs get pending after this (0 = wait)
+	seedBelow     int           // seed_priority_below: http_wait leaves the seed class alone
 }
 
 func (s *server) setLimits(cfg Config) {
 	s.limits.Store(&serverLimits{
-		policy:      newAccessPolicy(cfg.AllowedUIDs, cfg.AllowedGIDs),
-		maxLine:     cfg.MaxLineBytes,
-		maxInFlight: cfg.MaxInFlight,
-		maxConns:    cfg.MaxConnections,
-		httpWait:    time.Duration(cfg.HTTPWait),
-		seedBelow:   cfg.SeedPriorityBelow,
+		policy:        newAccessPolicy(cfg.AllowedUIDs, cfg.AllowedGIDs),
+		tcpRule:       newSocketRule(cfg),
+		maxLine:       cfg.MaxLineBytes,
+		maxInFlight:   cfg.MaxInFlight,
+		maxConns:      cfg.MaxConnections,
+		clientTimeout: time.Duration(cfg.ClientTimeout),
+		httpWait:      time.Duration(cfg.HTTPWait),
+		seedBelow:     cfg.SeedPriorityBelow,
 	})
 }
-
-// sniffTimeout bounds the wait for a connection's first line, so that a client that
-// connects and says nothing does not hold a connection slot for ever.
-const sniffTimeout = time.Minute
 
 func (s *server) counters() connCounters {
 	return connCounters{Open: s.open.Load(), Accepted: s.accepted.Load(), Refused: s.refused.Load(), Invalid: s.invalid.Load()}
@@ -186,6 +186,12 @@ func sniff(br *bufio.Reader) (isHTTP bool, err error) {
 	}
 	for n := 1; ; n++ {
 		b, err := br.Peek(n)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			// client_timeout passed mid-line: the connection is closed, not handed on as
+			// a native one without a deadline (issue 17).
+			return false, err
+		}
 		if err != nil {
 			return false, nil // EOF or buffer full: not an HTTP request line we can serve
 		}
@@ -207,9 +213,11 @@ func (s *server) handle(c net.Conn) {
 		s.releaseSlot()
 		return
 	}
-	_ = c.SetReadDeadline(time.Now().Add(sniffTimeout))
+	// The first line has client_timeout whatever the protocol: sniff reads the start of it
+	// and the native reader the rest (it clears the deadline after the first line); net/http
+	// sets its own (ReadHeaderTimeout) for the headers.
+	_ = c.SetReadDeadline(time.Now().Add(s.limits.Load().clientTimeout))
 	isHTTP, err := sniff(br)
-	_ = c.SetReadDeadline(time.Time{})
 	s.untrackUnsniffed(c)
 	if err != nil {
 		c.Close()
@@ -218,7 +226,7 @@ func (s *server) handle(c net.Conn) {
 	}
 	if who, ok := s.permit(c); !ok {
 		s.refused.Add(1)
-		s.log.Warn("peer refused by allowed_uids/allowed_gids", "peer", who, "remote", c.RemoteAddr().String())
+		s.log.Warn(who.why, "peer", who.peer, "remote", c.RemoteAddr().String())
 		body := marshalReply(errorReply(nil, "permission denied"))
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		if isHTTP {
@@ -230,6 +238,7 @@ func (s *server) handle(c net.Conn) {
 		return
 	}
 	if isHTTP {
+		_ = c.SetReadDeadline(time.Time{})
 		hc := &sniffedConn{Conn: c, r: br, release: s.releaseSlot}
 		if !s.httpConns.push(hc) {
 			hc.Close()
@@ -247,21 +256,46 @@ func (s *server) handle(c net.Conn) {
 	s.releaseSlot()
 }
 
-// permit applies the allow-list; who describes the peer for the log.
-func (s *server) permit(c net.Conn) (who string, ok bool) {
-	policy := s.limits.Load().policy
+// permit applies the allow-list, or without one holds loopback TCP peers to the Unix
+// socket's rule (the kernel applies it to the socket itself); who describes the peer for
+// the log. A remote TCP peer (allow_remote_http) has no uid to check: without an
+// allow-list it is admitted, as the operator opened the port deliberately.
+func (s *server) permit(c net.Conn) (who refusal, ok bool) {
+	lim := s.limits.Load()
+	policy := lim.policy
+	if !policy.enabled() && !isLoopbackTCP(c) {
+		return who, true
+	}
+	who.why = "peer refused by allowed_uids/allowed_gids"
 	if !policy.enabled() {
-		return "", true
+		who.why = "peer refused: without allowed_uids/allowed_gids, loopback TCP admits whom the Unix socket admits (root, the daemon's user, socket_group)"
 	}
 	cred, err := peerCredentials(c)
 	if err != nil {
-		return "unknown (" + err.Error() + ")", false
+		who.peer = "unknown (" + err.Error() + ")"
+		return who, false
 	}
-	who = "uid " + strconv.Itoa(cred.UID)
+	who.peer = "uid " + strconv.Itoa(cred.UID)
 	if cred.PID > 0 {
-		who += " pid " + strconv.Itoa(cred.PID)
+		who.peer += " pid " + strconv.Itoa(cred.PID)
+	}
+	if !policy.enabled() {
+		return who, lim.tcpRule.allows(cred)
 	}
 	return who, policy.allows(cred)
+}
+
+// refusal says who a refused peer is and by which rule, for the log.
+type refusal struct{ peer, why string }
+
+// isLoopbackTCP reports whether c is a TCP connection from a loopback address.
+func isLoopbackTCP(c net.Conn) bool {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return false
+	}
+	ra, ok := tc.RemoteAddr().(*net.TCPAddr)
+	return ok && ra.IP.IsLoopback()
 }
 
 func (s *server) trackUnsniffed(c net.Conn) bool {
@@ -406,9 +440,15 @@ type ndjsonConn struct {
 	out      []Reply
 	inflight map[*pendingRequest]struct{}
 	readDone bool // no more requests will come (EOF, error, or shutdown)
+	stopped  bool // stopReading was called: its deadline must stay
 	gone     bool // the client is gone: nothing more is written
 	wake     chan struct{}
 	space    chan struct{} // signalled when in-flight drops below the limit
+
+	// Replies not yet written (in out or being written), and their size: they count
+	// against max_in_flight_per_connection, so that a client pipelining requests without
+	// reading its replies stops being read instead of growing the daemon (issue 17).
+	unwritten, unwrittenBytes int
 }
 
 func newNDJSONConn(s *server, c net.Conn, br *bufio.Reader) *ndjsonConn {
@@ -427,23 +467,40 @@ func notifyChan(ch chan struct{}) {
 func (nc *ndjsonConn) deliver(p *pendingRequest, r Reply) {
 	nc.mu.Lock()
 	delete(nc.inflight, p)
-	if !nc.gone {
-		nc.out = append(nc.out, r)
-	}
-	if len(nc.inflight) < nc.s.limits.Load().maxInFlight {
-		notifyChan(nc.space)
-	}
+	nc.queueLocked(r)
 	nc.mu.Unlock()
 	notifyChan(nc.wake)
 }
 
 func (nc *ndjsonConn) push(r Reply) {
 	nc.mu.Lock()
-	if !nc.gone {
-		nc.out = append(nc.out, r)
-	}
+	nc.queueLocked(r)
 	nc.mu.Unlock()
 	notifyChan(nc.wake)
+}
+
+// queueLocked adds a reply to be written. nc.mu is held.
+func (nc *ndjsonConn) queueLocked(r Reply) {
+	if nc.gone {
+		return
+	}
+	nc.out = append(nc.out, r)
+	nc.unwritten++
+	nc.unwrittenBytes += replyWeight(r)
+}
+
+// maxUnwrittenBytes bounds the replies a connection holds for a client that does not read
+// them (status documents are kilobytes each): past it the connection is not read.
+const maxUnwrittenBytes = 4 << 20
+
+// replyWeight estimates the bytes a reply holds: its documents and a fixed part.
+func replyWeight(r Reply) int {
+	return 128 + len(r.ErrorMessage) + len(r.Stats) + len(r.Task) + len(r.Tasks) + len(r.Schedules)
+}
+
+// hasSpaceLocked reports whether another request may be read. nc.mu is held.
+func (nc *ndjsonConn) hasSpaceLocked() bool {
+	return len(nc.inflight)+nc.unwritten < nc.s.limits.Load().maxInFlight && nc.unwrittenBytes < maxUnwrittenBytes
 }
 
 // serve runs the connection to its end: the client is gone, or it sent EOF and every reply
@@ -485,7 +542,20 @@ var errStopReading = errors.New("stop reading")
 // stopReading makes the reading goroutine stop at its next read (daemon shutdown). Replies
 // already owed are still written.
 func (nc *ndjsonConn) stopReading() {
+	nc.mu.Lock()
+	nc.stopped = true
+	nc.mu.Unlock()
 	_ = nc.c.SetReadDeadline(time.Now())
+}
+
+// firstLineRead lifts client_timeout once the first line is in: a native client may then
+// stay idle between requests (max_connections bounds how many do).
+func (nc *ndjsonConn) firstLineRead() {
+	nc.mu.Lock()
+	if !nc.stopped {
+		_ = nc.c.SetReadDeadline(time.Time{})
+	}
+	nc.mu.Unlock()
 }
 
 func (nc *ndjsonConn) isGone() bool {
@@ -504,6 +574,7 @@ func (nc *ndjsonConn) clientGone() {
 	}
 	nc.gone = true
 	nc.out = nil
+	nc.unwritten, nc.unwrittenBytes = 0, 0
 	pending := make([]*pendingRequest, 0, len(nc.inflight))
 	for p := range nc.inflight {
 		pending = append(pending, p)
@@ -519,9 +590,12 @@ func (nc *ndjsonConn) clientGone() {
 }
 
 func (nc *ndjsonConn) readLoop() error {
-	for {
+	for first := true; ; first = false {
 		maxLine := nc.s.limits.Load().maxLine
 		line, err := readLimitedLine(nc.br, maxLine)
+		if first && (err == nil || errors.Is(err, errLineTooLong)) {
+			nc.firstLineRead()
+		}
 		if errors.Is(err, errLineTooLong) {
 			nc.s.invalid.Add(1)
 			nc.push(errorReply(nil, "invalid request: line longer than max_line_bytes ("+strconv.Itoa(maxLine)+" bytes)"))
@@ -548,12 +622,12 @@ func (nc *ndjsonConn) readLoop() error {
 func (nc *ndjsonConn) waitForSpace() bool {
 	for {
 		nc.mu.Lock()
-		n, gone := len(nc.inflight), nc.gone
+		space, gone := nc.hasSpaceLocked(), nc.gone
 		nc.mu.Unlock()
 		if gone {
 			return false
 		}
-		if n < nc.s.limits.Load().maxInFlight {
+		if space {
 			return true
 		}
 		<-nc.space
@@ -634,7 +708,9 @@ func (nc *ndjsonConn) writeLoop() {
 			continue
 		}
 		_ = nc.c.SetWriteDeadline(time.Now().Add(writeTimeout))
+		weight := 0
 		for i := range batch {
+			weight += replyWeight(batch[i])
 			bw.Write(marshalReply(batch[i]))
 			batch[i] = Reply{}
 		}
@@ -643,6 +719,13 @@ func (nc *ndjsonConn) writeLoop() {
 			nc.clientGone()
 			return
 		}
+		nc.mu.Lock()
+		if !nc.gone {
+			nc.unwritten -= len(batch)
+			nc.unwrittenBytes -= weight
+		}
+		nc.mu.Unlock()
+		notifyChan(nc.space)
 	}
 }
 

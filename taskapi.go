@@ -11,7 +11,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -22,7 +21,7 @@ import (
 // "command"), GET /tasks, GET /tasks/{id}, DELETE /tasks/{id}. Bodies are the native replies.
 
 func (s *server) serveStartTask(w http.ResponseWriter, r *http.Request) {
-	body, rep, ok := readBody(w, r, s.limits.Load().maxLine)
+	body, rep, ok := readBody(s.clientBody(w, r, int64(s.limits.Load().maxLine)), s.limits.Load().maxLine)
 	if !ok {
 		writeJSON(w, http.StatusBadRequest, rep)
 		return
@@ -76,7 +75,7 @@ func (s *server) serveCancelTask(w http.ResponseWriter, r *http.Request) {
 
 // runTaskClient implements `seed`, `tasks`, `task` and `cancel`.
 //
-//	seed [-s seed.yaml] [--priority P] [--wait] NAME…   start seed.yaml entries (seeds: or cleanups:)
+//	seed [-s NAME] [--priority P] [--wait] NAME…       start seed.yaml entries (seeds: or cleanups:)
 //	tasks [--json]                                        list tasks and schedules
 //	task ID                                               one task's document
 //	cancel ID                                             cancel a task
@@ -92,7 +91,7 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	wait, asJSON := false, false
 	switch cmd {
 	case "seed":
-		fs.StringVar(&seedPath, "s", "", "MapProxy seed configuration (default: the daemon's seed_config)")
+		fs.StringVar(&seedPath, "s", "", "`NAME` of one of the daemon's seed_configs (default: its seed_config)")
 		fs.IntVar(&priority, "priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
 		fs.BoolVar(&wait, "wait", false, "wait until the tasks end, showing progress")
 	case "tasks":
@@ -141,11 +140,6 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	// seed
 	if fs.NArg() == 0 {
 		return errors.New("seed needs at least one NAME (a seeds: or cleanups: entry of seed.yaml)")
-	}
-	if seedPath != "" {
-		if seedPath, err = filepath.Abs(seedPath); err != nil {
-			return err
-		}
 	}
 	var ids []string
 	failed := false

@@ -8,7 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -123,6 +123,8 @@ type taskManager struct {
 	order      []*task // creation order
 	nextID     int
 	stopping   bool
+	running    int     // tasks whose goroutine runs (at most max_tasks)
+	waiting    []*task // queued for a free max_tasks slot, oldest first
 	schedules  *scheduleLoop
 	forgotten  taskCounts // figures of the finished tasks forgetOld dropped (metrics)
 
@@ -159,6 +161,9 @@ func (m *taskManager) start() {
 func (m *taskManager) shutdown() {
 	m.mu.Lock()
 	m.stopping = true
+	for _, t := range slices.Clone(m.waiting) {
+		m.dequeue(t, reasonShutdown) // resumed at the next start, as a running one is
+	}
 	for _, t := range m.order {
 		t.stop(reasonShutdown)
 	}
@@ -173,6 +178,7 @@ func (m *taskManager) reload(cfg Config, plannerArgv, plannerEnv []string) {
 	m.mu.Lock()
 	m.cfg = cfg
 	m.plannerCmd, m.plannerEnv = plannerArgv, plannerEnv
+	m.launchWaiting() // max_tasks may have grown
 	m.mu.Unlock()
 	m.schedules.set(cfg.Schedules)
 }
@@ -191,7 +197,13 @@ func (m *taskManager) specFor(req Request) (taskSpec, error) {
 	m.mu.Unlock()
 	spec := taskSpec{SeedConfig: cfg.SeedConfig, priority: cfg.SeedPriority}
 	if req.SeedConfig != "" {
-		spec.SeedConfig = req.SeedConfig
+		// A request names one of the files renderd.yaml lists; it never names a file.
+		p, ok := cfg.SeedConfigs[req.SeedConfig]
+		if !ok {
+			return spec, fmt.Errorf("seed_config: no seed configuration %q in renderd.yaml's seed_configs (it has: %v); a request names one, not a path",
+				truncate(req.SeedConfig, 64), slices.Sorted(maps.Keys(cfg.SeedConfigs)))
+		}
+		spec.SeedConfig = p
 	}
 	if req.PrioritySet {
 		spec.priority = req.Priority
@@ -207,7 +219,7 @@ func (m *taskManager) specFor(req Request) (taskSpec, error) {
 		return spec, nil
 	}
 	if spec.SeedConfig == "" {
-		return spec, errors.New("no seed configuration: set seed_config in renderd.yaml, start the daemon with -s seed.yaml, or send seed_config")
+		return spec, errors.New("no seed configuration: set seed_config in renderd.yaml, start the daemon with -s seed.yaml, or send seed_config naming one of seed_configs")
 	}
 	kind, err := seedEntryKind(spec.SeedConfig, req.Task)
 	if err != nil {
@@ -220,7 +232,7 @@ func (m *taskManager) specFor(req Request) (taskSpec, error) {
 // seedEntryKind finds name in seed.yaml: "seed" under seeds:, "cleanup" under cleanups:
 // (seeds: first, as a name can stand in both).
 func seedEntryKind(path, name string) (string, error) {
-	data, err := os.ReadFile(path)
+	data, err := readRegular(path, maxConfigFileBytes)
 	if err != nil {
 		return "", fmt.Errorf("seed_config: %w", err)
 	}
@@ -229,7 +241,8 @@ func seedEntryKind(path, name string) (string, error) {
 		Cleanups map[string]yaml.Node `yaml:"cleanups"`
 	}
 	if err := yaml.Unmarshal(data, &doc); err != nil {
-		return "", fmt.Errorf("seed_config %s: %w", path, err)
+		// The reply goes to a client: where, not what (yaml.v3 quotes the file's bytes).
+		return "", fmt.Errorf("seed_config %s: %w", path, yamlErrorWithoutBytes(err))
 	}
 	if _, ok := doc.Seeds[name]; ok {
 		return "seed", nil
@@ -251,7 +264,7 @@ func seedEntryKind(path, name string) (string, error) {
 // checkSeedNames checks that seed_config can be read and names every scheduled task; it
 // returns a summary for check-config.
 func checkSeedNames(cfg Config) (string, error) {
-	if cfg.SeedConfig == "" {
+	if cfg.SeedConfig == "" && len(cfg.SeedConfigs) == 0 {
 		return "no seed_config", nil
 	}
 	for i, s := range cfg.Schedules {
@@ -259,10 +272,17 @@ func checkSeedNames(cfg Config) (string, error) {
 			return "", fmt.Errorf("schedules[%d].task: %w", i, err)
 		}
 	}
-	if _, err := seedEntryKind(cfg.SeedConfig, ""); err != nil && !strings.HasPrefix(err.Error(), "no seed or cleanup") {
-		return "", err
+	if cfg.SeedConfig != "" {
+		if _, err := seedEntryKind(cfg.SeedConfig, ""); err != nil && !strings.HasPrefix(err.Error(), "no seed or cleanup") {
+			return "", err
+		}
 	}
-	return fmt.Sprintf("seed_config %s, %d schedules", cfg.SeedConfig, len(cfg.Schedules)), nil
+	for _, name := range slices.Sorted(maps.Keys(cfg.SeedConfigs)) {
+		if _, err := seedEntryKind(cfg.SeedConfigs[name], ""); err != nil && !strings.HasPrefix(err.Error(), "no seed or cleanup") {
+			return "", fmt.Errorf("seed_configs.%s: %w", name, err)
+		}
+	}
+	return fmt.Sprintf("seed_config %s, %d more seed_configs, %d schedules", cfg.SeedConfig, len(cfg.SeedConfigs), len(cfg.Schedules)), nil
 }
 
 // startTask creates a task for spec and starts it.
@@ -285,11 +305,16 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 		return taskDoc{}, errors.New("seeding needs mapproxy_config (-f) or planner_command")
 	}
 	resumed := id != ""
+	if !resumed && len(m.waiting) >= maxWaitingTasks {
+		n, running := len(m.waiting), m.running
+		m.mu.Unlock()
+		return taskDoc{}, fmt.Errorf("task not started: %d tasks are already queued behind max_tasks (%d running); try again later", n, running)
+	}
 	if !resumed {
 		m.nextID++
 		id = "t" + strconv.Itoa(m.nextID)
 	}
-	cfg, plannerCmd, plannerEnv := m.cfg, m.plannerCmd, m.plannerEnv
+	cfg := m.cfg
 	m.mu.Unlock()
 	if !resumed && m.journal != nil {
 		// The id is not reused when this fails: a later task may have taken the next one.
@@ -301,44 +326,62 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 		window: cfg.SeedWindow, retries: cfg.SeedRetries,
 		backoff: time.Duration(cfg.SeedRetryBackoff), maxFailRatio: cfg.SeedMaxFailureRatio,
 	})
-	var src taskSource
-	var err error
-	if spec.Kind == "expire" {
-		src, err = m.openExpireSource(spec)
-	} else {
-		src, err = startPlanner(plannerCmd, plannerEnv, spec, m.log.With("task", t.id))
-	}
 	m.mu.Lock()
-	if m.stopping && err == nil {
-		// Shutdown began while the source started: the task does not run (a journaled one
-		// resumes at the next start, as the tasks shutdown cancels do).
-		m.mu.Unlock()
-		src.close()
+	defer m.mu.Unlock()
+	if m.stopping {
+		// Shutdown began meanwhile: a journaled task resumes at the next start, as the
+		// tasks shutdown cancels do.
 		return taskDoc{}, errors.New("daemon is shutting down")
 	}
 	m.tasks[t.id] = t
 	m.order = append(m.order, t)
 	m.forgetOld()
-	if err != nil {
-		m.mu.Unlock()
-		t.end(taskStateFailed, err.Error())
-		close(t.ended)
+	if m.running >= m.cfg.MaxTasks {
+		// max_tasks run at once (each may be a planner of tens of MB); the rest wait.
+		m.waiting = append(m.waiting, t)
+		m.log.Info("task queued: max_tasks are running", "task", t.id, "name", spec.Name, "kind", spec.Kind, "max_tasks", m.cfg.MaxTasks)
 		return t.snapshot(), nil
 	}
+	m.launch(t, resumed)
+	return t.snapshot(), nil
+}
+
+// launch counts t as running and starts its goroutine, which opens t's source (a planner
+// start or a question to the scheduler: not under m.mu), runs t, and starts the next waiting
+// task when t ends. m.mu is held; shutdown, which sets stopping under it, waits for the
+// goroutine, and a task it stopped before its source opened ends as shutdown ends any.
+func (m *taskManager) launch(t *task, resumed bool) {
+	spec := t.spec
+	cfg, plannerCmd, plannerEnv := m.cfg, m.plannerCmd, m.plannerEnv
 	// Expiry runs stay local: their delete jobs and forced renders have no MapProxy request
 	// form to send through HAProxy (the tile cache is shared, so any host may do them).
 	if cfg.Cluster != "" && spec.Kind != "expire" {
 		t.cluster = newClusterRoute(cfg.Cluster, min(cfg.SeedWindow, clusterInFlight))
 		t.route = t.cluster
 	}
-	m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled, "resumed", resumed)
+	m.running++
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
-		t.run(m.ctx, src)
+		var src taskSource
+		var err error
+		if spec.Kind == "expire" {
+			src, err = m.openExpireSource(spec)
+		} else {
+			src, err = startPlanner(plannerCmd, plannerEnv, spec, m.log.With("task", t.id))
+		}
+		if err != nil {
+			t.end(taskStateFailed, err.Error())
+			close(t.ended)
+		} else {
+			m.log.Info("task started", "task", t.id, "name", spec.Name, "kind", spec.Kind, "priority", spec.priority, "scheduled", spec.scheduled, "resumed", resumed)
+			t.run(m.ctx, src)
+		}
+		m.mu.Lock()
+		m.running--
+		m.launchWaiting()
+		m.mu.Unlock()
 	}()
-	m.mu.Unlock()
-	return t.snapshot(), nil
 }
 
 // forgetOld drops the oldest finished tasks beyond keptFinishedTasks. m.mu is held.
@@ -424,6 +467,10 @@ func (m *taskManager) get(id string) (taskDoc, bool) {
 func (m *taskManager) cancelTask(id string) (taskDoc, error) {
 	m.mu.Lock()
 	t, ok := m.tasks[id]
+	if ok && m.dequeue(t, "cancelled by request") {
+		m.mu.Unlock()
+		return t.snapshot(), nil
+	}
 	m.mu.Unlock()
 	if !ok {
 		return taskDoc{}, errNoTask
@@ -490,7 +537,7 @@ type task struct {
 	id      string
 	spec    taskSpec
 	set     taskSettings
-	replies chan taskReply // from the scheduler; room for every outstanding request
+	replies taskReplyQueue // from the scheduler; never full
 	stopCh  chan string    // a stop reason; buffered 1, first one wins
 	ended   chan struct{}  // closed when run has returned
 	created time.Time
@@ -536,7 +583,7 @@ type taskReply struct {
 func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 	now := time.Now()
 	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set,
-		replies: make(chan taskReply, set.window+1), stopCh: make(chan string, 1), ended: make(chan struct{}),
+		replies: newTaskReplyQueue(), stopCh: make(chan string, 1), ended: make(chan struct{}),
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
 	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
 		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
@@ -544,13 +591,9 @@ func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 }
 
 // deliver is the task's replySink: the scheduler calls it once per request. It never
-// blocks: the channel has room for every outstanding request.
+// blocks.
 func (t *task) deliver(p *pendingRequest, r Reply) {
-	select {
-	case t.replies <- taskReply{p, r}:
-	default:
-		t.m.log.Error("task reply channel full; dropping a reply", "task", t.id) // cannot happen: see replies
-	}
+	t.replies.put(taskReply{p, r})
 }
 
 // stop asks the task to end with reason; it reports false when the task had already ended.
@@ -638,8 +681,10 @@ func (t *task) run(ctx context.Context, src taskSource) {
 				break
 			}
 			t.take(it)
-		case rep := <-t.replies:
-			t.answer(rep, retryTimer)
+		case <-t.replies.ready:
+			for _, rep := range t.replies.take() {
+				t.answer(rep, retryTimer)
+			}
 		case <-retryTimer.C:
 			t.retryDue(retryTimer)
 		case reason := <-t.stopCh:

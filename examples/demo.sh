@@ -154,11 +154,14 @@ sed -e "s|^mapproxy_config: .*|mapproxy_config: $TMP/mapproxy.yaml|" \
 	-e "s|^http: .*|http: 127.0.0.1:$RD_PORT|" \
 	-e "s|^renderers: .*|renderers: 2|" \
 	-e "s|^max_seed_renderers: .*|max_seed_renderers: 1|" \
+	-e "s|^state_dir: .*|state_dir: $TMP/state|" \
 	"$ex/renderd.yaml" >"$TMP/renderd.yaml"
 grep -q "127.0.0.1:$UP_PORT/service" "$TMP/mapproxy.yaml" || die "could not set the upstream port"
 grep -q "address: http://127.0.0.1:$RD_PORT" "$TMP/mapproxy.yaml" || die "could not set the renderd address"
 grep -q "address: http+unix://" "$TMP/mapproxy-unix.yaml" || die "could not set the Unix renderd address"
 grep -q "^socket: $SOCK" "$TMP/renderd.yaml" || die "could not set the socket in renderd.yaml"
+# All the demo's state stays in $TMP: the journal never goes to the machine's /var/lib.
+grep -q "^state_dir: $TMP/state" "$TMP/renderd.yaml" || die "could not set state_dir in renderd.yaml"
 info "ports: upstream $UP_PORT, mapproxy-renderd $RD_PORT, MapProxy $MP_PORT"
 info "MapProxy -> renderd: $SOCK_URL"
 
@@ -167,7 +170,7 @@ start upstream "$TMP/logs/upstream.log" mapproxy-util serve-develop -b "127.0.0.
 wait_for upstream "${pids[-1]}" 30 curl -sf -o /dev/null "http://127.0.0.1:$UP_PORT/service?SERVICE=WMS&REQUEST=GetCapabilities"
 
 step "starting mapproxy-renderd"
-start mapproxy-renderd "$TMP/logs/renderd.log" "$BIN" -f "$TMP/mapproxy.yaml" -c "$TMP/renderd.yaml"
+start mapproxy-renderd "$TMP/logs/renderd.log" "$BIN" -f "$TMP/mapproxy.yaml" -s "$TMP/seed.yaml" -c "$TMP/renderd.yaml"
 wait_for "mapproxy-renderd (socket)" "${pids[-1]}" 60 "$BIN" status -s "$SOCK"
 wait_for "mapproxy-renderd (TCP)" "${pids[-1]}" 10 curl -sf -o /dev/null "http://127.0.0.1:$RD_PORT/status"
 
@@ -212,16 +215,16 @@ if reply=$("$BIN" request -s "$SOCK" "$req"); then
 fi
 info "reply:   $reply (non-zero exit, as it should)"
 
-step "seeding by the daemon itself (mapproxy-renderd seed -s seed.yaml --wait initial)"
+step "seeding by the daemon itself (mapproxy-renderd seed --wait initial; the daemon runs with -s seed.yaml)"
 before=$(count_png "$C/wms_cache_EPSG3857")
-timeout 300 "$BIN" seed -s "$TMP/seed.yaml" --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-initial.log" |
+timeout 300 "$BIN" seed --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-initial.log" |
 	sed 's/^/    /' || die "the seed task failed (see $TMP/logs/seed-initial.log)"
 grep -q ' done ' "$TMP/logs/seed-initial.log" || die "the seed task did not end done"
 after=$(count_png "$C/wms_cache_EPSG3857")
 ((after > before)) || die "seeding wrote nothing"
 info "wms_cache: $before tiles before, $after after"
 info "again: MapProxy's walker skips what is cached, so nothing is planned"
-"$BIN" seed -s "$TMP/seed.yaml" --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-again.log" | sed 's/^/    /'
+"$BIN" seed --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-again.log" | sed 's/^/    /'
 grep -q ' done 0/0 ' "$TMP/logs/seed-again.log" || die "the second run planned metatiles"
 "$BIN" tasks -s "$SOCK" | sed 's/^/    /'
 

@@ -12,7 +12,7 @@ MapProxy is imported. Then, in mapproxy.yaml,
 
 (the socket path percent-encoded, "/" as %2F) sends every job over the socket.
 ``http://`` addresses keep working, so the same script serves TCP setups too.
-Seed with the daemon itself (``mapproxy-renderd seed -s seed.yaml NAME --wait``),
+Seed with the daemon itself (``mapproxy-renderd seed NAME --wait``, seed_config in renderd.yaml),
 which needs no second configuration; mapproxy-seed is a separate program
 without this patch and needs a configuration with a TCP address.
 
