@@ -58,7 +58,8 @@ const (
 	recDone       byte = 3 // cache number, z, x, y: the job was rendered (or failed for good)
 	recTaskSpec   byte = 4 // task id, spec (the rest): a task accepted
 	recTaskCursor byte = 5 // task id, cursor (the rest): where the task resumes
-	recTaskEnd    byte = 6 // task id: the task ended (done, failed, cancelled)
+	recTaskEnd    byte = 6 // task id, final task document (the rest; may be empty): the task ended (done, failed, cancelled)
+	recTaskNumber byte = 7 // uvarint: the highest task number handed out (taskstore.go)
 )
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -87,7 +88,11 @@ type journalTask struct {
 type journalReplay struct {
 	Jobs    []journalJob
 	Tasks   []journalTask
-	Records int64  // valid records read
+	// Finished are the documents of the last keptFinishedTasks tasks that ended, oldest
+	// first; TaskNumber is the highest task number ever handed out (taskstore.go).
+	Finished   []journalTask
+	TaskNumber uint64
+	Records    int64  // valid records read
 	Corrupt string // why the valid prefix ended early ("" = clean)
 	Dropped int64  // bytes after the valid prefix
 }
@@ -135,6 +140,8 @@ type journal struct {
 	jobs    map[jkey]int32 // live jobs: index in order
 	order   []jentry
 	tasks   map[string]*jtask
+	ended   []journalTask // finished task documents, oldest first, at most keptFinishedTasks
+	taskNum uint64
 	seq     uint64
 	size    int64 // bytes in the file, written or in buf
 	records int64 // records appended since open (stats)
@@ -178,6 +185,7 @@ func openJournal(dir string, log *slog.Logger) (*journal, journalReplay, error) 
 		}
 	}
 	rep.Jobs, rep.Tasks = j.liveState()
+	rep.Finished, rep.TaskNumber = slices.Clone(j.ended), j.taskNum
 	f, size, err := j.writeSnapshot()
 	if err != nil {
 		lock.Close()
@@ -318,7 +326,14 @@ func (j *journal) apply(body []byte) error {
 			}
 		case recTaskEnd:
 			delete(j.tasks, id)
+			j.keepEnded(id, rest)
 		}
+	case recTaskNumber:
+		n := d.uvarint()
+		if d.bad || !d.done() {
+			return errors.New("bad task number record")
+		}
+		j.taskNum = max(j.taskNum, n)
 	default:
 		return fmt.Errorf("unknown record type %d", body[0])
 	}
@@ -375,6 +390,12 @@ func (j *journal) snapshotLocked() []byte {
 		if e.live {
 			out = appendRecord(out, encodeJob(body[:0], recJob, e.key, int(e.priority)))
 		}
+	}
+	if j.taskNum > 0 {
+		out = appendRecord(out, appendUvarint(append(body[:0], recTaskNumber), j.taskNum))
+	}
+	for _, t := range j.ended {
+		out = appendRecord(out, encodeTask(body[:0], recTaskEnd, t.ID, t.Spec))
 	}
 	_, tasks := j.liveState()
 	for _, t := range tasks {
@@ -530,6 +551,9 @@ func (j *journal) maybeCompact() {
 // snapshotEstimateLocked is about what a snapshot of the live state takes on disk.
 func (j *journal) snapshotEstimateLocked() int64 {
 	n := int64(len(j.jobs)) * 16
+	for _, t := range j.ended {
+		n += int64(len(t.Spec)) + 64
+	}
 	for _, t := range j.tasks {
 		n += int64(len(t.spec)+len(t.cursor)) + 64
 	}
@@ -672,13 +696,14 @@ func (j *journal) taskCursor(id string, cursor []byte) {
 	j.end(false)
 }
 
-// taskEnd records that a task ended; it is not resumed after a restart. It does not wait.
-func (j *journal) taskEnd(id string) {
+// taskEnd records that a task ended with its final document doc (kept among the last
+// keptFinishedTasks; nil: not kept); it is not resumed after a restart. It does not wait.
+func (j *journal) taskEnd(id string, doc []byte) {
 	if j.begin() != nil {
 		return
 	}
-	if _, ok := j.tasks[id]; ok {
-		j.appendLocked(encodeTask(nil, recTaskEnd, id, nil))
+	if _, ok := j.tasks[id]; ok || len(doc) > 0 {
+		j.appendLocked(encodeTask(nil, recTaskEnd, id, doc))
 	}
 	j.end(false)
 }

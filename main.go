@@ -339,6 +339,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	defer dropLists()
 	tasks.lists = lists
 	if jr != nil {
+		tasks.restoreFinished(jrep.Finished, jrep.TaskNumber)
 		tasks.resumeJournaled(jrep.Tasks)
 	}
 	tasks.start()

@@ -46,9 +46,17 @@ type taskSpec struct {
 	SeedConfig string          `json:"seed_config,omitempty"`
 	Inline     json.RawMessage `json:"inline,omitempty"`
 	Cursor     json.RawMessage `json:"cursor,omitempty"`
+	// Resolved is the planner's resolved line (taskresolve.go): the entry as MapProxy
+	// resolved it at the task's start. With it the planner ignores SeedConfig, Name and
+	// Inline, so a resumed task walks exactly what it started to walk.
+	Resolved json.RawMessage `json:"resolved,omitempty"`
 
 	priority  int
 	scheduled bool
+	// A resumed task's journaled figures (taskstore.go): set by resumeJournaled.
+	resumed      bool
+	resumeCounts *taskCounted
+	created      string
 }
 
 // taskError is one failed metatile (or a task-level error without a tile).
@@ -283,7 +291,9 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 	if !resumed {
 		m.nextID++
 		id = "t" + strconv.Itoa(m.nextID)
+		spec.created = time.Now().Format(time.RFC3339)
 		if m.journal != nil {
+			m.journal.taskNumber(uint64(m.nextID))
 			if err := m.journal.taskSpec(id, journalSpec(spec)); err != nil {
 				m.nextID--
 				return taskDoc{}, fmt.Errorf("task not started: %w", err)
@@ -338,7 +348,9 @@ func (m *taskManager) forgetOld() {
 			i++
 			continue
 		}
-		m.forgotten.add(t.snapshot())
+		if !t.restored { // counted by the daemon that ran it
+			m.forgotten.add(t.snapshot())
+		}
 		delete(m.tasks, t.id)
 		m.order = slices.Delete(m.order, i, i+1)
 		finished--
@@ -502,6 +514,13 @@ type task struct {
 	taken          uint64
 	cursors        []pendingCursor
 	lastCheckpoint time.Time
+	// Counts that survive a restart (taskstore.go): items finished after the last
+	// checkpoint; figures before this run; a finished task restored from the journal.
+	finishedSince []finishedItem
+	plannedBase   uint64
+	deletedBase   uint64
+	resumed       int
+	restored      bool
 }
 
 // taskJob is one metatile of a task while the task works on it.
@@ -524,6 +543,9 @@ func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
 	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
 		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
+	if spec.resumed {
+		t.restoreCounts(spec.resumeCounts, spec.created)
+	}
 	return t
 }
 
@@ -577,12 +599,12 @@ func (t *task) end(state, reason string) {
 	}
 	t.doc.State, t.doc.Reason = state, reason
 	t.doc.Finished = time.Now().Format(time.RFC3339)
-	t.recordEnd(state, reason)
 	t.doc.EtaS = nil
 	if state == taskStateDone {
 		t.doc.Progress = 1
 	}
 	t.doc.Queued = 0
+	t.recordEnd(state, reason)
 }
 
 // run is the task goroutine: it reads the source while fewer than window of its requests
@@ -598,7 +620,9 @@ func (t *task) run(ctx context.Context, src taskSource) {
 	t.started = time.Now()
 	t.mu.Lock()
 	t.doc.State = taskStatePlanning
-	t.doc.Started = t.started.Format(time.RFC3339)
+	if t.doc.Started == "" { // a resumed task keeps its first start
+		t.doc.Started = t.started.Format(time.RFC3339)
+	}
 	t.mu.Unlock()
 	retryTimer := time.NewTimer(time.Hour)
 	retryTimer.Stop()
@@ -631,6 +655,7 @@ func (t *task) run(ctx context.Context, src taskSource) {
 			t.m.log.Info("task cancelled", "task", t.id, "reason", reason)
 			return
 		case <-ctx.Done():
+			t.checkpoint(true) // what finished so far: the restart resumes after it
 			t.abandon()
 			t.end(taskStateCancelled, reasonShutdown)
 			return
@@ -657,6 +682,9 @@ func (t *task) run(ctx context.Context, src taskSource) {
 
 // take handles one source item.
 func (t *task) take(it taskItem) {
+	if it.resolved != nil {
+		t.resolve(it.resolved)
+	}
 	if it.progress >= 0 {
 		t.walkProgress = it.progress
 	}
@@ -666,7 +694,7 @@ func (t *task) take(it taskItem) {
 	}
 	if it.hasRemoved {
 		t.mu.Lock()
-		t.doc.Deleted = it.removed
+		t.doc.Deleted = t.deletedBase + it.removed
 		t.mu.Unlock()
 	}
 	if it.lines != nil {
@@ -707,10 +735,13 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 		switch {
 		case tj.item.delete:
 			t.doc.Deleted++
+			t.noteFinished(tj.seq, finishedDeleted)
 		case rep.r.Skipped:
 			t.doc.Skipped++
+			t.noteFinished(tj.seq, finishedSkipped)
 		default:
 			t.doc.Done++
+			t.noteFinished(tj.seq, finishedDone)
 		}
 		t.mu.Unlock()
 		t.outcome(false)
@@ -731,6 +762,7 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 		}
 		t.mu.Lock()
 		t.doc.Failed++
+		t.noteFinished(tj.seq, finishedFailed)
 		if len(t.doc.Errors) < maxTaskErrors {
 			tile := tj.item.tile
 			t.doc.Errors = append(t.doc.Errors, taskError{Tile: []int32{tile.X, tile.Y, tile.Z},
