@@ -86,15 +86,15 @@ type journalTask struct {
 // journalReplay is what opening a journal found: the live state, in the order it was
 // accepted, and what was wrong with the file, if anything.
 type journalReplay struct {
-	Jobs    []journalJob
-	Tasks   []journalTask
+	Jobs  []journalJob
+	Tasks []journalTask
 	// Finished are the documents of the last keptFinishedTasks tasks that ended, oldest
 	// first; TaskNumber is the highest task number ever handed out (taskstore.go).
 	Finished   []journalTask
 	TaskNumber uint64
 	Records    int64  // valid records read
-	Corrupt string // why the valid prefix ended early ("" = clean)
-	Dropped int64  // bytes after the valid prefix
+	Corrupt    string // why the valid prefix ended early ("" = clean)
+	Dropped    int64  // bytes after the valid prefix
 }
 
 // jkey is a journaled job's identity: its cache number and metatile.

@@ -890,14 +890,14 @@ def plan_main(argv):
                     kind, tasks, resolved = plan_tasks(spec, mapproxy_conf)
                 except ConfigurationError as e:
                     raise PlanError(str(e))
-                if resolved is not None:
-                    out.line({'resolved': resolved})
                 if kind == 'list':
                     out.line(tasks)
                     out.line({'done': True, 'removed': 0})
                     return 0
                 if kind == 'seed':
                     first, old_levels = parse_cursor(spec.get('cursor'), tasks)
+                if resolved is not None:
+                    out.line({'resolved': resolved})
                 out.line({'tasks': [{'cache_identifier': t.tile_manager.identifier,
                                      'levels': list(t.levels)} for t in tasks]})
                 if kind == 'seed':
