@@ -140,11 +140,12 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	var cf configFlags
 	fs := newFlagSet("check-config", stderr)
 	cf.register(fs, true)
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if len(pos) > 0 {
+		return fmt.Errorf("unexpected argument %q", pos[0])
 	}
 	cfg, err := cf.load()
 	if err != nil {
@@ -219,11 +220,12 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	var cf configFlags
 	fs := newFlagSet("mapproxy-renderd", stderr)
 	cf.register(fs, true)
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if len(pos) > 0 {
+		return fmt.Errorf("unexpected argument %q", pos[0])
 	}
 	cfg, err := cf.load()
 	if err != nil {

@@ -95,22 +95,30 @@ func (s *server) serveCancelTask(w http.ResponseWriter, r *http.Request) {
 func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer) error {
 	var cl clientFlags
 	fs := newFlagSet(cmd, stderr)
-	cl.register(fs, cmd != "seed")
+	if cmd == "seed" {
+		cl.register(fs, nil)
+	} else {
+		cl.register(fs, stderr)
+	}
 	seedPath := ""
 	priority := -1
 	wait, asJSON := false, false
 	switch cmd {
 	case "seed":
-		fs.StringVar(&seedPath, "s", "", "MapProxy seed configuration (default: the daemon's seed_config)")
+		fs.Func("s", "MapProxy seed configuration, `seed.yaml` (default: the daemon's seed_config)", func(v string) error {
+			seedPath = cl.seedOrSocket(v, stderr)
+			return nil
+		})
 		fs.IntVar(&priority, "priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
 		fs.BoolVar(&wait, "wait", false, "wait until the tasks end, showing progress")
 	case "tasks":
 		fs.BoolVar(&asJSON, "json", false, "print the JSON reply")
 	}
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	network, addr, err := cl.address()
+	target, err := cl.target()
 	if err != nil {
 		return err
 	}
@@ -118,13 +126,13 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	call := func(line []byte) (Reply, []byte, error) {
 		ctx, cancel := context.WithTimeout(ctx, cl.timeout)
 		defer cancel()
-		return exchange(ctx, network, addr, line)
+		return target.call(ctx, cmd, line)
 	}
 
 	switch cmd {
 	case "tasks":
-		if fs.NArg() > 0 {
-			return errors.New("tasks takes no arguments")
+		if err := errNoArgs("tasks", pos); err != nil {
+			return err
 		}
 		rep, raw, err := call([]byte(`{"command":"tasks","id":"cli"}`))
 		if err != nil {
@@ -136,10 +144,10 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 		}
 		return printTaskTable(stdout, rep)
 	case "task", "cancel":
-		if fs.NArg() != 1 {
-			return fmt.Errorf("%s takes one task id", cmd)
+		if len(pos) != 1 {
+			return fmt.Errorf("%s takes one task id, got %q", cmd, pos)
 		}
-		line, _ := json.Marshal(map[string]string{"command": cmd, "id": "cli", "task_id": fs.Arg(0)})
+		line, _ := json.Marshal(map[string]string{"command": cmd, "id": "cli", "task_id": pos[0]})
 		rep, raw, err := call(line)
 		if err != nil {
 			return err
@@ -148,7 +156,7 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 		return exitStatus(rep)
 	}
 	// seed
-	if fs.NArg() == 0 {
+	if len(pos) == 0 {
 		return errors.New("seed needs at least one NAME (a seeds: or cleanups: entry of seed.yaml)")
 	}
 	if seedPath != "" {
@@ -158,7 +166,7 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	}
 	var ids []string
 	failed := false
-	for _, name := range fs.Args() {
+	for _, name := range pos {
 		msg := map[string]any{"command": "seed", "id": "cli", "task": name}
 		if seedPath != "" {
 			msg["seed_config"] = seedPath

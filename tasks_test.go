@@ -370,12 +370,12 @@ func TestTaskAPIOverHTTPAndCLI(t *testing.T) {
 		t.Fatalf("seed --wait: err %v, out %q, stderr %q", err, out.String(), errOut.String())
 	}
 	out.Reset()
-	if err := run(ctx, []string{"tasks", "-s", r.socket}, &out, &errOut); err != nil || !strings.Contains(out.String(), "cancelled") ||
+	if err := run(ctx, []string{"tasks", "--socket", r.socket}, &out, &errOut); err != nil || !strings.Contains(out.String(), "cancelled") ||
 		!strings.Contains(out.String(), "schedule all every 24h0m0s") {
 		t.Errorf("tasks: err %v, out %q", err, out.String())
 	}
 	out.Reset()
-	if err := run(ctx, []string{"cancel", "-s", r.socket, d.TaskID}, &out, &errOut); err == nil || !strings.Contains(out.String(), "already ended") {
+	if err := run(ctx, []string{"cancel", "--socket", r.socket, d.TaskID}, &out, &errOut); err == nil || !strings.Contains(out.String(), "already ended") {
 		t.Errorf("cancel of an ended task: err %v, out %q", err, out.String())
 	}
 	out.Reset()
