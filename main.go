@@ -54,15 +54,16 @@ const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
                    [--socket PATH] [--http ADDR]
   mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
-  mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
-  mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
-  mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
-  mapproxy-renderd tasks [--json] [-s socket | --http host:port]
-  mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
-  mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
+  mapproxy-renderd request [--socket PATH | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
+  mapproxy-renderd status  [--socket PATH | --http host:port|http://URL | -f … | -c …]
+  mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket PATH | --http …] NAME…
+  mapproxy-renderd tasks [--json] [--socket PATH | --http … | -f … | -c …]
+  mapproxy-renderd task ID | cancel ID [--socket PATH | --http … | -f … | -c …]
+  mapproxy-renderd top     [--socket PATH | --http … | -f … | -c …] [--once] [--interval 1s]
   mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
   mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--wait] [FILE] < list
   mapproxy-renderd version
+Options go before or after the other arguments; -s is always seed.yaml (the socket: --socket).
 `
 
 // run is the whole program; main only wires signals and exit codes.

@@ -650,6 +650,9 @@ func (t *task) run(ctx context.Context, src taskSource) {
 		case <-retryTimer.C:
 			t.retryDue(retryTimer)
 		case reason := <-t.stopCh:
+			if reason == reasonShutdown {
+				t.checkpoint(true) // what finished so far: the restart resumes after it
+			}
 			t.abandon()
 			t.end(taskStateCancelled, reason)
 			t.m.log.Info("task cancelled", "task", t.id, "reason", reason)
