@@ -259,12 +259,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 
 	script := ""
 	if len(cfg.RendererCommand) == 0 || (len(cfg.PlannerCommand) == 0 && cfg.MapProxyConfig != "") {
-		var cleanup func()
-		script, cleanup, err = writeBundledWorker()
-		if err != nil {
+		if script, err = installBundledWorker(); err != nil {
 			return err
 		}
-		defer cleanup()
 	}
 
 	listeners := inherited

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -294,14 +295,21 @@ func printTaskTable(out io.Writer, rep Reply) error {
 	var scheds []scheduleDoc
 	_ = json.Unmarshal(rep.Tasks, &tasks)
 	_ = json.Unmarshal(rep.Schedules, &scheds)
-	fmt.Fprintf(out, "%-6s %-20s %-8s %-10s %10s %10s %8s %8s %7s %9s\n", "ID", "NAME", "KIND", "STATE", "DONE", "PLANNED", "FAILED", "RATE/S", "WALK", "ETA")
+	// Columns as wide as their widest cell (a long name shifts nothing); DONE counts
+	// metatiles rendered or found fresh, DELETED tiles a cleanup removed or metatiles an
+	// expiry run deleted.
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tKIND\tSTATE\tDONE\tDELETED\tPLANNED\tFAILED\tRATE/S\tWALK\tETA\t")
 	for _, d := range tasks {
 		eta := "-"
 		if d.EtaS != nil {
 			eta = (time.Duration(*d.EtaS) * time.Second).Round(time.Second).String()
 		}
-		fmt.Fprintf(out, "%-6s %-20s %-8s %-10s %10d %10d %8d %8.1f %6.0f%% %9s\n", d.TaskID, truncate(d.Name, 20), d.Kind, d.State,
-			d.Done+d.Skipped, d.Planned, d.Failed, d.RatePerS, 100*d.Progress, eta)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%.1f\t%.0f%%\t%s\t\n", d.TaskID, tableCell(d.Name), d.Kind, d.State,
+			d.Done+d.Skipped, d.Deleted, d.Planned, d.Failed, d.RatePerS, 100*d.Progress, eta)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
 	}
 	for _, s := range scheds {
 		when := "every " + s.Every
@@ -314,6 +322,17 @@ func printTaskTable(out io.Writer, rep Reply) error {
 		fmt.Fprintf(out, "schedule %s %s: next %s (%d runs, %d skipped)\n", s.Task, when, s.NextRun, s.Runs, s.Skipped)
 	}
 	return nil
+}
+
+// tableCell is a value as one table cell: no tabs or line breaks, at most 60 characters.
+func tableCell(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if r == '\t' || r == '\n' || r == '\r' {
+			return ' '
+		}
+		return r
+	}, s)
+	return truncate(s, 60)
 }
 
 func exitStatus(r Reply) error {
