@@ -59,6 +59,7 @@
 //   - cliflags.go: the command line's shared rules: flags anywhere (parseArgs), -s is
 //     seed.yaml, --socket and --http (one parser) reach the daemon.
 //   - workerfile.go: where the bundled worker is written (content-addressed, reused).
+//   - taskdrain.go: a cancelled task counts the renders running at the cancel.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);

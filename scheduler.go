@@ -424,7 +424,7 @@ func (s *scheduler) knownCaches() int {
 }
 
 func (s *scheduler) handleCancel(p *pendingRequest) {
-	if p.answered {
+	if p.answered || s.keptRunning(p) {
 		return
 	}
 	p.answered = true // the client is gone: nothing more is sent to it
@@ -440,6 +440,9 @@ func (s *scheduler) handleCancel(p *pendingRequest) {
 		if s.qs.removeWaiter(j, p) {
 			s.stats.dropped++
 		}
+	}
+	if p.keepRunning {
+		p.sink.deliver(p, Reply{Status: statusWithdrawn})
 	}
 }
 

@@ -426,7 +426,10 @@ func (m *taskManager) cancelTask(id string) (taskDoc, error) {
 	if !t.stop("cancelled by request") {
 		return t.snapshot(), errTaskConflict
 	}
-	<-t.ended
+	select {
+	case <-t.ended:
+	case <-t.stopped:
+	}
 	return t.snapshot(), nil
 }
 
@@ -488,6 +491,7 @@ type task struct {
 	replies  chan taskReply // from the scheduler; room for every outstanding request
 	stopCh   chan string    // a stop reason; buffered 1, first one wins
 	ended    chan struct{}  // closed when run has returned
+	stopped  chan struct{}  // closed when a cancel has ended the task (its running renders may still be counted)
 	created  time.Time
 	stopOnce sync.Once
 
@@ -539,7 +543,7 @@ type taskReply struct {
 func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 	now := time.Now()
 	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set,
-		replies: make(chan taskReply, set.window+1), stopCh: make(chan string, 1), ended: make(chan struct{}),
+		replies: make(chan taskReply, set.window+1), stopCh: make(chan string, 1), ended: make(chan struct{}), stopped: make(chan struct{}),
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
 	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
 		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
@@ -652,6 +656,9 @@ func (t *task) run(ctx context.Context, src taskSource) {
 		case reason := <-t.stopCh:
 			if reason == reasonShutdown {
 				t.checkpoint(true) // what finished so far: the restart resumes after it
+			} else if t.cluster == nil {
+				t.cancelCounting(ctx, reason, retryTimer)
+				return
 			}
 			t.abandon()
 			t.end(taskStateCancelled, reason)
@@ -720,7 +727,8 @@ func (t *task) submit(tj *taskJob) {
 	tj.attempts++
 	p := &pendingRequest{sink: t, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
 		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
-		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete}}
+		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete},
+		keepRunning: t.cluster == nil}
 	t.outstanding[p] = tj
 	t.route.submit(p)
 }

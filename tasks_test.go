@@ -183,6 +183,10 @@ func TestSeedTaskWindowBoundsQueueAndCancelDropsIt(t *testing.T) {
 	if n := len(r.jobLog()); n != 3 {
 		t.Errorf("renders: got %d, want 3 (two running at the cancel, one live)", n)
 	}
+	// The two renders running at the cancel count in the cancelled task's document.
+	if d := r.waitTask(d.TaskID, "counting the renders running at the cancel", func(d taskDoc) bool { return d.Done == 2 }); d.State != taskStateCancelled {
+		t.Errorf("cancelled task: %+v", d)
+	}
 	// Cancelling again is a conflict that still shows the document.
 	rep = r.call(`{"command":"cancel","task_id":"` + d.TaskID + `"}`)
 	if rep.Status != statusError || taskOf(t, rep).State != taskStateCancelled {
