@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"syscall"
 )
@@ -58,8 +59,8 @@ const (
 	recDone       byte = 3 // cache number, z, x, y: the job was rendered (or failed for good)
 	recTaskSpec   byte = 4 // task id, spec (the rest): a task accepted
 	recTaskCursor byte = 5 // task id, cursor (the rest): where the task resumes
-	recTaskEnd    byte = 6 // task id, final task document (the rest; may be empty): the task ended (done, failed, cancelled)
-	recTaskNumber byte = 7 // uvarint: the highest task number handed out (taskstore.go)
+	recTaskEnd    byte = 6 // task id, final task document (the rest; may be empty): the task ended (done, failed, cancelled);
+	// with the id taskNumberID, the rest is the highest task number handed out (taskstore.go)
 )
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -325,15 +326,17 @@ func (j *journal) apply(body []byte) error {
 				t.cursor = bytes.Clone(rest)
 			}
 		case recTaskEnd:
+			if id == taskNumberID {
+				n, err := strconv.ParseUint(string(rest), 10, 63)
+				if err != nil {
+					return errors.New("bad task number record")
+				}
+				j.taskNum = max(j.taskNum, n)
+				break
+			}
 			delete(j.tasks, id)
 			j.keepEnded(id, rest)
 		}
-	case recTaskNumber:
-		n := d.uvarint()
-		if d.bad || !d.done() {
-			return errors.New("bad task number record")
-		}
-		j.taskNum = max(j.taskNum, n)
 	default:
 		return fmt.Errorf("unknown record type %d", body[0])
 	}
@@ -392,7 +395,7 @@ func (j *journal) snapshotLocked() []byte {
 		}
 	}
 	if j.taskNum > 0 {
-		out = appendRecord(out, appendUvarint(append(body[:0], recTaskNumber), j.taskNum))
+		out = appendRecord(out, encodeTask(body[:0], recTaskEnd, taskNumberID, strconv.AppendUint(nil, j.taskNum, 10)))
 	}
 	for _, t := range j.ended {
 		out = appendRecord(out, encodeTask(body[:0], recTaskEnd, t.ID, t.Spec))

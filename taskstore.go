@@ -10,8 +10,10 @@ import (
 
 // What the journal keeps of tasks beyond specs and cursors, so that a restart forgets
 // nothing an operator looks at (issue 21):
-//   - the highest task number handed out (recTaskNumber): ids are never reused, even when
-//     every task that had one is gone from the journal;
+//   - the highest task number handed out: ids are never reused, even when every task that
+//     had one is gone from the journal. It is a task-end record of the pseudo task
+//     taskNumberID, which a daemon that does not know it takes for the end of a task it does
+//     not have: a downgrade reads the journal as before;
 //   - the final documents of the last keptFinishedTasks tasks that ended (recTaskEnd's
 //     payload): `tasks` lists them after a restart as before it;
 //   - with every checkpoint, the task's counts as of its cursor (taskCheckpoint): a
@@ -142,6 +144,9 @@ func (j *journal) keepEnded(id string, doc []byte) {
 	j.ended = append(j.ended, journalTask{ID: id, Spec: slices.Clone(doc)})
 }
 
+// taskNumberID is the pseudo task id of the task number record; no task id starts with #.
+const taskNumberID = "#task-number"
+
 // taskNumber records the highest task number handed out. It does not wait: the task's
 // spec, appended next, waits for the batch that holds both.
 func (j *journal) taskNumber(n uint64) {
@@ -149,7 +154,7 @@ func (j *journal) taskNumber(n uint64) {
 		return
 	}
 	if n > j.taskNum {
-		j.appendLocked(appendUvarint([]byte{recTaskNumber}, n))
+		j.appendLocked(encodeTask(nil, recTaskEnd, taskNumberID, strconv.AppendUint(nil, n, 10)))
 	}
 	j.end(false)
 }
