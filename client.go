@@ -26,17 +26,17 @@ type clientFlags struct {
 	timeout time.Duration
 }
 
-// register adds the flags; -s names the socket unless the command uses -s for seed.yaml
-// (`seed`, as mapproxy-seed does), where --socket does.
-func (c *clientFlags) register(fs *flag.FlagSet, sIsSocket bool) {
+// register adds the flags. --socket names the socket; with deprecatedS (stderr), -s does
+// too, with a deprecation line (cliflags.go): commands without a seed.yaml.
+func (c *clientFlags) register(fs *flag.FlagSet, deprecatedS io.Writer) {
 	c.cf.register(fs, false)
 	usage := "Unix socket of the daemon (default: from -c/-f, else " + defaultSocket + ")"
 	fs.StringVar(&c.socket, "socket", "", usage)
-	if sIsSocket {
-		fs.StringVar(&c.socket, "s", "", usage)
+	if deprecatedS != nil {
+		c.registerDeprecatedS(fs, deprecatedS)
 	}
-	fs.StringVar(&c.tcp, "http", "", "TCP address of the daemon, host:port (native protocol, instead of the socket); "+
-		"request and status also take an http:// URL (HTTP, e.g. through HAProxy, see README)")
+	fs.StringVar(&c.tcp, "http", "", "the daemon's TCP address, host:port (native protocol, instead of the socket), "+
+		"or an http:// URL (HTTP, e.g. through HAProxy, see README)")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Minute, "give up after this long")
 }
 
@@ -96,23 +96,23 @@ func exchange(ctx context.Context, network, addr string, line []byte) (Reply, []
 func runClient(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer) error {
 	var cl clientFlags
 	fs := newFlagSet(cmd, stderr)
-	cl.register(fs, true)
-	if err := fs.Parse(args); err != nil {
+	cl.register(fs, stderr)
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
 	var line []byte
-	var err error
 	switch cmd {
 	case "status":
-		if fs.NArg() > 0 {
-			return fmt.Errorf("status takes no arguments")
+		if err := errNoArgs("status", pos); err != nil {
+			return err
 		}
 		line = []byte(`{"command":"status","id":"cli"}`)
 	case "request":
-		if fs.NArg() != 1 {
+		if len(pos) != 1 {
 			return fmt.Errorf("request takes one JSON argument, e.g. '{\"command\":\"ping\"}'")
 		}
-		line = []byte(fs.Arg(0))
+		line = []byte(pos[0])
 		if bytes.ContainsAny(line, "\n") {
 			var buf bytes.Buffer
 			if err := json.Compact(&buf, line); err != nil {
@@ -123,17 +123,11 @@ func runClient(ctx context.Context, cmd string, args []string, stdout, stderr io
 	}
 	ctx, cancel := context.WithTimeout(ctx, cl.timeout)
 	defer cancel()
-	var r Reply
-	var reply []byte
-	if strings.HasPrefix(cl.tcp, "http://") || strings.HasPrefix(cl.tcp, "https://") {
-		r, reply, err = httpExchange(ctx, cmd, cl.tcp, line)
-	} else {
-		var network, addr string
-		if network, addr, err = cl.address(); err != nil {
-			return err
-		}
-		r, reply, err = exchange(ctx, network, addr, line)
+	target, err := cl.target()
+	if err != nil {
+		return err
 	}
+	r, reply, err := target.call(ctx, cmd, line)
 	if err != nil {
 		return err
 	}

@@ -198,7 +198,8 @@ func crashTaskRun(t *testing.T, extraYAML, startLine, cursorField string, total 
 	for {
 		for _, jt := range journaledTasks(t, dir+"/state") {
 			if jt.ID == id {
-				json.Unmarshal(jt.Cursor, &cur)
+				c, _ := decodeCheckpoint(jt.Cursor)
+				json.Unmarshal(c, &cur)
 			}
 		}
 		if cur[cursorField] >= doneBeforeKill-1000 {

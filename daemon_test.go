@@ -541,16 +541,16 @@ func TestConfigErrors(t *testing.T) {
 func TestClientCommands(t *testing.T) {
 	d := newTestDaemon(t, daemonOpts{renderers: 1, maxSeed: -1, rendArgs: []string{"-fail", "9"}})
 	var out bytes.Buffer
-	if err := run(t.Context(), []string{"request", "-s", d.socket, tileReq("x", cacheID, 1, 1, 1, 100)}, &out, io.Discard); err != nil || !strings.Contains(out.String(), `"status":"ok"`) {
+	if err := run(t.Context(), []string{"request", "--socket", d.socket, tileReq("x", cacheID, 1, 1, 1, 100)}, &out, io.Discard); err != nil || !strings.Contains(out.String(), `"status":"ok"`) {
 		t.Fatalf("request: %v %q", err, out.String())
 	}
 	out.Reset()
-	err := run(t.Context(), []string{"request", "-s", d.socket, tileReq("x", cacheID, 9, 1, 1, 100)}, &out, io.Discard)
+	err := run(t.Context(), []string{"request", "--socket", d.socket, tileReq("x", cacheID, 9, 1, 1, 100)}, &out, io.Discard)
 	if code, ok := err.(exitCode); !ok || code != 1 || !strings.Contains(out.String(), "fake failure") {
 		t.Fatalf("failing request: got %v %q, want exit 1 and the error", err, out.String())
 	}
 	out.Reset()
-	if err := run(t.Context(), []string{"status", "-s", d.socket}, &out, io.Discard); err != nil || !strings.Contains(out.String(), `"rendered": 1`) {
+	if err := run(t.Context(), []string{"status", "--socket", d.socket}, &out, io.Discard); err != nil || !strings.Contains(out.String(), `"rendered": 1`) {
 		t.Fatalf("status: %v %q", err, out.String())
 	}
 }

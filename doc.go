@@ -82,6 +82,14 @@
 //     instead of the daemon, refuses durable work, retries a snapshot until it recovers;
 //     a damaged file is set aside whatever the damage.
 //   - journaltask.go: tasks in the journal: specs, checkpointed cursors, ends, resumption.
+//   - taskresolve.go: a task's resolved spec (the planner's resolved line), journaled before
+//     its first metatile so that a resumed task walks what it started to walk.
+//   - taskstore.go: what survives a restart besides specs and cursors: the task number,
+//     the last finished tasks' documents, a checkpoint's counts.
+//   - cliflags.go: the command line's shared rules: flags anywhere (parseArgs), -s is
+//     seed.yaml, --socket and --http (one parser) reach the daemon.
+//   - workerfile.go: where the bundled worker is written (content-addressed, reused).
+//   - taskdrain.go: a cancelled task counts the renders running at the cancel.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);

@@ -389,7 +389,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	var cl clientFlags
 	fs := newFlagSet("expire", stderr)
-	cl.register(fs, true)
+	cl.register(fs, stderr)
 	cache := fs.String("cache", "", "cache identifier (<cache>_<grid>) the list is for (required)")
 	minZoom := fs.Int("min-zoom", 0, "mark ancestors down to this zoom")
 	maxZoom := fs.Int("max-zoom", -1, "mark descendants up to this zoom (default: each line's own zoom)")
@@ -397,7 +397,8 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	priority := fs.Int("priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
 	wait := fs.Bool("wait", false, "wait until the task ends, showing progress")
 	onlyCached := fs.Bool("only-cached", true, "re-render only metatiles with a tile in the cache; --only-cached=false renders all (default: the daemon's expire_only_cached)")
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
 	onlyCachedSet := false
@@ -405,19 +406,19 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	if *cache == "" {
 		return errors.New("expire needs --cache ID")
 	}
-	if fs.NArg() > 1 {
+	if len(pos) > 1 {
 		return errors.New("expire takes at most one FILE (default: standard input)")
 	}
 	body := stdin
-	if fs.NArg() == 1 {
-		f, err := os.Open(fs.Arg(0))
+	if len(pos) == 1 {
+		f, err := os.Open(pos[0])
 		if err != nil {
 			return err
 		}
 		defer f.Close()
 		body = f
 	}
-	network, addr, err := cl.address()
+	target, err := cl.target()
 	if err != nil {
 		return err
 	}
@@ -436,12 +437,16 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	if onlyCachedSet {
 		q.Set("only_cached", strconv.FormatBool(*onlyCached))
 	}
-	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, network, addr)
-	}}}
-	defer hc.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://mapproxy-renderd/expire?"+q.Encode(), bufio.NewReaderSize(body, 64<<10))
+	base, hc := target.url, http.DefaultClient
+	if base == "" {
+		base = "http://mapproxy-renderd"
+		hc = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, target.network, target.addr)
+		}}}
+		defer hc.CloseIdleConnections()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+"/expire?"+q.Encode(), bufio.NewReaderSize(body, 64<<10))
 	if err != nil {
 		return err
 	}
@@ -464,7 +469,7 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	}
 	var d taskDoc
 	_ = json.Unmarshal(rep.Task, &d)
-	call := func(line []byte) (Reply, []byte, error) { return exchange(ctx, network, addr, line) }
+	call := func(line []byte) (Reply, []byte, error) { return target.call(ctx, "task", line) }
 	d, err = waitTask(ctx, call, d.TaskID, stdout)
 	if err != nil {
 		return err

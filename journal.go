@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,7 +67,8 @@ const (
 	recDone       byte = 3 // cache number, z, x, y: the job was rendered (or failed for good)
 	recTaskSpec   byte = 4 // task id, spec (the rest): a task accepted
 	recTaskCursor byte = 5 // task id, cursor (the rest): where the task resumes
-	recTaskEnd    byte = 6 // task id: the task ended (done, failed, cancelled)
+	recTaskEnd    byte = 6 // task id, final task document (the rest; may be empty): the task ended (done, failed, cancelled);
+	// with the id taskNumberID, the rest is the highest task number handed out (taskstore.go)
 )
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -93,11 +95,15 @@ type journalTask struct {
 // journalReplay is what opening a journal found: the live state, in the order it was
 // accepted, and what was wrong with the file, if anything.
 type journalReplay struct {
-	Jobs    []journalJob
-	Tasks   []journalTask
-	Records int64  // valid records read
-	Corrupt string // why the valid prefix ended early ("" = clean)
-	Dropped int64  // bytes after the valid prefix
+	Jobs  []journalJob
+	Tasks []journalTask
+	// Finished are the documents of the last keptFinishedTasks tasks that ended, oldest
+	// first; TaskNumber is the highest task number ever handed out (taskstore.go).
+	Finished   []journalTask
+	TaskNumber uint64
+	Records    int64  // valid records read
+	Corrupt    string // why the valid prefix ended early ("" = clean)
+	Dropped    int64  // bytes after the valid prefix
 }
 
 // jkey is a journaled job's identity: its cache number and metatile.
@@ -139,18 +145,20 @@ type journal struct {
 	log        *slog.Logger
 	compactMin int64
 
-	mu     sync.Mutex // guards everything below, and orders records with the live state
-	buf    []byte     // records not yet written
-	group  *commitGroup
-	closed bool
-	failed error // the journal cannot write: durable work is refused until it recovers (journalfail.go)
-	caches map[string]uint32
-	names  []string       // by cache number
-	jobs   map[jkey]int32 // live jobs: index in order
-	order  []jentry
-	tasks  map[string]*jtask
-	seq    uint64
-	size   int64 // bytes in the file, written or in buf
+	mu      sync.Mutex // guards everything below, and orders records with the live state
+	buf     []byte     // records not yet written
+	group   *commitGroup
+	closed  bool
+	failed  error // the journal cannot write: durable work is refused until it recovers (journalfail.go)
+	caches  map[string]uint32
+	names   []string       // by cache number
+	jobs    map[jkey]int32 // live jobs: index in order
+	order   []jentry
+	tasks   map[string]*jtask
+	ended   []journalTask // finished task documents, oldest first, at most keptFinishedTasks
+	taskNum uint64
+	seq     uint64
+	size    int64 // bytes in the file, written or in buf
 
 	// doneMu guards dones: jobs done that are not yet recorded. jobDone (the scheduler,
 	// once per finished background job) takes only doneMu, never mu; the next append or
@@ -230,6 +238,7 @@ func openJournalRetry(dir string, log *slog.Logger, retry time.Duration) (*journ
 		}
 	}
 	rep.Jobs, rep.Tasks = j.liveState()
+	rep.Finished, rep.TaskNumber = slices.Clone(j.ended), j.taskNum
 	if j.failed == nil {
 		f, size, err := j.writeSnapshot()
 		if err != nil {
@@ -385,7 +394,16 @@ func (j *journal) apply(body []byte) error {
 				t.cursor = bytes.Clone(rest)
 			}
 		case recTaskEnd:
+			if id == taskNumberID {
+				n, err := strconv.ParseUint(string(rest), 10, 63)
+				if err != nil {
+					return errors.New("bad task number record")
+				}
+				j.taskNum = max(j.taskNum, n)
+				break
+			}
 			delete(j.tasks, id)
+			j.keepEnded(id, rest)
 		}
 	default:
 		return fmt.Errorf("unknown record type %d", body[0])
@@ -432,16 +450,18 @@ func cmpU64(a, b uint64) int {
 
 // journalSnapshot is a copy of the live state, taken under mu and encoded without it.
 type journalSnapshot struct {
-	names []string
-	jobs  []jentry
-	tasks []journalTask
+	names   []string
+	jobs    []jentry
+	tasks   []journalTask
+	ended   []journalTask
+	taskNum uint64
 }
 
 // snapshotLocked copies the live state for encodeSnapshot. Caller holds mu (or owns j).
 // It copies the entries (O(jobs), no encoding): the encoding is done outside mu.
 func (j *journal) snapshotLocked() journalSnapshot {
 	_, tasks := j.liveState()
-	return journalSnapshot{names: slices.Clone(j.names), jobs: slices.Clone(j.order), tasks: tasks}
+	return journalSnapshot{names: slices.Clone(j.names), jobs: slices.Clone(j.order), tasks: tasks, ended: slices.Clone(j.ended), taskNum: j.taskNum}
 }
 
 // encodeSnapshot encodes a copy of the live state as a journal file.
@@ -457,6 +477,12 @@ func encodeSnapshot(snap journalSnapshot) []byte {
 		if e.live {
 			out = appendRecord(out, encodeJob(body[:0], recJob, e.key, int(e.priority)))
 		}
+	}
+	if snap.taskNum > 0 {
+		out = appendRecord(out, encodeTask(body[:0], recTaskEnd, taskNumberID, strconv.AppendUint(nil, snap.taskNum, 10)))
+	}
+	for _, t := range snap.ended {
+		out = appendRecord(out, encodeTask(body[:0], recTaskEnd, t.ID, t.Spec))
 	}
 	for _, t := range snap.tasks {
 		out = appendRecord(out, encodeTask(body[:0], recTaskSpec, t.ID, t.Spec))
@@ -623,6 +649,9 @@ func (j *journal) maybeCompact() {
 // snapshotEstimateLocked is about what a snapshot of the live state takes on disk.
 func (j *journal) snapshotEstimateLocked() int64 {
 	n := int64(len(j.jobs)) * 16
+	for _, t := range j.ended {
+		n += int64(len(t.Spec)) + 64
+	}
 	for _, t := range j.tasks {
 		n += int64(len(t.spec)+len(t.cursor)) + 64
 	}
@@ -788,13 +817,14 @@ func (j *journal) taskCursor(id string, cursor []byte) {
 	j.end(false)
 }
 
-// taskEnd records that a task ended; it is not resumed after a restart. It does not wait.
-func (j *journal) taskEnd(id string) {
+// taskEnd records that a task ended with its final document doc (kept among the last
+// keptFinishedTasks; nil: not kept); it is not resumed after a restart. It does not wait.
+func (j *journal) taskEnd(id string, doc []byte) {
 	if j.beginState() != nil {
 		return
 	}
-	if _, ok := j.tasks[id]; ok {
-		j.appendLocked(encodeTask(nil, recTaskEnd, id, nil))
+	if _, ok := j.tasks[id]; ok || len(doc) > 0 {
+		j.appendLocked(encodeTask(nil, recTaskEnd, id, doc))
 	}
 	j.end(false)
 }

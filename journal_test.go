@@ -67,7 +67,7 @@ func TestJournalReplay(t *testing.T) {
 	must(j.addTask("t2", []byte(`{"kind":"expire"}`)))
 	j.taskCursor("t1", []byte(`{"n":1}`))
 	j.taskCursor("t1", []byte(`{"n":2}`))
-	j.taskEnd("t2")
+	j.taskEnd("t2", nil)
 	must(j.addTask("t3", []byte(`{"kind":"cleanup"}`)))
 	must(j.sync())
 	j.close()

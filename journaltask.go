@@ -8,8 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
 )
 
@@ -42,22 +40,39 @@ type journaledSpec struct {
 	Spec      taskSpec `json:"spec"`
 	Priority  int      `json:"priority"`
 	Scheduled bool     `json:"scheduled,omitempty"`
+	Created   string   `json:"created,omitempty"` // RFC 3339; the task document's created
 }
 
 // marshalJournaledSpec is spec's journaledSpec, as JSON.
 func marshalJournaledSpec(spec taskSpec) []byte {
 	spec.Cursor = nil
-	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled})
+	created := spec.created
+	if created == "" {
+		created = time.Now().Format(time.RFC3339)
+	}
+	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled, Created: created})
 	return b
 }
 
-// checkpoint journals the newest cursor whose items have all finished, at most every
-// checkpointEvery unless force. It runs on the task goroutine.
+// checkpoint journals the newest cursor whose items have all finished, with the task's
+// counts as of that cursor (taskstore.go), at most every checkpointEvery unless force. A
+// cleanup, which has no cursor (it starts over), journals its counts alone. It runs on the
+// task goroutine.
 func (t *task) checkpoint(force bool) {
-	if t.m.journal == nil || len(t.cursors) == 0 {
+	if t.m.journal == nil {
 		return
 	}
 	if !force && time.Since(t.lastCheckpoint) < checkpointEvery {
+		return
+	}
+	if len(t.cursors) == 0 {
+		if t.spec.Kind == "cleanup" {
+			t.mu.Lock()
+			b, _ := json.Marshal(taskCheckpoint{Version: 1, Counts: t.countsAt(t.taken)})
+			t.mu.Unlock()
+			t.m.journal.taskCursor(t.id, b)
+			t.lastCheckpoint = time.Now()
+		}
 		return
 	}
 	minOpen := uint64(math.MaxUint64)
@@ -77,14 +92,17 @@ func (t *task) checkpoint(force bool) {
 	if i < 0 {
 		return
 	}
-	t.m.journal.taskCursor(t.id, t.cursors[i].cursor)
+	t.mu.Lock()
+	b, _ := json.Marshal(taskCheckpoint{Version: 1, Cursor: t.cursors[i].cursor, Counts: t.countsAt(t.cursors[i].seq)})
+	t.mu.Unlock()
+	t.m.journal.taskCursor(t.id, b)
 	t.cursors = slices.Delete(t.cursors, 0, i+1)
 	t.lastCheckpoint = time.Now()
 }
 
 // recordEnd journals a task's end and drops its expiry list, unless the daemon is only
-// stopping. end calls it once, without t.mu.
-func (t *task) recordEnd(state, reason string) {
+// stopping. end calls it once, without t.mu, with the final document.
+func (t *task) recordEnd(state, reason string, doc []byte) {
 	if state == taskStateCancelled && reason == reasonShutdown {
 		if t.m.lists != nil && t.m.journal == nil { // no resumption: a spooled list goes back
 			t.m.lists.release(t.spec, state, reason, t.m.log)
@@ -92,7 +110,7 @@ func (t *task) recordEnd(state, reason string) {
 		return
 	}
 	if t.m.journal != nil {
-		t.m.journal.taskEnd(t.id)
+		t.m.journal.taskEnd(t.id, doc)
 	}
 	if t.m.lists != nil {
 		t.m.lists.release(t.spec, state, reason, t.m.log)
@@ -108,16 +126,16 @@ func (m *taskManager) resumeJournaled(tasks []journalTask) {
 		var js journaledSpec
 		if err := json.Unmarshal(jt.Spec, &js); err != nil {
 			m.log.Error("journal: a task spec cannot be read; dropped", "task", jt.ID, "error", err)
-			m.journal.taskEnd(jt.ID)
+			m.journal.taskEnd(jt.ID, nil)
 			continue
 		}
 		specs[i], ok[i] = js.Spec, true
-		specs[i].priority, specs[i].scheduled, specs[i].Cursor = js.Priority, js.Scheduled, jt.Cursor
-		if n, err := strconv.Atoi(strings.TrimPrefix(jt.ID, "t")); err == nil {
-			m.mu.Lock()
-			m.nextID = max(m.nextID, n)
-			m.mu.Unlock()
-		}
+		specs[i].priority, specs[i].scheduled = js.Priority, js.Scheduled
+		specs[i].Cursor, specs[i].resumeCounts = decodeCheckpoint(jt.Cursor)
+		specs[i].resumed, specs[i].created = true, js.Created
+		m.mu.Lock()
+		m.nextID = max(m.nextID, taskNumberOf(jt.ID))
+		m.mu.Unlock()
 	}
 	for i, jt := range tasks {
 		if !ok[i] {

@@ -60,16 +60,17 @@ const usage = `usage:
   mapproxy-renderd [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--renderer N] [--max-seed-renderer M]
                    [--socket PATH] [--http ADDR]
   mapproxy-renderd check-config [--strict] [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
-  mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
-  mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
-  mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
-  mapproxy-renderd tasks [--json] [-s socket | --http host:port]
-  mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
-  mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
+  mapproxy-renderd request [--socket PATH | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
+  mapproxy-renderd status  [--socket PATH | --http host:port|http://URL | -f … | -c …]
+  mapproxy-renderd seed [-s NAME|seed.yaml] [--priority P] [--wait] [--socket PATH | --http …] NAME…
+  mapproxy-renderd tasks [--json] [--socket PATH | --http … | -f … | -c …]
+  mapproxy-renderd task ID | cancel ID [--socket PATH | --http … | -f … | -c …]
+  mapproxy-renderd top     [--socket PATH | --http … | -f … | -c …] [--once] [--interval 1s]
   mapproxy-renderd install-module [DIR] (writes mapproxy_renderd.py, the module for MapProxy, into DIR;
                                          default: /usr/bin/python3's site directory, on MapProxy's sys.path)
   mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--only-cached=false] [--wait] [FILE] < list
   mapproxy-renderd version
+Options go before or after the other arguments; -s is always seed.yaml (the socket: --socket).
 `
 
 // run is the whole program; main only wires signals and exit codes.
@@ -148,11 +149,12 @@ func runCheckConfig(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs := newFlagSet("check-config", stderr)
 	cf.register(fs, true)
 	strict := fs.Bool("strict", false, "fail when MapProxy warns about mapproxy.yaml or seed.yaml (e.g. an unknown key)")
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if len(pos) > 0 {
+		return fmt.Errorf("unexpected argument %q", pos[0])
 	}
 	cfg, err := cf.load()
 	if err != nil {
@@ -246,11 +248,12 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	var cf configFlags
 	fs := newFlagSet("mapproxy-renderd", stderr)
 	cf.register(fs, true)
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if len(pos) > 0 {
+		return fmt.Errorf("unexpected argument %q", pos[0])
 	}
 	cfg, err := cf.load()
 	if err != nil {
@@ -283,12 +286,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 
 	script := ""
 	if len(cfg.RendererCommand) == 0 || (len(cfg.PlannerCommand) == 0 && cfg.MapProxyConfig != "") {
-		var cleanup func()
-		script, cleanup, err = writeBundledWorker()
-		if err != nil {
+		if script, err = installBundledWorker(); err != nil {
 			return err
 		}
-		defer cleanup()
 	}
 
 	listeners := inherited
@@ -369,6 +369,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	defer dropLists()
 	tasks.lists = lists
 	if jr != nil {
+		tasks.restoreFinished(jrep.Finished, jrep.TaskNumber)
 		tasks.resumeJournaled(jrep.Tasks)
 	}
 	tasks.start()

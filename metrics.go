@@ -249,7 +249,7 @@ func (s *scheduler) metricsSnapshot() *metricsSnap {
 		queueWait:     s.m.queueWait,
 		renderTime:    s.m.renderTime,
 		restarts:      make(map[string]uint64, len(restartReasons)),
-		conns:         s.connStats(),
+		conns:         s.conns(),
 		stopping:      s.stopping,
 		renderersConf: s.cfg.Renderers,
 		maxSeed:       s.cfg.maxSeed,
@@ -459,7 +459,7 @@ func (m *metricsSnap) appendText(b []byte) []byte {
 	w.counter("connections_accepted_total", m.conns.Accepted)
 	w.family("connections_refused_total", "counter", "Client connections refused (max_connections, allowed_uids/allowed_gids).")
 	w.counter("connections_refused_total", m.conns.Refused)
-	w.family("invalid_requests_total", "counter", "Requests refused before they reached the queue: malformed, over-long, unknown command or field.")
+	w.family("invalid_requests_total", "counter", "Requests refused before they reached the queue: malformed, over-long, unknown command or field, unknown cache.")
 	w.counter("invalid_requests_total", m.conns.Invalid)
 	if j := m.journal; j != nil {
 		w.family("journal_bytes", "gauge", "Size of the journal file (state_dir/journal), records not yet synced included.")

@@ -58,6 +58,9 @@ func (m *taskManager) view() taskView {
 	m.mu.Unlock()
 	for i := len(ts) - 1; i >= 0; i-- {
 		d := ts[i].snapshot()
+		if ts[i].restored {
+			continue // counted by the daemon that ran it; never active
+		}
 		v.totals.add(d)
 		if !d.finished() {
 			v.active = append(v.active, d)

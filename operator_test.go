@@ -103,7 +103,7 @@ func TestListenFlagsDaemon(t *testing.T) {
 	deadline := time.Now().Add(lcDeadline)
 	for {
 		var out bytes.Buffer
-		if run(t.Context(), []string{"status", "-s", flagSock}, &out, io.Discard) == nil {
+		if run(t.Context(), []string{"status", "--socket", flagSock}, &out, io.Discard) == nil {
 			break
 		}
 		if time.Now().After(deadline) {

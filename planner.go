@@ -28,6 +28,7 @@ type taskItem struct {
 	removed       uint64  // cumulative tiles removed (cleanup); valid when hasRemoved
 	hasRemoved    bool
 	cursor        json.RawMessage // where to resume from; nil when the item has none
+	resolved      json.RawMessage // the planner's resolved spec (taskSpec.Resolved); nil when none
 	// Expiry runs (expiretask.go): force re-renders a metatile however fresh; delete removes
 	// its tiles instead; lines, when set, is the list's reading so far.
 	// onlyCached renders the metatile only when one of its tiles is in the cache.
@@ -131,6 +132,7 @@ type plannerLine struct {
 	Progress        *float64        `json:"progress"`
 	RefreshBefore   *float64        `json:"refresh_before"`
 	Cursor          json.RawMessage `json:"cursor"`
+	Resolved        json.RawMessage `json:"resolved"`
 	Removed         *uint64         `json:"removed"`
 	Done            bool            `json:"done"`
 	Error           *string         `json:"error"`
@@ -205,7 +207,7 @@ func (p *plannerSource) readItems(br *bufio.Reader) error {
 		if l.Error != nil {
 			return errors.New(*l.Error)
 		}
-		it := taskItem{progress: -1, cursor: l.Cursor, refreshBefore: -1}
+		it := taskItem{progress: -1, cursor: l.Cursor, refreshBefore: -1, resolved: l.Resolved}
 		if l.RefreshBefore != nil {
 			it.refreshBefore = *l.RefreshBefore
 		}
@@ -222,7 +224,7 @@ func (p *plannerSource) readItems(br *bufio.Reader) error {
 			}
 			it.tile, it.hasTile, it.cache = t, true, l.CacheIdentifier
 		}
-		if l.Done || it.hasTile || it.hasRemoved || it.cursor != nil || it.progress >= 0 {
+		if l.Done || it.hasTile || it.hasRemoved || it.cursor != nil || it.resolved != nil || it.progress >= 0 {
 			select {
 			case p.ch <- it:
 			case <-p.quit:

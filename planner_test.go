@@ -149,6 +149,7 @@ type planLine struct {
 	Progress        *float64        `json:"progress"`
 	RefreshBefore   *float64        `json:"refresh_before"`
 	Cursor          json.RawMessage `json:"cursor"`
+	Resolved        json.RawMessage `json:"resolved"`
 	Removed         *uint64         `json:"removed"`
 	Seeds           []string        `json:"seeds"`
 	Cleanups        []string        `json:"cleanups"`
@@ -650,7 +651,7 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 		r.t = t
 		spec := map[string]any{"kind": "seed", "inline": map[string]any{"cache": "cur_cache", "grids": []string{"GLOBAL_WEBMERCATOR", "GLOBAL_GEODETIC"},
 			"levels": map[string]int{"from": 0, "to": 8}, "bbox": []float64{8, 47.5, 12, 50}}}
-		full := r.planOK(spec, "MAPPROXY_WORKER_CURSOR_EVERY=3")
+		full := r.planOK(spec)
 		type key struct {
 			ident   string
 			x, y, z int
@@ -668,8 +669,16 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 				positions = append(positions, len(all))
 			}
 		}
-		if len(cursors) < 6 || len(full.tasks()) != 2 {
-			t.Fatalf("%d cursor lines for %d metatiles in %d tasks, want at least 6 in 2", len(cursors), len(full.tiles), len(full.tasks()))
+		// A cursor whenever the walk moved to another branch (the 4 metatiles under one
+		// parent share one position): dense enough that a checkpoint trails the renders by
+		// a few metatiles, not by a planner's stride.
+		if len(cursors) < len(full.tiles)/6 || len(full.tasks()) != 2 {
+			t.Fatalf("%d cursor lines for %d metatiles in %d tasks, want at least %d in 2", len(cursors), len(full.tiles), len(full.tasks()), len(full.tiles)/6)
+		}
+		for _, c := range cursors {
+			if strings.Contains(string(c), `"levels": []`) {
+				t.Errorf("cursor %s: resuming from [] skips the whole walk, top-level metatiles included", c)
+			}
 		}
 		midTask := 0
 		for i := 1; i < len(cursors); i += max(1, len(cursors)/3) {
@@ -700,8 +709,67 @@ func TestPlannerMatchesMapProxySeed(t *testing.T) {
 			t.Errorf("no cursor inside a task was tried: %s", cursors)
 		}
 		bad := r.plan(map[string]any{"kind": "seed", "seed_config": seedConfig, "name": "geo_union", "cursor": cursors[len(cursors)/2]})
+
 		if bad.code != 1 || len(bad.lines) != 1 || !strings.Contains(bad.lines[0].Error, "cursor") {
 			t.Errorf("a cursor of another seed: got exit %d %+v, want a cursor error", bad.code, bad.lines)
+		}
+	})
+
+	t.Run("a resolved spec walks the same after seed.yaml changed and time passed", func(t *testing.T) {
+		r.t = t
+		// cur_cache is never rendered: every metatile is planned.
+		own := filepath.Join(r.dir, "seed-resolved.yaml")
+		data := "coverages:\n  box: {bbox: [8.0, 47.5, 12.0, 50.0], srs: 'EPSG:4326'}\nseeds:\n" +
+			"  cur_refresh: {caches: [cur_cache], grids: [GLOBAL_WEBMERCATOR], coverages: [box], levels: [3, 5, 8], refresh_before: {days: 1}}\n"
+		if err := os.WriteFile(own, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		first := r.planOK(map[string]any{"kind": "seed", "seed_config": own, "name": "cur_refresh"})
+		if len(first.lines) == 0 || first.lines[0].Resolved == nil || len(first.tiles) == 0 {
+			t.Fatalf("first line %+v, want the resolved line, then metatiles", first.lines[0])
+		}
+		var resolved struct {
+			RefreshBefore float64 `json:"refresh_before"`
+		}
+		if err := json.Unmarshal(first.lines[0].Resolved, &resolved); err != nil || resolved.RefreshBefore == 0 {
+			t.Fatalf("resolved %s: want an absolute refresh_before (%v)", first.lines[0].Resolved, err)
+		}
+		if got := *first.tiles[0].RefreshBefore; got != resolved.RefreshBefore {
+			t.Errorf("metatile refresh_before %v, resolved %v", got, resolved.RefreshBefore)
+		}
+		// refresh_before {days: 1} resolves to whole seconds: once the clock is in a later
+		// second, resolving again gives another time. Bounded: at most one second.
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Unix()-86400 <= int64(resolved.RefreshBefore); {
+			if time.Now().After(deadline) {
+				t.Fatal("the clock did not move on")
+			}
+			time.Sleep(10 * time.Millisecond) // waiting for the wall clock, bounded by the deadline
+		}
+		if err := os.WriteFile(own, []byte(strings.Replace(data, "levels: [3, 5, 8]", "levels: [3]", 1)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		again := r.planOK(map[string]any{"kind": "seed", "resolved": first.lines[0].Resolved})
+		if again.lines[0].Resolved != nil {
+			t.Errorf("a resolved spec was resolved again: %s", again.lines[0].Resolved)
+		}
+		if len(again.tiles) != len(first.tiles) {
+			t.Fatalf("resolved spec after the change: %d metatiles, first run %d", len(again.tiles), len(first.tiles))
+		}
+		for i := range again.tiles {
+			a, b := again.tiles[i], first.tiles[i]
+			if !slices.Equal(a.Tile, b.Tile) || a.CacheIdentifier != b.CacheIdentifier || *a.RefreshBefore != *b.RefreshBefore {
+				t.Fatalf("metatile %d: %s %v refresh_before %v, first run %s %v %v", i, a.CacheIdentifier, a.Tile, *a.RefreshBefore,
+					b.CacheIdentifier, b.Tile, *b.RefreshBefore)
+			}
+		}
+		byName := r.planOK(map[string]any{"kind": "seed", "seed_config": own, "name": "cur_refresh"})
+		if len(byName.tiles) >= len(first.tiles) || *byName.tiles[0].RefreshBefore <= resolved.RefreshBefore {
+			t.Errorf("the changed entry by name: %d metatiles, refresh_before %v; want fewer than %d and later than %v (else this test proves nothing)",
+				len(byName.tiles), *byName.tiles[0].RefreshBefore, len(first.tiles), resolved.RefreshBefore)
+		}
+		bad := r.plan(map[string]any{"kind": "seed", "resolved": map[string]any{"name": "x", "conf": map[string]any{}}})
+		if bad.code != 1 || len(bad.lines) != 1 || !strings.Contains(bad.lines[0].Error, "resolved") {
+			t.Errorf("a resolved spec without its entry: exit %d %+v, want an error naming resolved", bad.code, bad.lines)
 		}
 	})
 }

@@ -21,6 +21,8 @@ const (
 	statusExpired      = "expired"
 	statusPending      = "pending"
 	statusShuttingDown = "shutting_down"
+	// statusWithdrawn is internal: the answer to a cancelled keepRunning request (taskdrain.go).
+	statusWithdrawn = "withdrawn"
 )
 
 const (

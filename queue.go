@@ -145,6 +145,10 @@ type pendingRequest struct {
 	queuedNS int64 // longest wait in the queue over its jobs
 	renderNS int64 // longest render over its jobs
 	answered bool
+	// keepRunning: a cancel withdraws the request's queued jobs but not a running one, whose
+	// result still comes (a cancelled task counts the renders running at the cancel); a
+	// withdrawn request is told so with a statusWithdrawn reply (taskdrain.go).
+	keepRunning bool
 	// waitTimer runs out at wait_ms (live.go); stopped when the request is answered.
 	waitTimer *time.Timer
 }

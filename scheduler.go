@@ -440,7 +440,7 @@ func (s *scheduler) knownCaches() int {
 }
 
 func (s *scheduler) handleCancel(p *pendingRequest) {
-	if p.answered {
+	if p.answered || s.keptRunning(p) {
 		return
 	}
 	p.answered = true // the client is gone: nothing more is sent to it
@@ -456,6 +456,9 @@ func (s *scheduler) handleCancel(p *pendingRequest) {
 		if s.qs.removeWaiter(j, p) {
 			s.stats.dropped++
 		}
+	}
+	if p.keepRunning {
+		p.sink.deliver(p, Reply{Status: statusWithdrawn})
 	}
 }
 

@@ -69,6 +69,18 @@ type counters struct {
 	prefetchDropped  uint64 // prefetch jobs dropped for room
 }
 
+// conns are the listeners' counters, with the requests the scheduler refused (unknown
+// cache, …) counted among the invalid ones: one count of invalid requests for
+// counters.invalid, conns.invalid_requests and invalid_requests_total.
+func (s *scheduler) conns() connCounters {
+	c := s.connStats()
+	c.Invalid += s.stats.invalid
+	return c
+}
+
+// invalidTotal is every request refused as invalid, by the listeners or the scheduler.
+func (s *scheduler) invalidTotal() uint64 { return s.conns().Invalid }
+
 // connCounters come from the listeners (atomics there, copied here).
 type connCounters struct {
 	Open     int64  `json:"open"`
@@ -196,7 +208,7 @@ func (s *scheduler) statusDoc() statusDoc {
 			"dropped":            s.stats.dropped,
 			"cancelled":          s.stats.cancelled,
 			"busy_rejected":      s.stats.busyRejected,
-			"invalid":            s.stats.invalid,
+			"invalid":            s.invalidTotal(),
 			"shutdown_dropped":   s.stats.shutdownDropped,
 			"renderer_failures":  s.stats.rendererFailures,
 			"pending":            s.stats.pending,
@@ -206,7 +218,7 @@ func (s *scheduler) statusDoc() statusDoc {
 		},
 		RenderMS: s.renderRec.percentiles(),
 		Caches:   make(map[string]map[string]uint64),
-		Conns:    s.connStats(),
+		Conns:    s.conns(),
 		Config: map[string]any{
 			"renderers":           s.cfg.Renderers,
 			"max_seed_renderers":  s.cfg.maxSeed,

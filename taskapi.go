@@ -11,7 +11,9 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -85,22 +87,30 @@ func (s *server) serveCancelTask(w http.ResponseWriter, r *http.Request) {
 func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stderr io.Writer) error {
 	var cl clientFlags
 	fs := newFlagSet(cmd, stderr)
-	cl.register(fs, cmd != "seed")
+	if cmd == "seed" {
+		cl.register(fs, nil)
+	} else {
+		cl.register(fs, stderr)
+	}
 	seedPath := ""
 	priority := -1
 	wait, asJSON := false, false
 	switch cmd {
 	case "seed":
-		fs.StringVar(&seedPath, "s", "", "`NAME` of one of the daemon's seed_configs (default: its seed_config)")
+		fs.Func("s", "one of the daemon's seed configurations: its `NAME` in seed_configs, or the seed.yaml path renderd.yaml gives (default: its seed_config)", func(v string) error {
+			seedPath = cl.seedOrSocket(v, stderr)
+			return nil
+		})
 		fs.IntVar(&priority, "priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
 		fs.BoolVar(&wait, "wait", false, "wait until the tasks end, showing progress")
 	case "tasks":
 		fs.BoolVar(&asJSON, "json", false, "print the JSON reply")
 	}
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	network, addr, err := cl.address()
+	target, err := cl.target()
 	if err != nil {
 		return err
 	}
@@ -108,13 +118,13 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	call := func(line []byte) (Reply, []byte, error) {
 		ctx, cancel := context.WithTimeout(ctx, cl.timeout)
 		defer cancel()
-		return exchange(ctx, network, addr, line)
+		return target.call(ctx, cmd, line)
 	}
 
 	switch cmd {
 	case "tasks":
-		if fs.NArg() > 0 {
-			return errors.New("tasks takes no arguments")
+		if err := errNoArgs("tasks", pos); err != nil {
+			return err
 		}
 		rep, raw, err := call([]byte(`{"command":"tasks","id":"cli"}`))
 		if err != nil {
@@ -126,10 +136,10 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 		}
 		return printTaskTable(stdout, rep)
 	case "task", "cancel":
-		if fs.NArg() != 1 {
-			return fmt.Errorf("%s takes one task id", cmd)
+		if len(pos) != 1 {
+			return fmt.Errorf("%s takes one task id, got %q", cmd, pos)
 		}
-		line, _ := json.Marshal(map[string]string{"command": cmd, "id": "cli", "task_id": fs.Arg(0)})
+		line, _ := json.Marshal(map[string]string{"command": cmd, "id": "cli", "task_id": pos[0]})
 		rep, raw, err := call(line)
 		if err != nil {
 			return err
@@ -138,12 +148,18 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 		return exitStatus(rep)
 	}
 	// seed
-	if fs.NArg() == 0 {
+	if len(pos) == 0 {
 		return errors.New("seed needs at least one NAME (a seeds: or cleanups: entry of seed.yaml)")
+	}
+	if strings.ContainsRune(seedPath, '/') {
+		// A path: the daemon finds the configuration renderd.yaml gives that path (absolute).
+		if seedPath, err = filepath.Abs(seedPath); err != nil {
+			return err
+		}
 	}
 	var ids []string
 	failed := false
-	for _, name := range fs.Args() {
+	for _, name := range pos {
 		msg := map[string]any{"command": "seed", "id": "cli", "task": name}
 		if seedPath != "" {
 			msg["seed_config"] = seedPath
@@ -271,14 +287,21 @@ func printTaskTable(out io.Writer, rep Reply) error {
 	var scheds []scheduleDoc
 	_ = json.Unmarshal(rep.Tasks, &tasks)
 	_ = json.Unmarshal(rep.Schedules, &scheds)
-	fmt.Fprintf(out, "%-6s %-20s %-8s %-10s %10s %10s %8s %8s %7s %9s\n", "ID", "NAME", "KIND", "STATE", "DONE", "PLANNED", "FAILED", "RATE/S", "WALK", "ETA")
+	// Columns as wide as their widest cell (a long name shifts nothing); DONE counts
+	// metatiles rendered or found fresh, DELETED tiles a cleanup removed or metatiles an
+	// expiry run deleted.
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tKIND\tSTATE\tDONE\tDELETED\tPLANNED\tFAILED\tRATE/S\tWALK\tETA\t")
 	for _, d := range tasks {
 		eta := "-"
 		if d.EtaS != nil {
 			eta = (time.Duration(*d.EtaS) * time.Second).Round(time.Second).String()
 		}
-		fmt.Fprintf(out, "%-6s %-20s %-8s %-10s %10d %10d %8d %8.1f %6.0f%% %9s\n", d.TaskID, truncate(d.Name, 20), d.Kind, d.State,
-			d.Done+d.Skipped, d.Planned, d.Failed, d.RatePerS, 100*d.Progress, eta)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%.1f\t%.0f%%\t%s\t\n", d.TaskID, tableCell(d.Name), d.Kind, d.State,
+			d.Done+d.Skipped, d.Deleted, d.Planned, d.Failed, d.RatePerS, 100*d.Progress, eta)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
 	}
 	for _, s := range scheds {
 		when := "every " + s.Every
@@ -291,6 +314,17 @@ func printTaskTable(out io.Writer, rep Reply) error {
 		fmt.Fprintf(out, "schedule %s %s: next %s (%d runs, %d skipped)\n", s.Task, when, s.NextRun, s.Runs, s.Skipped)
 	}
 	return nil
+}
+
+// tableCell is a value as one table cell: no tabs or line breaks, at most 60 characters.
+func tableCell(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if r == '\t' || r == '\n' || r == '\r' {
+			return ' '
+		}
+		return r
+	}, s)
+	return truncate(s, 60)
 }
 
 func exitStatus(r Reply) error {

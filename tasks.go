@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -48,9 +49,17 @@ type taskSpec struct {
 	SeedConfig string          `json:"seed_config,omitempty"`
 	Inline     json.RawMessage `json:"inline,omitempty"`
 	Cursor     json.RawMessage `json:"cursor,omitempty"`
+	// Resolved is the planner's resolved line (taskresolve.go): the entry as MapProxy
+	// resolved it at the task's start. With it the planner ignores SeedConfig, Name and
+	// Inline, so a resumed task walks exactly what it started to walk.
+	Resolved json.RawMessage `json:"resolved,omitempty"`
 
 	priority  int
 	scheduled bool
+	// A resumed task's journaled figures (taskstore.go): set by resumeJournaled.
+	resumed      bool
+	resumeCounts *taskCounted
+	created      string
 }
 
 // taskError is one failed metatile (or a task-level error without a tile).
@@ -197,10 +206,11 @@ func (m *taskManager) specFor(req Request) (taskSpec, error) {
 	m.mu.Unlock()
 	spec := taskSpec{SeedConfig: cfg.SeedConfig, priority: cfg.SeedPriority}
 	if req.SeedConfig != "" {
-		// A request names one of the files renderd.yaml lists; it never names a file.
-		p, ok := cfg.SeedConfigs[req.SeedConfig]
+		// A request names one of the files renderd.yaml lists (by its name, or by the path
+		// renderd.yaml gives it: a lookup, never a file the request makes the daemon open).
+		p, ok := lookupSeedConfig(cfg, req.SeedConfig)
 		if !ok {
-			return spec, fmt.Errorf("seed_config: no seed configuration %q in renderd.yaml's seed_configs (it has: %v); a request names one, not a path",
+			return spec, fmt.Errorf("seed_config: no seed configuration %q in renderd.yaml's seed_configs (it has: %v); a request names one by its name or by the path renderd.yaml gives it",
 				truncate(req.SeedConfig, 64), slices.Sorted(maps.Keys(cfg.SeedConfigs)))
 		}
 		spec.SeedConfig = p
@@ -313,11 +323,13 @@ func (m *taskManager) startTaskAs(id string, spec taskSpec) (taskDoc, error) {
 	if !resumed {
 		m.nextID++
 		id = "t" + strconv.Itoa(m.nextID)
+		spec.created = time.Now().Format(time.RFC3339)
 	}
 	cfg := m.cfg
 	m.mu.Unlock()
 	if !resumed && m.journal != nil {
 		// The id is not reused when this fails: a later task may have taken the next one.
+		m.journal.taskNumber(uint64(taskNumberOf(id)))
 		if err := m.journal.addTask(id, marshalJournaledSpec(spec)); err != nil {
 			return taskDoc{}, fmt.Errorf("task not started: %w", err)
 		}
@@ -398,7 +410,9 @@ func (m *taskManager) forgetOld() {
 			i++
 			continue
 		}
-		m.forgotten.add(t.snapshot())
+		if !t.restored { // counted by the daemon that ran it
+			m.forgotten.add(t.snapshot())
+		}
 		delete(m.tasks, t.id)
 		m.order = slices.Delete(m.order, i, i+1)
 		finished--
@@ -478,7 +492,10 @@ func (m *taskManager) cancelTask(id string) (taskDoc, error) {
 	if !t.stop("cancelled by request") {
 		return t.snapshot(), errTaskConflict
 	}
-	<-t.ended
+	select {
+	case <-t.ended:
+	case <-t.stopped:
+	}
 	return t.snapshot(), nil
 }
 
@@ -540,6 +557,7 @@ type task struct {
 	replies taskReplyQueue // from the scheduler; never full
 	stopCh  chan string    // a stop reason; buffered 1, first one wins
 	ended   chan struct{}  // closed when run has returned
+	stopped chan struct{}  // closed when a cancel has ended the task (its running renders may still be counted)
 	created time.Time
 
 	mu  sync.Mutex
@@ -565,6 +583,13 @@ type task struct {
 	taken          uint64
 	cursors        []pendingCursor
 	lastCheckpoint time.Time
+	// Counts that survive a restart (taskstore.go): items finished after the last
+	// checkpoint; figures before this run; a finished task restored from the journal.
+	finishedSince []finishedItem
+	plannedBase   uint64
+	deletedBase   uint64
+	resumed       int
+	restored      bool
 }
 
 // taskJob is one metatile of a task while the task works on it.
@@ -583,10 +608,13 @@ type taskReply struct {
 func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 	now := time.Now()
 	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set,
-		replies: newTaskReplyQueue(), stopCh: make(chan string, 1), ended: make(chan struct{}),
+		replies: newTaskReplyQueue(), stopCh: make(chan string, 1), ended: make(chan struct{}), stopped: make(chan struct{}),
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
 	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
 		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
+	if spec.resumed {
+		t.restoreCounts(spec.resumeCounts, spec.created)
+	}
 	return t
 }
 
@@ -641,8 +669,12 @@ func (t *task) end(state, reason string) {
 		t.doc.Progress = 1
 	}
 	t.doc.Queued = 0
+	var doc []byte // the final document, journaled
+	if t.m.journal != nil {
+		doc, _ = json.Marshal(t.doc)
+	}
 	t.mu.Unlock()
-	t.recordEnd(state, reason) // journal and list file: I/O, so not under t.mu
+	t.recordEnd(state, reason, doc) // journal and list file: I/O, so not under t.mu
 }
 
 // run is the task goroutine: it reads the source while fewer than window of its requests
@@ -658,7 +690,9 @@ func (t *task) run(ctx context.Context, src taskSource) {
 	t.started = time.Now()
 	t.mu.Lock()
 	t.doc.State = taskStatePlanning
-	t.doc.Started = t.started.Format(time.RFC3339)
+	if t.doc.Started == "" { // a resumed task keeps its first start
+		t.doc.Started = t.started.Format(time.RFC3339)
+	}
 	t.mu.Unlock()
 	retryTimer := time.NewTimer(time.Hour)
 	retryTimer.Stop()
@@ -688,11 +722,18 @@ func (t *task) run(ctx context.Context, src taskSource) {
 		case <-retryTimer.C:
 			t.retryDue(retryTimer)
 		case reason := <-t.stopCh:
+			if reason == reasonShutdown {
+				t.checkpoint(true) // what finished so far: the restart resumes after it
+			} else if t.cluster == nil {
+				t.cancelCounting(ctx, reason, retryTimer)
+				return
+			}
 			t.abandon()
 			t.end(taskStateCancelled, reason)
 			t.m.log.Info("task cancelled", "task", t.id, "reason", reason)
 			return
 		case <-ctx.Done():
+			t.checkpoint(true) // what finished so far: the restart resumes after it
 			t.abandon()
 			t.end(taskStateCancelled, reasonShutdown)
 			return
@@ -719,6 +760,9 @@ func (t *task) run(ctx context.Context, src taskSource) {
 
 // take handles one source item.
 func (t *task) take(it taskItem) {
+	if it.resolved != nil {
+		t.resolve(it.resolved)
+	}
 	if it.progress >= 0 {
 		t.walkProgress = it.progress
 	}
@@ -728,7 +772,7 @@ func (t *task) take(it taskItem) {
 	}
 	if it.hasRemoved {
 		t.mu.Lock()
-		t.doc.Deleted = it.removed
+		t.doc.Deleted = t.deletedBase + it.removed
 		t.mu.Unlock()
 	}
 	if it.lines != nil {
@@ -751,7 +795,8 @@ func (t *task) submit(tj *taskJob) {
 	tj.attempts++
 	p := &pendingRequest{sink: t, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
 		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
-		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete, OnlyCached: tj.item.onlyCached}}
+		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete, OnlyCached: tj.item.onlyCached},
+		keepRunning: t.cluster == nil}
 	t.outstanding[p] = tj
 	t.route.submit(p)
 }
@@ -769,10 +814,13 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 		switch {
 		case tj.item.delete:
 			t.doc.Deleted++
+			t.noteFinished(tj.seq, finishedDeleted)
 		case rep.r.Skipped:
 			t.doc.Skipped++
+			t.noteFinished(tj.seq, finishedSkipped)
 		default:
 			t.doc.Done++
+			t.noteFinished(tj.seq, finishedDone)
 		}
 		t.mu.Unlock()
 		t.outcome(false)
@@ -793,6 +841,7 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 		}
 		t.mu.Lock()
 		t.doc.Failed++
+		t.noteFinished(tj.seq, finishedFailed)
 		if len(t.doc.Errors) < maxTaskErrors {
 			tile := tj.item.tile
 			t.doc.Errors = append(t.doc.Errors, taskError{Tile: []int32{tile.X, tile.Y, tile.Z},
@@ -932,4 +981,23 @@ func (t *task) publish() {
 		eta := max(left, 0) / rate
 		t.doc.EtaS = &eta
 	}
+}
+
+// lookupSeedConfig finds the seed configuration a request names: a key of seed_configs, or
+// the path that seed_config or an entry of seed_configs gives (as `seed -s seed.yaml` sends
+// it). Anything else is not found: a request never names a file of its own.
+func lookupSeedConfig(cfg Config, name string) (string, bool) {
+	if p, ok := cfg.SeedConfigs[name]; ok {
+		return p, true
+	}
+	if !filepath.IsAbs(name) {
+		return "", false
+	}
+	name = filepath.Clean(name)
+	for _, p := range append([]string{cfg.SeedConfig}, slices.Collect(maps.Values(cfg.SeedConfigs))...) {
+		if p != "" && filepath.Clean(p) == name {
+			return p, true
+		}
+	}
+	return "", false
 }

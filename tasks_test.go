@@ -185,6 +185,10 @@ func TestSeedTaskWindowBoundsQueueAndCancelDropsIt(t *testing.T) {
 	if n := len(r.jobLog()); n != 3 {
 		t.Errorf("renders: got %d, want 3 (two running at the cancel, one live)", n)
 	}
+	// The two renders running at the cancel count in the cancelled task's document.
+	if d := r.waitTask(d.TaskID, "counting the renders running at the cancel", func(d taskDoc) bool { return d.Done == 2 }); d.State != taskStateCancelled {
+		t.Errorf("cancelled task: %+v", d)
+	}
 	// Cancelling again is a conflict that still shows the document.
 	rep = r.call(`{"command":"cancel","task_id":"` + d.TaskID + `"}`)
 	if rep.Status != statusError || taskOf(t, rep).State != taskStateCancelled {
@@ -372,12 +376,12 @@ func TestTaskAPIOverHTTPAndCLI(t *testing.T) {
 		t.Fatalf("seed --wait: err %v, out %q, stderr %q", err, out.String(), errOut.String())
 	}
 	out.Reset()
-	if err := run(ctx, []string{"tasks", "-s", r.socket}, &out, &errOut); err != nil || !strings.Contains(out.String(), "cancelled") ||
+	if err := run(ctx, []string{"tasks", "--socket", r.socket}, &out, &errOut); err != nil || !strings.Contains(out.String(), "cancelled") ||
 		!strings.Contains(out.String(), "schedule all every 24h0m0s") {
 		t.Errorf("tasks: err %v, out %q", err, out.String())
 	}
 	out.Reset()
-	if err := run(ctx, []string{"cancel", "-s", r.socket, d.TaskID}, &out, &errOut); err == nil || !strings.Contains(out.String(), "already ended") {
+	if err := run(ctx, []string{"cancel", "--socket", r.socket, d.TaskID}, &out, &errOut); err == nil || !strings.Contains(out.String(), "already ended") {
 		t.Errorf("cancel of an ended task: err %v, out %q", err, out.String())
 	}
 	out.Reset()

@@ -22,36 +22,43 @@ import (
 func runTop(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cl clientFlags
 	fs := newFlagSet("top", stderr)
-	cl.register(fs, true)
+	cl.register(fs, stderr)
 	once := fs.Bool("once", false, "print one view without terminal escapes and exit")
 	interval := fs.Duration("interval", time.Second, "time between refreshes")
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("top takes no arguments")
+	if err := errNoArgs("top", pos); err != nil {
+		return err
 	}
 	if *interval < 100*time.Millisecond {
 		return fmt.Errorf("--interval: at least 100ms, got %s", *interval)
 	}
-	network, addr, err := cl.address()
+	target, err := cl.target()
 	if err != nil {
 		return err
 	}
-	dctx, cancel := context.WithTimeout(ctx, cl.timeout)
-	var d net.Dialer
-	c, err := d.DialContext(dctx, network, addr)
-	cancel()
-	if err != nil {
-		return err
+	var status func() (statusDoc, error)
+	if target.url != "" {
+		status = func() (statusDoc, error) { return topStatusHTTP(ctx, target, cl.timeout) }
+	} else {
+		dctx, cancel := context.WithTimeout(ctx, cl.timeout)
+		var d net.Dialer
+		c, err := d.DialContext(dctx, target.network, target.addr)
+		cancel()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		// The connection stays open between refreshes; closing it when ctx ends unblocks a read.
+		stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Now()) })
+		defer stop()
+		br := bufio.NewReaderSize(c, 1<<20)
+		status = func() (statusDoc, error) { return topStatus(c, br, cl.timeout) }
 	}
-	defer c.Close()
-	// The connection stays open between refreshes; closing it when ctx ends unblocks a read.
-	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Now()) })
-	defer stop()
-	br := bufio.NewReaderSize(c, 1<<20)
 	if *once {
-		doc, err := topStatus(c, br, cl.timeout)
+		doc, err := status()
 		if err != nil {
 			return err
 		}
@@ -68,7 +75,7 @@ func runTop(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	t := time.NewTicker(*interval)
 	defer t.Stop()
 	for {
-		doc, err := topStatus(c, br, cl.timeout)
+		doc, err := status()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil // Ctrl-C
@@ -103,6 +110,24 @@ func topStatus(c net.Conn, br *bufio.Reader, timeout time.Duration) (statusDoc, 
 	var r Reply
 	if err := json.Unmarshal(line, &r); err != nil {
 		return statusDoc{}, fmt.Errorf("invalid reply: %s", truncate(string(line), 200))
+	}
+	if r.Status != statusOK {
+		return statusDoc{}, fmt.Errorf("status: %s %s", r.Status, r.ErrorMessage)
+	}
+	var doc statusDoc
+	if err := json.Unmarshal(r.Stats, &doc); err != nil {
+		return statusDoc{}, fmt.Errorf("status document: %w", err)
+	}
+	return doc, nil
+}
+
+// topStatusHTTP asks for the status document with GET /status (--http URL).
+func topStatusHTTP(ctx context.Context, target daemonTarget, timeout time.Duration) (statusDoc, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	r, _, err := target.call(ctx, "status", nil)
+	if err != nil {
+		return statusDoc{}, err
 	}
 	if r.Status != statusOK {
 		return statusDoc{}, fmt.Errorf("status: %s %s", r.Status, r.ErrorMessage)

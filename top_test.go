@@ -19,7 +19,7 @@ import (
 func TestTopOnce(t *testing.T) {
 	d, task := pageLoad(t)
 	var out, errb bytes.Buffer
-	if err := run(context.Background(), []string{"top", "--once", "-s", d.socket}, &out, &errb); err != nil {
+	if err := run(context.Background(), []string{"top", "--once", "--socket", d.socket}, &out, &errb); err != nil {
 		t.Fatalf("top --once: %v\n%s", err, errb.String())
 	}
 	view := out.String()
@@ -51,7 +51,7 @@ func TestTopOnce(t *testing.T) {
 	if err := run(context.Background(), []string{"top", "--once", "--http", d.tcp}, &out, &errb); err != nil || !strings.Contains(out.String(), "3 total") {
 		t.Errorf("top --once --http: %v\n%s", err, out.String())
 	}
-	if err := run(context.Background(), []string{"top", "--interval", "1ms", "-s", d.socket}, &out, &errb); err == nil {
+	if err := run(context.Background(), []string{"top", "--interval", "1ms", "--socket", d.socket}, &out, &errb); err == nil {
 		t.Error("--interval 1ms: no error")
 	}
 }
@@ -62,7 +62,7 @@ func TestTopLive(t *testing.T) {
 	d := newTestDaemon(t, daemonOpts{renderers: 2, maxSeed: -1})
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &cancelAfterWriter{n: 3, cancel: cancel}
-	if err := run(ctx, []string{"top", "--interval", "100ms", "-s", d.socket}, w, &bytes.Buffer{}); err != nil {
+	if err := run(ctx, []string{"top", "--interval", "100ms", "--socket", d.socket}, w, &bytes.Buffer{}); err != nil {
 		t.Fatalf("top: %v", err)
 	}
 	view := w.b.String()
@@ -105,7 +105,7 @@ func TestTopInTmux(t *testing.T) {
 		return string(out)
 	}
 	// The test binary runs run() when its first argument is "daemon" (TestMain).
-	tm("new-session", "-d", "-x", "120", "-y", "40", os.Args[0], "daemon", "top", "--interval", "200ms", "-s", d.socket)
+	tm("new-session", "-d", "-x", "120", "-y", "40", os.Args[0], "daemon", "top", "--interval", "200ms", "--socket", d.socket)
 	t.Cleanup(func() { _ = exec.Command(tmux, "-S", sock, "kill-server").Run() })
 	screen := func(cond func(string) bool) string {
 		t.Helper()

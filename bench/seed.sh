@@ -132,7 +132,7 @@ start_daemon() { # start_daemon RENDERD_YAML SOCKET
 	DAEMON_PID=$!
 	PIDS+=("$DAEMON_PID")
 	for _ in $(seq 600); do
-		if "$BIN" status -s "$SOCK" 2>/dev/null | /usr/bin/python3 -c \
+		if "$BIN" status --socket "$SOCK" 2>/dev/null | /usr/bin/python3 -c \
 			'import json, sys; d = json.load(sys.stdin); sys.exit(0 if d["renderers"]["ready"] == 4 else 1)' 2>/dev/null; then
 			return
 		fi
@@ -147,7 +147,7 @@ stop_daemon() {
 	wait "$DAEMON_PID" || true
 }
 rendered() {
-	"$BIN" status -s "$SOCK" | /usr/bin/python3 -c \
+	"$BIN" status --socket "$SOCK" | /usr/bin/python3 -c \
 		'import json, sys; d = json.load(sys.stdin); print(d["caches"]["wms_cache_GLOBAL_WEBMERCATOR"]["rendered"])'
 }
 

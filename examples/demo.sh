@@ -171,7 +171,7 @@ wait_for upstream "${pids[-1]}" 30 curl -sf -o /dev/null "http://127.0.0.1:$UP_P
 
 step "starting mapproxy-renderd"
 start mapproxy-renderd "$TMP/logs/renderd.log" "$BIN" -f "$TMP/mapproxy.yaml" -s "$TMP/seed.yaml" -c "$TMP/renderd.yaml"
-wait_for "mapproxy-renderd (socket)" "${pids[-1]}" 60 "$BIN" status -s "$SOCK"
+wait_for "mapproxy-renderd (socket)" "${pids[-1]}" 60 "$BIN" status --socket "$SOCK"
 wait_for "mapproxy-renderd (TCP)" "${pids[-1]}" 10 curl -sf -o /dev/null "http://127.0.0.1:$RD_PORT/status"
 
 step "starting MapProxy (mapproxy_wsgi.py on serve_wsgi.py, renderd over the Unix socket)"
@@ -204,13 +204,13 @@ fetch "WMS GetMap wmsl 512x512" "$MP/service?SERVICE=WMS&REQUEST=GetMap&VERSION=
 step "talking to mapproxy-renderd directly (native protocol on $SOCK)"
 req='{"id": "demo-1", "command": "tile", "cache_identifier": "wms_cache_GLOBAL_WEBMERCATOR", "tiles": [[1, 2, 2]]}'
 info "request: $req"
-reply=$("$BIN" request -s "$SOCK" "$req") || die "request failed: $reply"
+reply=$("$BIN" request --socket "$SOCK" "$req") || die "request failed: $reply"
 info "reply:   $reply"
 n=$(count_png "$C/wms_cache_EPSG3857/02")
 ((n == 16)) || die "want 16 tiles at z2, have $n"
 req='{"id": "demo-2", "command": "tile", "cache_identifier": "no_such_cache", "tiles": [[0, 0, 0]]}'
 info "request: $req"
-if reply=$("$BIN" request -s "$SOCK" "$req"); then
+if reply=$("$BIN" request --socket "$SOCK" "$req"); then
 	die "an unknown cache should fail: $reply"
 fi
 info "reply:   $reply (non-zero exit, as it should)"
@@ -226,7 +226,7 @@ info "wms_cache: $before tiles before, $after after"
 info "again: MapProxy's walker skips what is cached, so nothing is planned"
 "$BIN" seed --socket "$SOCK" --wait initial | tee "$TMP/logs/seed-again.log" | sed 's/^/    /'
 grep -q ' done 0/0 ' "$TMP/logs/seed-again.log" || die "the second run planned metatiles"
-"$BIN" tasks -s "$SOCK" | sed 's/^/    /'
+"$BIN" tasks --socket "$SOCK" | sed 's/^/    /'
 
 step "refreshing through mapproxy-renderd with plain mapproxy-seed (--seed refresh -c 2, over TCP)"
 touch "$TMP/refresh.mark"
@@ -238,8 +238,8 @@ n=$(find "$C/wms_cache_EPSG3857" -name '*.png' -newer "$TMP/refresh.mark" | wc -
 ((n > 0)) || die "the refresh rewrote no tile"
 info "rewritten: $n tiles"
 
-step "status document (mapproxy-renderd status -s $SOCK)"
-"$BIN" status -s "$SOCK" || die "status failed"
+step "status document (mapproxy-renderd status --socket $SOCK)"
+"$BIN" status --socket "$SOCK" || die "status failed"
 
 step "tiles in $C"
 for d in "$C"/*/; do

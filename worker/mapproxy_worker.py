@@ -84,9 +84,16 @@ rendering.
   "bbox": [...], "srs": "EPSG:4326", "refresh_before": {"days": 7}}``
   (cleanup: "remove_before" / "remove_all" instead of refresh_before; "name"
   is then only a label), and optionally ``"cursor": <value of an earlier
-  cursor line>`` to resume a seed (a cleanup starts over: it is idempotent).
+  cursor line>`` to resume a seed (a cleanup starts over: it is idempotent),
+  and ``"resolved": <value of an earlier resolved line>``, which replaces
+  seed_config, name and inline: the same walk as the run that wrote it.
 * stdout, one JSON object per line (stdout carries nothing else):
-  ``{"tasks": [{"cache_identifier": "...", "levels": [...]}, ...]}`` first;
+  for a seed or cleanup without "resolved", ``{"resolved": {...}}`` first: the
+  entry as MapProxy resolved it, self-contained (the entry and the coverages
+  it names, copied; refresh_before / remove_before as absolute unix seconds),
+  so that a resumed run walks the same tiles with the same refresh time even
+  if seed.yaml changed or the relative time moved on; then
+  ``{"tasks": [{"cache_identifier": "...", "levels": [...]}, ...]}``;
   then per metatile to render (the walker's is-cached filter already applied)
   ``{"cache_identifier": "...", "tile": [x, y, z], "progress": 0.42}`` plus
   ``"refresh_before": <unix seconds>`` when the seed has one; now and then
@@ -98,9 +105,12 @@ rendering.
   ``{"done": true, "removed": n}``. progress runs 0..1 over all tasks,
   (i + p_i) / n. On a bad spec, seed.yaml or name: ``{"error": "..."}`` and
   exit 1. Lines are flushed one by one: a reader that stops reading blocks the
-  walk (back-pressure). A cursor line follows every 1000 metatiles
-  (MAPPROXY_WORKER_CURSOR_EVERY overrides that), 2 s of walking, and the end
-  of every task.
+  walk (back-pressure). A cursor line comes before a metatile line whenever
+  the walk's position (the SeedProgress identifier) has moved since the last
+  cursor (at most every MAPPROXY_WORKER_CURSOR_EVERY metatiles, default 1),
+  after 2 s of walking through cached tiles, and at the end of every task: a
+  cursor covers the metatile lines before it, so the daemon can checkpoint
+  whatever has been rendered, however far the walk runs ahead.
 
 One job at a time, single-threaded: with renderd=True MapProxy reuses Mapnik
 map objects, which assumes one thread per process.
@@ -546,7 +556,7 @@ class PlanOutput(object):
 class PlanWalk(object):
     """State shared by the worker pool and progress logger of every task of one plan run."""
 
-    CURSOR_EVERY_TILES = 1000
+    CURSOR_EVERY_TILES = 1
     CURSOR_EVERY_S = 2.0
 
     def __init__(self, out, n_tasks):
@@ -561,6 +571,7 @@ class PlanWalk(object):
         self.refresh_json = ''    # ', "refresh_before": <seconds>' when the seed has one
         self.since_cursor = 0
         self.last_cursor = time.monotonic()
+        self.last_levels = None   # the identifier of the last cursor line
         self.removed = 0
 
     def overall(self, task_progress):
@@ -571,14 +582,27 @@ class PlanWalk(object):
         levels = seed_progress.current_progress_identifier()
         if levels is not None:
             levels = [list(l) for l in levels]
+        if levels == []:
+            # Between two top-level subtrees, with the top-level tiles themselves still to
+            # come: resuming from [] would skip the whole walk (SeedProgress.can_skip).
+            return
         self.out.line({'cursor': {'task': self.index, 'cache_identifier': self.ident, 'levels': levels},
                        'progress': self.overall(seed_progress.progress)})
         self.since_cursor = 0
         self.last_cursor = time.monotonic()
+        self.last_levels = levels
 
-    def maybe_cursor(self, seed_progress):
-        if (self.since_cursor >= self.CURSOR_EVERY_TILES
-                or time.monotonic() - self.last_cursor >= self.CURSOR_EVERY_S):
+    def cursor_before_tile(self, seed_progress):
+        """A cursor line before the next metatile line when the walk has moved on:
+        the identifier here is at or before that metatile, so resuming from it
+        walks that metatile again, never skips it."""
+        if self.since_cursor < self.CURSOR_EVERY_TILES and \
+                time.monotonic() - self.last_cursor < self.CURSOR_EVERY_S:
+            return
+        levels = seed_progress.current_progress_identifier()
+        if levels is not None:
+            levels = [list(l) for l in levels]
+        if levels != self.last_levels:
             self.cursor(seed_progress)
 
 
@@ -596,11 +620,11 @@ class PlanSeedPool(object):
         # of one metatile: the renderer renders that metatile once.
         tile = next((t for t in tiles if t is not None), None)
         if tile is not None:
+            w.cursor_before_tile(progress)
             # The hot path: formatted by hand, the same JSON json.dumps would give.
             w.out.raw('{"cache_identifier": %s, "tile": [%d, %d, %d], "progress": %r%s}\n' % (
                 w.ident_json, tile[0], tile[1], tile[2], w.overall(progress.progress), w.refresh_json))
             w.since_cursor += 1
-        w.maybe_cursor(progress)
 
     def stop(self, force=False):
         pass
@@ -734,6 +758,8 @@ def check_spec(spec):
         if not path:
             raise PlanError('list needs "seed_config"')
         return
+    if spec.get('resolved') is not None:
+        return  # resolved_tasks checks it
     name, inline = spec.get('name'), spec.get('inline')
     if name is None and inline is None:
         raise PlanError('%s: give "name" or "inline"' % kind)
@@ -745,15 +771,19 @@ def check_spec(spec):
 
 
 def plan_tasks(spec, mapproxy_conf):
-    """Return (kind, tasks) for a seed or cleanup spec, or (kind, names) for list;
-    check_spec(spec) has passed."""
+    """Return (kind, tasks, resolved) for a seed or cleanup spec, or (kind, names,
+    None) for list; check_spec(spec) has passed. resolved is the value of the
+    resolved line (None when the spec was resolved already or seed.yaml has the
+    legacy views: form)."""
     kind, path = spec['kind'], spec.get('seed_config')
+    if spec.get('resolved') is not None:
+        return kind, resolved_tasks(kind, spec['resolved'], mapproxy_conf), None
     raw = seed_conf = None
     if path:
         raw, seed_conf = load_seed_yaml(path, mapproxy_conf)
     if kind == 'list':
         return kind, {'seeds': sorted(seed_conf.seed_tasks_names()),
-                      'cleanups': sorted(seed_conf.cleanup_tasks_names())}
+                      'cleanups': sorted(seed_conf.cleanup_tasks_names())}, None
     name, inline = spec.get('name'), spec.get('inline')
     if inline is not None:
         # With "inline", "name" is only the daemon's label for the task.
@@ -764,9 +794,73 @@ def plan_tasks(spec, mapproxy_conf):
         if name not in names:
             raise PlanError('unknown %s %s; %s has: %s' % (
                 kind, json.dumps(name), path, ', '.join(sorted(names)) or 'none'))
+    if not hasattr(seed_conf, 'conf') or 'views' in seed_conf.conf:
+        if kind == 'seed':
+            return kind, seed_conf.seeds([name]), None
+        return kind, seed_conf.cleanups([name]), None
+    resolved = resolve_entry(kind, name, seed_conf.conf)
+    return kind, build_tasks(kind, resolved, seed_conf), resolved
+
+
+def resolve_entry(kind, name, conf):
+    """The resolved line's value before its times: the entry and the coverages it
+    names, copied out of the seed configuration (json round trip: plain data)."""
+    section = 'seeds' if kind == 'seed' else 'cleanups'
+    entry = plain(conf[section][name])
+    all_coverages = conf.get('coverages') or {}
+    coverages = dict((c, all_coverages[c]) for c in entry.get('coverages') or [] if c in all_coverages)
+    return {'name': name, 'conf': plain({'coverages': coverages, section: {name: entry}})}
+
+
+def plain(value):
+    """value as JSON data; YAML timestamps become the ISO form MapProxy parses."""
+    def default(o):
+        if hasattr(o, 'isoformat'):
+            return o.isoformat()
+        raise TypeError('%s is not JSON data' % type(o).__name__)
+    return json.loads(json.dumps(value, default=default))
+
+
+def build_tasks(kind, resolved, seeding_conf):
+    """MapProxy's seeds()/cleanups() for the one entry of resolved, with its
+    times: taken from resolved when it has them, else computed now (as MapProxy
+    does) and written into resolved."""
+    from mapproxy.seed.config import SeedConfiguration, CleanupConfiguration
+
+    name = resolved['name']
     if kind == 'seed':
-        return kind, seed_conf.seeds([name])
-    return kind, seed_conf.cleanups([name])
+        sc = SeedConfiguration(name, seeding_conf.conf['seeds'][name], seeding_conf)
+        if 'refresh_before' in resolved:
+            sc.refresh_timestamp = resolved['refresh_before']
+        else:
+            resolved['refresh_before'] = sc.refresh_timestamp
+        return list(sc.seed_tasks())
+    cc = CleanupConfiguration(name, seeding_conf.conf['cleanups'][name], seeding_conf)
+    if 'remove_before' in resolved:
+        if resolved.get('remove_before_is_start'):
+            # No remove_before: MapProxy removes what is older than the run's start
+            # (init_time), and tells that case apart by identity.
+            cc.init_time = resolved['remove_before']
+            cc.remove_timestamp = cc.init_time
+        else:
+            cc.remove_timestamp = resolved['remove_before']
+    else:
+        resolved['remove_before'] = cc.remove_timestamp
+        resolved['remove_before_is_start'] = cc.remove_timestamp is cc.init_time
+    return list(cc.cleanup_tasks())
+
+
+def resolved_tasks(kind, resolved, mapproxy_conf):
+    """The tasks of an earlier resolved line's value."""
+    from mapproxy.seed.config import SeedingConfiguration
+
+    if not isinstance(resolved, dict) or not isinstance(resolved.get('name'), str) or \
+            not isinstance(resolved.get('conf'), dict):
+        raise PlanError('invalid "resolved": want the value of a resolved line')
+    section = 'seeds' if kind == 'seed' else 'cleanups'
+    if resolved['name'] not in (resolved['conf'].get(section) or {}):
+        raise PlanError('"resolved" has no %s entry %s' % (kind, json.dumps(resolved['name'])))
+    return build_tasks(kind, resolved, SeedingConfiguration(resolved['conf'], mapproxy_conf=mapproxy_conf))
 
 
 def parse_cursor(cursor, tasks):
@@ -822,7 +916,7 @@ def plan_seed(tasks, first, old_levels, out):
         walk.index, walk.ident = i + 1, tasks[i + 1].tile_manager.identifier if i + 1 < len(tasks) else None
         walk.out.line({'cursor': {'task': i + 1, 'cache_identifier': walk.ident, 'levels': None},
                        'progress': walk.overall(0.0)})
-        walk.since_cursor, walk.last_cursor = 0, time.monotonic()
+        walk.since_cursor, walk.last_cursor, walk.last_levels = 0, time.monotonic(), None
     out.line({'done': True, 'removed': 0})
 
 
@@ -888,7 +982,7 @@ def plan_main(argv):
                 raise PlanError('cannot load %s: %s: %s' % (path, type(e).__name__, e))
             with mapproxy_conf:
                 try:
-                    kind, tasks = plan_tasks(spec, mapproxy_conf)
+                    kind, tasks, resolved = plan_tasks(spec, mapproxy_conf)
                 except ConfigurationError as e:
                     raise PlanError(str(e))
                 if kind == 'list':
@@ -897,6 +991,8 @@ def plan_main(argv):
                     return 0
                 if kind == 'seed':
                     first, old_levels = parse_cursor(spec.get('cursor'), tasks)
+                if resolved is not None:
+                    out.line({'resolved': resolved})
                 out.line({'tasks': [{'cache_identifier': t.tile_manager.identifier,
                                      'levels': list(t.levels)} for t in tasks]})
                 if kind == 'seed':
