@@ -116,7 +116,7 @@ func (m *taskManager) handleExpire(req Request) Reply {
 		}
 		list = strings.NewReader(b.String())
 	}
-	d, err := m.startExpire(req.CacheIdentifier, req.Range, req.Priority, req.PrioritySet, list, "")
+	d, err := m.startExpire(req.CacheIdentifier, req.Range, req.Priority, req.PrioritySet, req.Rate, list, "")
 	if err != nil {
 		return errorReply(req.ID, err.Error())
 	}
@@ -124,7 +124,7 @@ func (m *taskManager) handleExpire(req Request) Reply {
 }
 
 // startExpire checks that the cache takes expiry lists, stores the list and starts its task.
-func (m *taskManager) startExpire(cache string, rng expireRange, priority int, prioritySet bool, list io.Reader, from string) (taskDoc, error) {
+func (m *taskManager) startExpire(cache string, rng expireRange, priority int, prioritySet bool, rate float64, list io.Reader, from string) (taskDoc, error) {
 	if err := rng.validate(); err != nil {
 		return taskDoc{}, err
 	}
@@ -135,14 +135,14 @@ func (m *taskManager) startExpire(cache string, rng expireRange, priority int, p
 	if err != nil {
 		return taskDoc{}, fmt.Errorf("storing the expiry list: %w", err)
 	}
-	return m.startExpireFile(cache, rng, priority, prioritySet, path, from)
+	return m.startExpireFile(cache, rng, priority, prioritySet, rate, path, from)
 }
 
 // startExpireFile starts the expire task of a stored list file (the task owns it from now on).
-func (m *taskManager) startExpireFile(cache string, rng expireRange, priority int, prioritySet bool, path, from string) (taskDoc, error) {
+func (m *taskManager) startExpireFile(cache string, rng expireRange, priority int, prioritySet bool, rate float64, path, from string) (taskDoc, error) {
 	inline, _ := json.Marshal(expireTaskSpec{Cache: cache, List: path, MinZoom: rng.MinZoom, MaxZoom: rng.MaxZoom, DeleteFrom: rng.DeleteFrom, From: from})
 	m.mu.Lock()
-	spec := taskSpec{Kind: "expire", Name: "expire:" + cache, Inline: inline, priority: m.cfg.SeedPriority}
+	spec := taskSpec{Kind: "expire", Name: "expire:" + cache, Inline: inline, priority: m.cfg.SeedPriority, rate: rate}
 	m.mu.Unlock()
 	if prioritySet {
 		spec.priority = priority
@@ -309,7 +309,7 @@ func (s *expireSource) send(it taskItem) bool {
 	}
 }
 
-// serveExpire is POST /expire?cache=ID[&min_zoom=Z][&max_zoom=Z][&delete_from=Z][&priority=P]
+// serveExpire is POST /expire?cache=ID[&min_zoom=Z][&max_zoom=Z][&delete_from=Z][&priority=P][&rate=R]
 // with the list as the body.
 func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
@@ -340,7 +340,19 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, fmt.Sprintf("priority: want 0..%d, got %d", maxPriority, priority)))
 		return
 	}
-	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, http.MaxBytesReader(w, r.Body, maxExpireBody), "")
+	rate := 0.0
+	if v := q.Get("rate"); v != "" {
+		r, err := strconv.ParseFloat(v, 64)
+		if err == nil {
+			err = checkRate(r, false)
+		}
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, errorReply(nil, "rate: want a positive number of metatiles per second, got "+strconv.Quote(truncate(v, 32))))
+			return
+		}
+		rate = r
+	}
+	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, rate, http.MaxBytesReader(w, r.Body, maxExpireBody), "")
 	if err != nil {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, err.Error()))
 		return
@@ -349,7 +361,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 }
 
 // runExpireClient is `mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z]
-// [--delete-from Z] [--priority P] [--wait] [FILE] < list`: it POSTs the list to /expire
+// [--delete-from Z] [--priority P] [--rate R] [--wait] [FILE] < list`: it POSTs the list to /expire
 // (over the daemon's Unix socket or TCP address) and prints the task document.
 func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	var cl clientFlags
@@ -360,6 +372,7 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	maxZoom := fs.Int("max-zoom", -1, "mark descendants up to this zoom (default: each line's own zoom)")
 	deleteFrom := fs.Int("delete-from", -1, "delete metatiles at this zoom and above instead of re-rendering (default: never)")
 	priority := fs.Int("priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
+	rate := fs.Float64("rate", 0, "metatiles per second at most (default: unlimited)")
 	wait := fs.Bool("wait", false, "wait until the task ends, showing progress")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -394,6 +407,9 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	}
 	if *priority >= 0 {
 		q.Set("priority", strconv.Itoa(*priority))
+	}
+	if *rate != 0 {
+		q.Set("rate", strconv.FormatFloat(*rate, 'g', -1, 64))
 	}
 	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
@@ -519,7 +535,7 @@ func (m *taskManager) takeSpoolFile(path, cache string, rng expireRange, priorit
 	} else if err := syncDir(m.lists.dir); err != nil {
 		log.Warn("expire_dir: fsync of the list directory failed", "error", err)
 	}
-	d, err := m.startExpireFile(cache, rng, priority, prioritySet, dst, filepath.Base(path))
+	d, err := m.startExpireFile(cache, rng, priority, prioritySet, 0, dst, filepath.Base(path))
 	if err != nil {
 		log.Error("expire_dir: task not started", "error", err)
 		return

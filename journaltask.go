@@ -40,11 +40,12 @@ type journaledSpec struct {
 	Spec      taskSpec `json:"spec"`
 	Priority  int      `json:"priority"`
 	Scheduled bool     `json:"scheduled,omitempty"`
+	Rate      float64  `json:"rate,omitempty"` // metatiles per second (DESIGN §17)
 }
 
 func journalSpec(spec taskSpec) []byte {
 	spec.Cursor = nil
-	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled})
+	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled, Rate: spec.rate})
 	return b
 }
 
@@ -107,6 +108,7 @@ func (m *taskManager) resumeJournaled(tasks []journalTask) {
 		}
 		specs[i], ok[i] = js.Spec, true
 		specs[i].priority, specs[i].scheduled, specs[i].Cursor = js.Priority, js.Scheduled, jt.Cursor
+		specs[i].rate = js.Rate
 		if n, err := strconv.Atoi(strings.TrimPrefix(jt.ID, "t")); err == nil {
 			m.mu.Lock()
 			m.nextID = max(m.nextID, n)

@@ -199,7 +199,7 @@ func (s *scheduler) countRender(slot *rendererSlot, c *cacheInfo, j *job, ev ren
 
 // sample adds the current state to the history ring (each second, from the scheduler's tick).
 func (s *scheduler) sample(now time.Time) {
-	s.m.history.add(historySample{unix: now.Unix(), finished: s.m.finished, queued: int32(len(s.qs.queue))})
+	s.m.history.add(historySample{unix: now.Unix(), finished: s.m.finished, queued: int32(s.qs.queued())})
 }
 
 // cacheRenders is one cache's render counts by zoom, copied into a snapshot.

@@ -142,6 +142,10 @@ type pendingRequest struct {
 	queuedNS int64 // longest wait in the queue over its jobs
 	renderNS int64 // longest render over its jobs
 	answered bool
+	// tag marks a task's request (ratelimit.go): never live, limited at the task's rate.
+	tag *rateTag
+	// backoff: a job failed on an overloaded upstream while its cache's limiter backs off.
+	backoff bool
 	// waitTimer runs out at wait_ms (live.go); stopped when the request is answered.
 	waitTimer *time.Timer
 }
@@ -217,6 +221,7 @@ type queueState struct {
 
 	levels  [maxPriority + 1]prioLevel // by priority
 	waiting int                        // waiter entries on queued jobs (a request counts once per job it waits for)
+	hold    heldJobs                   // queued jobs the rate limiter holds outside the heap (ratelimit.go)
 }
 
 func newQueueState(rule capacityRule, maxQueued int) *queueState {
@@ -373,13 +378,16 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 			fresh++
 		}
 	}
-	if fresh > 0 && len(qs.queue)+fresh > qs.max {
+	if fresh > 0 && qs.queued()+fresh > qs.max {
 		return 0, errQueueFull
 	}
 	for _, k := range keys {
 		j, ok := qs.jobs[k]
 		if ok {
 			merged++
+			if j.flags&heldJob != 0 {
+				qs.unhold(j) // a new waiter may be live, or raise it: back to the heap
+			}
 			if j.state == jobQueued && int(j.priority) < priority {
 				old := int(j.priority)
 				j.priority = int16(priority)
@@ -494,7 +502,11 @@ func (qs *queueState) insert(j *job) {
 // drop removes a queued job from the queue and the table without running it, keeping the
 // counts exact; its waiters (if any) are the caller's to answer.
 func (qs *queueState) drop(j *job) {
-	heap.Remove(&qs.queue, int(j.index))
+	if j.flags&heldJob != 0 {
+		qs.removeHeld(j)
+	} else {
+		heap.Remove(&qs.queue, int(j.index))
+	}
 	delete(qs.jobs, j.key)
 	j.state = jobDone
 	p := int(j.priority)
@@ -505,7 +517,7 @@ func (qs *queueState) drop(j *job) {
 
 // drain empties the queue (shutdown) and returns the jobs that were queued.
 func (qs *queueState) drain() []*job {
-	out := make([]*job, 0, len(qs.queue))
+	out := qs.drainHeld()
 	for len(qs.queue) > 0 {
 		j := heap.Pop(&qs.queue).(*job)
 		delete(qs.jobs, j.key)

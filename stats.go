@@ -286,7 +286,7 @@ func (s *scheduler) statusDoc() statusDoc {
 		}
 	}
 	q := &d.Queue
-	q.Length = len(s.qs.queue)
+	q.Length = s.qs.queued()
 	q.Running = s.busy
 	q.MaxQueued = s.qs.max
 	q.TrackedJobs = len(s.qs.jobs)
