@@ -229,6 +229,7 @@ type metricsSnap struct {
 	renderersConf int
 	maxSeed       int
 	journal       *journalStats // nil: the journal is off
+	rate          rateDoc
 }
 
 // metricsSnapshot builds a metricsSnap. It runs on the scheduler goroutine.
@@ -251,6 +252,7 @@ func (s *scheduler) metricsSnapshot() *metricsSnap {
 		stopping:      s.stopping,
 		renderersConf: s.cfg.Renderers,
 		maxSeed:       s.cfg.maxSeed,
+		rate:          s.rateStatus(),
 	}
 	for k, v := range s.m.restarts {
 		m.restarts[k] = v
@@ -494,5 +496,6 @@ func (m *metricsSnap) appendText(b []byte) []byte {
 		w.family("journal_syncs_total", "counter", "Journal batches written and fdatasynced since start (group commit).")
 		w.counter("journal_syncs_total", uint64(j.Batches))
 	}
+	appendRateMetrics(w, m.rate)
 	return w.b
 }

@@ -133,6 +133,9 @@ type statusDoc struct {
 	LastErrors []renderErrorDoc `json:"last_errors"`
 	// Rates are renders (any result) per second over the last 10 s, minute and 15 minutes.
 	Rates map[string]float64 `json:"rates"`
+	// RateLimit is the background rate limiter (DESIGN §17): caches' effective rates, held
+	// jobs, backoffs.
+	RateLimit rateDoc `json:"rate_limit"`
 }
 
 // rendererDoc is one renderer in the status document's renderer_list.
@@ -212,6 +215,7 @@ func (s *scheduler) statusDoc() statusDoc {
 			"render_timeout":      s.cfg.RenderTimeout.String(),
 		},
 		LastStartError: s.lastStartErr,
+		RateLimit:      s.rateStatus(),
 	}
 	d.Requests = make(map[string]map[string]map[string]uint64)
 	for p := range nProtos {
