@@ -82,6 +82,7 @@ type rateBucket struct {
 	held    jobQueue
 	holding bool // listed in limiter.holding
 	used    int64
+	born    int64 // created; the observed rate is over at most its age
 	tag     *rateTag    // a task's bucket
 	cache   *rateBucket // a task's bucket: the cache of its last job
 	obs     [rateObserveSecs]struct {
@@ -91,7 +92,7 @@ type rateBucket struct {
 }
 
 func newRateBucket(name string, rate float64, now int64) *rateBucket {
-	return &rateBucket{name: name, rate: rate, eff: rate, ceiling: rate, tokens: 1, last: now, used: now}
+	return &rateBucket{name: name, rate: rate, eff: rate, ceiling: rate, tokens: 1, last: now, used: now, born: now}
 }
 
 // burst is how many tokens the bucket keeps: a fifth of a second's worth, at least one, so
@@ -153,7 +154,8 @@ func (b *rateBucket) observe(now int64) {
 	o.n++
 }
 
-// observed is the start rate over the last rateObserveSecs seconds (the current one included).
+// observed is the start rate over the last rateObserveSecs seconds (the current one
+// included), or over the bucket's life when that is shorter (at least a second).
 func (b *rateBucket) observed(now int64) float64 {
 	sec := now / int64(time.Second)
 	var n uint32
@@ -162,7 +164,8 @@ func (b *rateBucket) observed(now int64) float64 {
 			n += o.n
 		}
 	}
-	return float64(n) / rateObserveSecs
+	span := min(max(float64(now-b.born)/1e9, 1), rateObserveSecs)
+	return float64(n) / span
 }
 
 // overload takes an upstream overload of a job that started at started: the rate halves
@@ -194,7 +197,10 @@ func (b *rateBucket) overload(now, started int64, o overloadInfo) bool {
 	}
 	b.refill(now)
 	b.eff = max(floor, base/2)
-	b.tokens = min(b.tokens, b.burst())
+	b.tokens = 0 // the next start waits a full interval at the new rate
+	if b.paused > now {
+		b.tokens = 1 // … or the upstream's Retry-After, which the pause already waits for
+	}
 	b.backoff = true
 	b.lastCut, b.step = now, now
 	b.cuts++
