@@ -82,7 +82,7 @@ type rateBucket struct {
 	held    jobQueue
 	holding bool // listed in limiter.holding
 	used    int64
-	born    int64 // created; the observed rate is over at most its age
+	born    int64       // created; the observed rate is over at most its age
 	tag     *rateTag    // a task's bucket
 	cache   *rateBucket // a task's bucket: the cache of its last job
 	obs     [rateObserveSecs]struct {
