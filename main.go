@@ -56,12 +56,12 @@ const usage = `usage:
   mapproxy-renderd check-config [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
   mapproxy-renderd request [-s socket | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
   mapproxy-renderd status  [-s socket | --http host:port|http://URL | -f … | -c …]
-  mapproxy-renderd seed [-s seed.yaml] [--priority P] [--wait] [--socket S | --http A] NAME…
+  mapproxy-renderd seed [-s seed.yaml] [--priority P] [--rate R] [--wait] [--socket S | --http A] NAME…
   mapproxy-renderd tasks [--json] [-s socket | --http host:port]
   mapproxy-renderd task ID | cancel ID [-s socket | --http host:port]
   mapproxy-renderd top     [-s socket | --http host:port | -f … | -c …] [--once] [--interval 1s]
   mapproxy-renderd install-module DIR   (writes mapproxy_renderd.py, the module for MapProxy, into DIR)
-  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--wait] [FILE] < list
+  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--rate R] [--wait] [FILE] < list
   mapproxy-renderd version
 `
 
