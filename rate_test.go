@@ -2,7 +2,11 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -254,5 +258,96 @@ func TestUpstream503HalvesRateThenRecovers(t *testing.T) {
 		strings.Join(trace, " → "), rateOf(st, "c").BackoffEvents, d.State, d.Done, d.Retried, d.Failed)
 	if d.State != taskStateDone || d.Done != 100 || d.Failed != 0 || d.Retried == 0 {
 		t.Fatalf("task: got %+v; want done, all 100, the 503s retried uncounted", d)
+	}
+}
+
+// TestRateOverEveryEntryPoint: rate reaches a task's document from the native seed and
+// expire commands, POST /tasks, POST /expire?rate=, the seed and expire CLI and schedules:
+// entries; bad rates are refused naming the field.
+func TestRateOverEveryEntryPoint(t *testing.T) {
+	r := newTaskRig(t, taskRigOpts{daemonOpts: daemonOpts{renderers: 2, maxSeed: 2, tcp: true, rendArgs: []string{"-caches", expireCaches}},
+		plannerArgs: []string{"-n", "2", "-cache", "exp_GRID"},
+		extraYAML:   "schedules:\n  - {task: all, every: 24h, rate: 3}\n"})
+	rateIn := func(what string, rep Reply, want float64) {
+		t.Helper()
+		if d := taskOf(t, rep); rep.Status != statusQueued || d.Rate != want {
+			t.Errorf("%s: got %+v (rate %g), want a task at rate %g", what, rep, d.Rate, want)
+		}
+	}
+	rateIn("native seed", r.call(`{"command":"seed","task":"all","rate":2}`), 2)
+	rateIn("native expire", r.call(`{"command":"expire","cache_identifier":"exp_GRID","lines":"1/0/0","rate":1.5}`), 1.5)
+	for _, bad := range []string{`-1`, `0`, `"fast"`, `1e9`} {
+		for _, cmd := range []string{`{"command":"seed","task":"all","rate":` + bad + `}`,
+			`{"command":"expire","cache_identifier":"exp_GRID","lines":"1/0/0","rate":` + bad + `}`} {
+			if rep := r.call(cmd); rep.Status != statusError || !strings.Contains(rep.ErrorMessage, "rate") {
+				t.Errorf("%s: got %+v, want an error naming rate", cmd, rep)
+			}
+		}
+	}
+	post := func(path, body string) (int, Reply) {
+		t.Helper()
+		resp, err := http.Post("http://"+r.tcp+path, "text/plain", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var rep Reply
+		if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, rep
+	}
+	_, rep := post("/tasks", `{"task":"all","rate":4}`)
+	rateIn("POST /tasks", rep, 4)
+	_, rep = post("/expire?cache=exp_GRID&rate=0.5", "1/0/0\n")
+	rateIn("POST /expire", rep, 0.5)
+	if code, rep := post("/expire?cache=exp_GRID&rate=0", "1/0/0\n"); code != http.StatusBadRequest || !strings.Contains(rep.ErrorMessage, "rate") {
+		t.Errorf("POST /expire rate=0: %d %+v", code, rep)
+	}
+	var out bytes.Buffer
+	if err := run(t.Context(), []string{"seed", "--socket", r.socket, "--rate", "2.5", "all"}, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	var cli Reply
+	json.Unmarshal(out.Bytes(), &cli)
+	rateIn("seed --rate", cli, 2.5)
+	list := filepath.Join(t.TempDir(), "list")
+	os.WriteFile(list, []byte("1/0/0\n"), 0o644)
+	out.Reset()
+	if err := run(t.Context(), []string{"expire", "--socket", r.socket, "--cache", "exp_GRID", "--rate", "7", list}, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	cli = Reply{}
+	json.Unmarshal(out.Bytes(), &cli)
+	rateIn("expire --rate", cli, 7)
+	// The schedule shows its rate; its runs get it (startScheduled is what the loop calls).
+	var scheds []scheduleDoc
+	json.Unmarshal(r.call(`{"command":"tasks"}`).Schedules, &scheds)
+	if len(scheds) != 1 || scheds[0].Rate != 3 {
+		t.Errorf("schedules: got %+v, want one at rate 3", scheds)
+	}
+}
+
+func TestRateConfigAndJournal(t *testing.T) {
+	for _, tc := range []struct{ yaml, want string }{
+		{"background_rate: {c: 0}", "background_rate.c"},
+		{"background_rate: {c: -2}", "background_rate.c"},
+		{"seed_config: /x\nschedules: [{task: a, every: 1h, rate: -1}]", "schedules[0].rate"},
+	} {
+		c := defaultConfig()
+		c.RendererCommand = []string{"/bin/true"}
+		c.MapProxyConfig = "/etc/mapproxy/mapproxy.yaml"
+		err := parseConfig(&c, strings.NewReader(tc.yaml))
+		if err == nil {
+			err = c.Validate()
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want an error naming %s", tc.yaml, err, tc.want)
+		}
+	}
+	// A task's rate is part of its journaled spec, so a resumed task keeps it.
+	var js journaledSpec
+	if err := json.Unmarshal(journalSpec(taskSpec{Kind: "seed", Name: "all", priority: 10, rate: 2.5}), &js); err != nil || js.Rate != 2.5 {
+		t.Fatalf("journaled spec: %+v %v, want rate 2.5", js, err)
 	}
 }
