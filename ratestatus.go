@@ -54,13 +54,13 @@ func appendRateMetrics(w *promWriter, d rateDoc) {
 			w.sample("rate_limit_per_second", c.EffectiveRate, "cache", c.Cache)
 		}
 	}
-	w.family("rate_held_jobs", "gauge", "Queued jobs the rate limiter holds back (a task's held jobs count in the total only).")
+	w.family("rate_held_jobs", "gauge", "Queued jobs the rate limiter holds back, in every bucket (caches' and tasks').")
 	w.sample("rate_held_jobs", float64(d.HeldJobs))
+	w.family("rate_cache_held_jobs", "gauge", "Queued jobs a cache's bucket holds back (a task's held jobs are in its own bucket).")
 	for _, c := range d.Caches {
-		w.sample("rate_held_jobs", float64(c.Held), "cache", c.Cache)
+		w.sample("rate_cache_held_jobs", float64(c.Held), "cache", c.Cache)
 	}
 	w.family("rate_backoffs_total", "counter", "Times a cache's rate was halved because its upstream was overloaded (429, 503, timeout).")
-	w.counter("rate_backoffs_total", d.BackoffEvents)
 	for _, c := range d.Caches {
 		w.counter("rate_backoffs_total", c.BackoffEvents, "cache", c.Cache)
 	}
