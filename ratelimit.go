@@ -95,8 +95,10 @@ func newRateBucket(name string, rate float64, now int64) *rateBucket {
 	return &rateBucket{name: name, rate: rate, eff: rate, ceiling: rate, tokens: 1, last: now, used: now, born: now}
 }
 
-// burst is how many tokens the bucket keeps: a fifth of a second's worth, at least one, so
-// that any window of t seconds starts at most 1 + rate·t jobs (rate 5: at most 11 in 2 s).
+// burst is how many jobs may start back to back: a fifth of a second's worth, at least one.
+// The bucket holds just under burst+1 tokens, so that a scheduler that wakes a little late
+// (a loaded machine) loses no token, while any window of t seconds still starts fewer than
+// burst + 1 + rate·t jobs (rate 5: at most 11 in 2 s).
 func (b *rateBucket) burst() float64 { return max(1, b.eff/5) }
 
 // refill adds the tokens earned since the last refill (none while paused).
@@ -105,7 +107,7 @@ func (b *rateBucket) refill(now int64) {
 		return
 	}
 	if from := max(b.last, b.paused); b.eff > 0 && now > from {
-		b.tokens = min(b.burst(), b.tokens+b.eff*float64(now-from)/1e9)
+		b.tokens = min(b.burst()+1-1e-9, b.tokens+b.eff*float64(now-from)/1e9)
 	}
 	b.last = now
 }

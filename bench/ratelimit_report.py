@@ -75,9 +75,12 @@ def main():
         oks = [ns for ns, st in hits if st == 200]
         span = (hits[-1][0] - t0) / 1e9
         task = doc['task.json'].get('task', {})
-        caches = doc['status.json'].get('stats', {}).get('rate_limit', {}).get('caches', [])
+        st = doc['status.json']
+        caches = (st.get('rate_limit') or st.get('stats', {}).get('rate_limit') or {}).get('caches', [])
         backoffs = sum(c.get('backoff_events', 0) for c in caches)
         eff = ', '.join('%.2f' % c['effective_rate'] for c in caches if c.get('effective_rate'))
+        if task.get('effective_rate'):
+            eff = 'task %.2f' % task['effective_rate'] + ('; cache ' + eff if eff else '')
         rows.append('| %s | %d | %d (%d later than 1 s after the first) | %.1f s | %.2f | %d | %d | %d | %s | %s |' % (
             title, len(hits), n503, after, span, len(oks) / span if span > 0 else 0,
             max(ok), max_window(oks, 2e9), backoffs, eff or 'unlimited', task.get('state', '?') + ', %d done' % task.get('done', 0)))
