@@ -113,10 +113,11 @@ def main():
         '',
         table,
         '',
-        'A rate the renderers cannot reach (20/s here) is no limit: the upstream then sees what the renderers',
-        'can do. Against the 503 upstream the daemon starts unlimited, halves from the rate it observed at the',
-        'first 503 (once per flight of jobs), and stays below the upstream\'s limit afterwards; those 503s are',
-        'retried by the task without counting as failures.',
+        'A rate is an upper bound: when the renderers cannot keep up, the upstream sees what they can do.',
+        'Against the 503 upstream the daemon starts unlimited, halves from the rate it observed at the first',
+        '503 (once per flight of jobs: a job started before the cut does not cut again), and stays below the',
+        'upstream\'s limit afterwards; those 503s are retried by the task without counting as failures.',
+        'Without background_rate the cache grows back by 10 % per minute, so within a minute it stays low.',
         END,
     ])
     print(section)
