@@ -95,7 +95,7 @@ def main():
         ax.set_ylim(bottom=0)
         ax.legend(loc='upper right', fontsize=8)
     axes[-1].set_xlabel('seconds since the first upstream request')
-    fig.suptitle('Requests per second at the upstream while the daemon seeds (%s)' % desc, fontsize=9)
+    fig.suptitle('Requests per second at the upstream while the daemon seeds\n(%s)' % desc, fontsize=9)
     fig.tight_layout()
     plt.rcParams['svg.hashsalt'] = 'ratelimit'
     fig.savefig(svg, metadata={'Date': None})
