@@ -178,6 +178,7 @@ func (b *rateBucket) overload(now, started int64, o overloadInfo) bool {
 	if o.retryAfter > 0 {
 		b.refill(now)
 		b.paused = max(b.paused, now+int64(o.retryAfter*1e9))
+		b.step = max(b.step, b.paused) // recovery counts from the end of the pause
 		b.backoff = true
 	}
 	if b.cuts > 0 && started < b.lastCut {
@@ -204,7 +205,7 @@ func (b *rateBucket) overload(now, started int64, o overloadInfo) bool {
 		b.tokens = 1 // … or the upstream's Retry-After, which the pause already waits for
 	}
 	b.backoff = true
-	b.lastCut, b.step = now, now
+	b.lastCut, b.step = now, max(now, b.paused)
 	b.cuts++
 	return true
 }
@@ -216,15 +217,17 @@ func (b *rateBucket) recover(now int64, every time.Duration) {
 	if !b.backoff || now < b.paused || every <= 0 {
 		return
 	}
+	if b.eff == 0 { // unlimited and only paused (Retry-After): the pause is over
+		b.backoff = false
+		return
+	}
 	steps := (now - b.step) / int64(every)
 	if steps <= 0 {
 		return
 	}
 	b.refill(now)
 	b.step += steps * int64(every)
-	if b.eff > 0 {
-		b.eff = min(b.ceiling, b.eff*math.Pow(rateRecoverStep, float64(steps)))
-	}
+	b.eff = min(b.ceiling, b.eff*math.Pow(rateRecoverStep, float64(steps)))
 	if b.eff >= b.ceiling {
 		b.backoff = false
 		b.eff = b.rate // the cap, or unlimited

@@ -114,6 +114,26 @@ func TestRateBucketRetryAfterPauses(t *testing.T) {
 	if !b.ready(sec(8)) {
 		t.Fatal("not ready after Retry-After")
 	}
+	// Recovery counts from the end of the pause, not from the cut.
+	eff := b.eff
+	b.recover(sec(8)+sec(59), time.Minute)
+	if b.eff != eff {
+		t.Fatalf("recovered during the pause: eff %g, want %g", b.eff, eff)
+	}
+	// Back to unlimited, then a Retry-After from a job of an old flight: a pause, no cut;
+	// when it is over the backoff ends.
+	b.recover(sec(8)+sec(3600), time.Minute)
+	if b.eff != 0 || b.backoff {
+		t.Fatalf("not unlimited again: %+v", b)
+	}
+	b.overload(sec(4000), sec(0.9), overloadInfo{status: 503, retryAfter: 2})
+	if b.eff != 0 || !b.backoff || b.ready(sec(4001)) {
+		t.Fatalf("old flight with Retry-After: eff %g backoff %v", b.eff, b.backoff)
+	}
+	b.recover(sec(4002), time.Minute)
+	if b.backoff || !b.ready(sec(4002)) {
+		t.Fatalf("after the pause: backoff %v", b.backoff)
+	}
 }
 
 func TestQueueHeldJobs(t *testing.T) {
