@@ -215,7 +215,8 @@ func TestLiveRequestDuringHeldTask(t *testing.T) {
 // halves (per flight of jobs, down to 0.1/s); the failures are retried without counting
 // (seed_retries 0 and seed_max_failure_ratio 0 would end the task at the first counted
 // failure); once the upstream recovers, the rate grows back to background_rate. The
-// recovery period is shortened to 100 ms.
+// recovery period is shortened to 100 ms (a package variable: this test must not be
+// parallel; the parallel MapProxy tests start their daemons only after it).
 func TestUpstream503HalvesRateThenRecovers(t *testing.T) {
 	old := rateRecoverEvery
 	rateRecoverEvery = 100 * time.Millisecond
