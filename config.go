@@ -58,6 +58,8 @@ type Config struct {
 	SeedMaxFailureRatio float64           `yaml:"seed_max_failure_ratio"` // of the last 1,000 metatiles
 	PlannerCommand      []string          `yaml:"planner_command"`        // default: the bundled worker's plan mode
 	Schedules           []Schedule        `yaml:"schedules"`
+	// BackgroundRate caps all non-live work of a cache, metatiles per second (docs/design.md §17).
+	BackgroundRate map[string]float64 `yaml:"background_rate"`
 	// Live helpers (live.go, prefetch.go, docs/design.md §13).
 	SeedNice       int             `yaml:"seed_nice"`
 	SeedIOPrioIdle bool            `yaml:"seed_ioprio_idle"`
@@ -96,6 +98,7 @@ type Schedule struct {
 	Task  string   `yaml:"task"`
 	Every Duration `yaml:"every"`
 	At    string   `yaml:"at"`
+	Rate  float64  `yaml:"rate"` // metatiles per second; 0: unlimited (docs/design.md §17)
 }
 
 // Duration is a time.Duration written as "60s", "1m30s" or a number of seconds in YAML.
@@ -473,6 +476,11 @@ func (c *Config) validateTasks() error {
 	if c.SeedRetryBackoff < 0 {
 		return fmt.Errorf("seed_retry_backoff: must not be negative, got %s", c.SeedRetryBackoff)
 	}
+	for cache, r := range c.BackgroundRate {
+		if err := checkRate(r, false); err != nil {
+			return fmt.Errorf("background_rate.%s: %w", cache, err)
+		}
+	}
 	if c.SeedMaxFailureRatio < 0 || c.SeedMaxFailureRatio > 1 {
 		return fmt.Errorf("seed_max_failure_ratio: want 0..1, got %g", c.SeedMaxFailureRatio)
 	}
@@ -506,6 +514,9 @@ func (c *Config) validateTasks() error {
 		if s.Task == "" {
 			return fmt.Errorf("schedules[%d].task: required", i)
 		}
+		if err := checkRate(s.Rate, true); err != nil {
+			return fmt.Errorf("schedules[%d].rate: %w", i, err)
+		}
 		if s.Every < 0 || (s.Every > 0 && s.Every < Duration(time.Second)) {
 			return fmt.Errorf("schedules[%d].every: want at least 1s, got %s", i, s.Every)
 		}
@@ -532,4 +543,15 @@ func parseClock(s string) (hour, minute int, err error) {
 		return 0, 0, fmt.Errorf("want a time of day such as \"03:00\", got %q", s)
 	}
 	return t.Hour(), t.Minute(), nil
+}
+
+// maxRate bounds a rate (metatiles per second): beyond it a limit means nothing.
+const maxRate = 1e6
+
+// checkRate checks a rate in metatiles per second: positive, or 0 (absent) where zeroOK.
+func checkRate(r float64, zeroOK bool) error {
+	if (r == 0 && zeroOK) || (r > 0 && r <= maxRate) {
+		return nil
+	}
+	return fmt.Errorf("want a positive number of metatiles per second up to %g, got %g", float64(maxRate), r)
 }

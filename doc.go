@@ -90,6 +90,12 @@
 //     seed.yaml, --socket and --http (one parser) reach the daemon.
 //   - workerfile.go: where the bundled worker is written (content-addressed, reused).
 //   - taskdrain.go: a cancelled task counts the renders running at the cancel.
+//   - ratelimit.go (docs/design.md §17): the background rate limiter: token buckets per cache
+//     (background_rate, AIMD backoff on upstream 429/503/timeouts) and per task (rate) that
+//     hold jobs in the queue (a held job sits in its bucket's heap, still queued); pure
+//     bucket logic with the clock passed in, and the scheduler's hooks (nextJob in dispatch,
+//     armRateTimer, rateFinished, rateTick). ratestatus.go: the limiter in the status
+//     document, /metrics and top.
 //
 // Goroutines and their owners: run owns the scheduler goroutine, the task manager and the
 // server; the scheduler owns the renderer goroutines (and waits for them before it returns);
@@ -99,7 +105,8 @@
 // owns the expire_dir spool watcher; each task owns its source's goroutine (a planner's
 // reader, an expiry list's expander). run owns the journal, whose writer goroutine it closes
 // after the scheduler has stopped. A wait_ms timer is a time.AfterFunc whose goroutine ends
-// when its message is sent or the scheduler exits. Tasks never touch the queue: they submit
+// when its message is sent or the scheduler exits. The rate limiter's wake-up is one time.Timer the
+// scheduler owns and selects on (no goroutine). Tasks never touch the queue: they submit
 // requests and take replies like any client. Every wait on a child process is bounded
 // (SIGTERM, then SIGKILL). Two goroutines live as long as the process, by design (proc.go):
 // the spawner, whose locked thread forks every child so that Pdeathsig fires only when the

@@ -128,7 +128,7 @@ func (m *taskManager) handleExpire(req Request) Reply {
 	}
 	rng := req.Range
 	rng.RenderAll = !m.onlyCached(req.ExpireOnlyCached)
-	d, err := m.startExpire(req.CacheIdentifier, rng, req.Priority, req.PrioritySet, list, "")
+	d, err := m.startExpire(req.CacheIdentifier, rng, req.Priority, req.PrioritySet, req.Rate, list, "")
 	if err != nil {
 		return errorReply(req.ID, err.Error())
 	}
@@ -147,7 +147,7 @@ func (m *taskManager) onlyCached(asked *bool) bool {
 }
 
 // startExpire checks that the cache takes expiry lists, stores the list and starts its task.
-func (m *taskManager) startExpire(cache string, rng expireRange, priority int, prioritySet bool, list io.Reader, from string) (taskDoc, error) {
+func (m *taskManager) startExpire(cache string, rng expireRange, priority int, prioritySet bool, rate float64, list io.Reader, from string) (taskDoc, error) {
 	if err := rng.validate(); err != nil {
 		return taskDoc{}, err
 	}
@@ -158,20 +158,20 @@ func (m *taskManager) startExpire(cache string, rng expireRange, priority int, p
 	if err != nil {
 		return taskDoc{}, fmt.Errorf("storing the expiry list: %w", err)
 	}
-	return m.startExpireFile(cache, rng, priority, prioritySet, path, from)
+	return m.startExpireFile(cache, rng, priority, prioritySet, rate, path, from)
 }
 
 // startExpireFile starts the expire task of a stored list file (the task owns it from now on).
 // from is the spool file's path for a list taken from expire_dir: when the task cannot
 // start, the caller puts the list back; otherwise the stored file is removed.
-func (m *taskManager) startExpireFile(cache string, rng expireRange, priority int, prioritySet bool, path, from string) (taskDoc, error) {
+func (m *taskManager) startExpireFile(cache string, rng expireRange, priority int, prioritySet bool, rate float64, path, from string) (taskDoc, error) {
 	es := expireTaskSpec{Cache: cache, List: path, MinZoom: rng.MinZoom, MaxZoom: rng.MaxZoom, DeleteFrom: rng.DeleteFrom, RenderAll: rng.RenderAll}
 	if from != "" {
 		es.From, es.Spool = filepath.Base(from), from
 	}
 	inline, _ := json.Marshal(es)
 	m.mu.Lock()
-	spec := taskSpec{Kind: "expire", Name: "expire:" + cache, Inline: inline, priority: m.cfg.SeedPriority}
+	spec := taskSpec{Kind: "expire", Name: "expire:" + cache, Inline: inline, priority: m.cfg.SeedPriority, rate: rate}
 	m.mu.Unlock()
 	if prioritySet {
 		spec.priority = priority
@@ -335,7 +335,7 @@ func (s *expireSource) send(it taskItem) bool {
 }
 
 // serveExpire is POST /expire?cache=ID[&min_zoom=Z][&max_zoom=Z][&delete_from=Z][&priority=P]
-// [&only_cached=true|false] with the list as the body.
+// [&rate=R][&only_cached=true|false] with the list as the body.
 func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	cache := q.Get("cache")
@@ -365,6 +365,18 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, fmt.Sprintf("priority: want 0..%d, got %d", maxPriority, priority)))
 		return
 	}
+	rate := 0.0
+	if v := q.Get("rate"); v != "" {
+		r, err := strconv.ParseFloat(v, 64)
+		if err == nil {
+			err = checkRate(r, false)
+		}
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, errorReply(nil, "rate: want a positive number of metatiles per second, got "+strconv.Quote(truncate(v, 32))))
+			return
+		}
+		rate = r
+	}
 	var asked *bool
 	if v := q.Get("only_cached"); v != "" {
 		b, err := strconv.ParseBool(v)
@@ -375,7 +387,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 		asked = &b
 	}
 	rng.RenderAll = !s.tasks.onlyCached(asked)
-	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, s.clientBody(w, r, maxExpireBody), "")
+	d, err := s.tasks.startExpire(cache, rng, priority, prioritySet, rate, s.clientBody(w, r, maxExpireBody), "")
 	if err != nil {
 		writeJSON(w, http.StatusBadRequest, errorReply(nil, err.Error()))
 		return
@@ -384,7 +396,7 @@ func (s *server) serveExpire(w http.ResponseWriter, r *http.Request) {
 }
 
 // runExpireClient is `mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z]
-// [--delete-from Z] [--priority P] [--only-cached=false] [--wait] [FILE] < list`: it POSTs the list to /expire
+// [--delete-from Z] [--priority P] [--rate R] [--only-cached=false] [--wait] [FILE] < list`: it POSTs the list to /expire
 // (over the daemon's Unix socket or TCP address) and prints the task document.
 func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	var cl clientFlags
@@ -395,6 +407,7 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	maxZoom := fs.Int("max-zoom", -1, "mark descendants up to this zoom (default: each line's own zoom)")
 	deleteFrom := fs.Int("delete-from", -1, "delete metatiles at this zoom and above instead of re-rendering (default: never)")
 	priority := fs.Int("priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
+	rate := fs.Float64("rate", 0, "metatiles per second at most (default: unlimited)")
 	wait := fs.Bool("wait", false, "wait until the task ends, showing progress")
 	onlyCached := fs.Bool("only-cached", true, "re-render only metatiles with a tile in the cache; --only-cached=false renders all (default: the daemon's expire_only_cached)")
 	pos, err := parseArgs(fs, args)
@@ -433,6 +446,9 @@ func runExpireClient(ctx context.Context, args []string, stdin io.Reader, stdout
 	}
 	if *priority >= 0 {
 		q.Set("priority", strconv.Itoa(*priority))
+	}
+	if *rate != 0 {
+		q.Set("rate", strconv.FormatFloat(*rate, 'g', -1, 64))
 	}
 	if onlyCachedSet {
 		q.Set("only_cached", strconv.FormatBool(*onlyCached))
@@ -582,7 +598,7 @@ func (m *taskManager) takeSpoolFile(ctx context.Context, path, cache string, rng
 	} else if err := syncDir(m.lists.dir); err != nil {
 		log.Warn("expire_dir: fsync of the list directory failed", "error", err)
 	}
-	d, err := m.startExpireFile(cache, rng, priority, prioritySet, dst, path)
+	d, err := m.startExpireFile(cache, rng, priority, prioritySet, 0, dst, path)
 	if err != nil {
 		m.putBackList(log, dst, path, copied, err, warned)
 		return

@@ -232,7 +232,7 @@ func appendJSONString(dst []byte, s string) []byte {
 // appendReply appends r as one JSON line, as json.Marshal would write it, without reflection.
 // A reply with a status document goes through encoding/json.
 func appendReply(dst []byte, r Reply) []byte {
-	if r.Stats != nil || r.Task != nil || r.Tasks != nil || r.Skipped || r.Degraded != "" {
+	if r.Stats != nil || r.Task != nil || r.Tasks != nil || r.Skipped || r.Degraded != "" || r.Backoff {
 		b, err := json.Marshal(r)
 		if err != nil {
 			b, _ = json.Marshal(Reply{ID: r.ID, Status: statusError, ErrorMessage: "internal error encoding reply: " + err.Error()})

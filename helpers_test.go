@@ -90,6 +90,9 @@ func fakeRenderer(args []string) int {
 	failMod := fs.Int("fail-mod", 0, "answer error for every x divisible by this")
 	flaky := fs.String("flaky", "", "directory: fail a tile's first job, answer ok after that")
 	jobLines := fs.String("job-lines", "", "append every job line as received")
+	stampLog := fs.String("stamp-log", "", `append "unix-ns cache z x y" per job as it arrives (rate tests)`)
+	overload := fs.String("overload-file", "", "while this file exists, answer every job error with upstream_status 503")
+	retryAfter := fs.Float64("retry-after", 0, "with -overload-file: the retry_after of the 503 replies")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -164,6 +167,14 @@ func fakeRenderer(args []string) int {
 		if *jobLines != "" {
 			appendLine(*jobLines, in.Text())
 		}
+		if *stampLog != "" {
+			appendLine(*stampLog, fmt.Sprintf("%d %s %d %d %d", time.Now().UnixNano(), j.CacheIdentifier, z, x, y))
+		}
+		upstream503 := false
+		if *overload != "" {
+			_, err := os.Stat(*overload)
+			upstream503 = err == nil
+		}
 		flakyFail := false
 		if *flaky != "" {
 			f, err := os.OpenFile(fmt.Sprintf("%s/%s-%d-%d-%d", *flaky, j.CacheIdentifier, z, x, y), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
@@ -193,6 +204,12 @@ func fakeRenderer(args []string) int {
 			for in.Scan() { // the daemon's jobs go unanswered until it is gone
 			}
 			return 0
+		case upstream503:
+			ra := ""
+			if *retryAfter > 0 {
+				ra = fmt.Sprintf(`, "retry_after": %g`, *retryAfter)
+			}
+			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "HTTP Error: 503", "upstream_status": 503%s}`+"\n", j.ID, ra)
 		case flakyFail:
 			fmt.Fprintf(out, `{"id": %q, "status": "error", "error_message": "flaky first try"}`+"\n", j.ID)
 		case *failMod > 0 && int(x)%*failMod == 0:
@@ -568,6 +585,8 @@ func fakePlanner(args []string) int {
 	crashAfter := fs.Int("crash-after", -1, "exit 3 after this many metatiles")
 	errMsg := fs.String("error", "", "answer this error")
 	refreshBefore := fs.Float64("refresh-before", 0, "refresh_before of every metatile")
+	xStep := fs.Int("x-step", 1, "metatile i is at x = i·step (one metatile per tile of a 4×4 metatile cache: 4)")
+	offsets := fs.String("x-offset", "", "NAME=N,…: the task named NAME plans from x = N (two tasks, different tiles)")
 	cursorEvery := fs.Int("cursor-every", 0, `write {"cursor": {"next": i}} before every K-th metatile; resume from such a cursor`)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -613,6 +632,12 @@ func fakePlanner(args []string) int {
 		}
 		first = c.Next
 	}
+	x0 := 0
+	for _, kv := range strings.Split(*offsets, ",") {
+		if name, off, ok := strings.Cut(kv, "="); ok && name == s.Name {
+			x0, _ = strconv.Atoi(off)
+		}
+	}
 	for i := first; i < *n; i++ {
 		if *cursorEvery > 0 && i%*cursorEvery == 0 {
 			fmt.Fprintf(out, "{\"cursor\": {\"next\": %d}, \"progress\": %g}\n", i, float64(i)/float64(*n))
@@ -622,7 +647,7 @@ func fakePlanner(args []string) int {
 			fmt.Fprintln(os.Stderr, "fake planner: Traceback: something broke on purpose")
 			return 3
 		}
-		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, 0, %d], \"progress\": %g%s}\n", *cache, i, *z, float64(i+1)/float64(*n), rb)
+		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, 0, %d], \"progress\": %g%s}\n", *cache, x0+i**xStep, *z, float64(i+1)/float64(*n), rb)
 	}
 	fmt.Fprintln(out, `{"done": true}`)
 	return 0

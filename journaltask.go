@@ -41,6 +41,7 @@ type journaledSpec struct {
 	Priority  int      `json:"priority"`
 	Scheduled bool     `json:"scheduled,omitempty"`
 	Created   string   `json:"created,omitempty"` // RFC 3339; the task document's created
+	Rate      float64  `json:"rate,omitempty"`    // metatiles per second (docs/design.md §17)
 }
 
 // marshalJournaledSpec is spec's journaledSpec, as JSON.
@@ -50,7 +51,7 @@ func marshalJournaledSpec(spec taskSpec) []byte {
 	if created == "" {
 		created = time.Now().Format(time.RFC3339)
 	}
-	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled, Created: created})
+	b, _ := json.Marshal(journaledSpec{Spec: spec, Priority: spec.priority, Scheduled: spec.scheduled, Created: created, Rate: spec.rate})
 	return b
 }
 
@@ -133,6 +134,7 @@ func (m *taskManager) resumeJournaled(tasks []journalTask) {
 		specs[i].priority, specs[i].scheduled = js.Priority, js.Scheduled
 		specs[i].Cursor, specs[i].resumeCounts = decodeCheckpoint(jt.Cursor)
 		specs[i].resumed, specs[i].created = true, js.Created
+		specs[i].rate = js.Rate
 		m.mu.Lock()
 		m.nextID = max(m.nextID, taskNumberOf(jt.ID))
 		m.mu.Unlock()

@@ -62,13 +62,13 @@ const usage = `usage:
   mapproxy-renderd check-config [--strict] [-f mapproxy.yaml] [-c renderd.yaml] [-s seed.yaml] [--socket PATH] [--http ADDR] …
   mapproxy-renderd request [--socket PATH | --http host:port|http://URL | -f … | -c …] [--timeout d] '<json>'
   mapproxy-renderd status  [--socket PATH | --http host:port|http://URL | -f … | -c …]
-  mapproxy-renderd seed [-s NAME|seed.yaml] [--priority P] [--wait] [--socket PATH | --http …] NAME…
+  mapproxy-renderd seed [-s NAME|seed.yaml] [--priority P] [--rate R] [--wait] [--socket PATH | --http …] NAME…
   mapproxy-renderd tasks [--json] [--socket PATH | --http … | -f … | -c …]
   mapproxy-renderd task ID | cancel ID [--socket PATH | --http … | -f … | -c …]
   mapproxy-renderd top     [--socket PATH | --http … | -f … | -c …] [--once] [--interval 1s]
   mapproxy-renderd install-module [DIR] (writes mapproxy_renderd.py, the module for MapProxy, into DIR;
                                          default: /usr/bin/python3's site directory, on MapProxy's sys.path)
-  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--only-cached=false] [--wait] [FILE] < list
+  mapproxy-renderd expire --cache ID [--min-zoom Z] [--max-zoom Z] [--delete-from Z] [--priority P] [--rate R] [--only-cached=false] [--wait] [FILE] < list
   mapproxy-renderd version
 Options go before or after the other arguments; -s is always seed.yaml (the socket: --socket).
 `

@@ -201,7 +201,7 @@ func (s *scheduler) countRender(slot *rendererSlot, c *cacheInfo, j *job, ev ren
 
 // sample adds the current state to the history ring (each second, from the scheduler's tick).
 func (s *scheduler) sample(now time.Time) {
-	s.m.history.add(historySample{unix: now.Unix(), finished: s.m.finished, queued: int32(len(s.qs.queue))})
+	s.m.history.add(historySample{unix: now.Unix(), finished: s.m.finished, queued: int32(s.qs.queued())})
 }
 
 // cacheRenders is one cache's render counts by zoom, copied into a snapshot.
@@ -231,6 +231,7 @@ type metricsSnap struct {
 	renderersConf int
 	maxSeed       int
 	journal       *journalStats // nil: the journal is off
+	rate          rateDoc
 }
 
 // metricsSnapshot builds a metricsSnap. It runs on the scheduler goroutine.
@@ -253,6 +254,7 @@ func (s *scheduler) metricsSnapshot() *metricsSnap {
 		stopping:      s.stopping,
 		renderersConf: s.cfg.Renderers,
 		maxSeed:       s.cfg.maxSeed,
+		rate:          s.rateStatus(),
 	}
 	for k, v := range s.m.restarts {
 		m.restarts[k] = v
@@ -477,5 +479,6 @@ func (m *metricsSnap) appendText(b []byte) []byte {
 		w.family("journal_recoveries_total", "counter", "Times a failed journal became writable again without a restart.")
 		w.counter("journal_recoveries_total", uint64(j.Recoveries))
 	}
+	appendRateMetrics(w, m.rate)
 	return w.b
 }

@@ -133,6 +133,12 @@ func appendTaskMetrics(b []byte, v taskView) []byte {
 	for _, d := range v.active {
 		w.sample("task_rate_per_second", d.RatePerS, "task_id", d.TaskID, "name", d.Name, "kind", d.Kind)
 	}
+	w.family("task_rate_limit_per_second", "gauge", "Metatiles per second an active task with a rate may start now: its rate, lowered by its cache's backoff (docs/design.md §17).")
+	for _, d := range v.active {
+		if d.EffectiveRate > 0 {
+			w.sample("task_rate_limit_per_second", d.EffectiveRate, "task_id", d.TaskID, "name", d.Name, "kind", d.Kind)
+		}
+	}
 	w.family("task_eta_seconds", "gauge", "Estimated seconds until an active task ends (only while it can be estimated).")
 	for _, d := range v.active {
 		if d.EtaS != nil {

@@ -427,6 +427,7 @@ func TestMetricsScrape(t *testing.T) {
 	eq("journal_records_total", m2.sum("journal_records_total"), uint64(doc.Journal.Records))
 	eq("journal_syncs_total", m2.sum("journal_syncs_total"), uint64(doc.Journal.Batches))
 	eq("journal_recoveries_total", m2.sum("journal_recoveries_total"), uint64(doc.Journal.Recoveries))
+	eq("rate_backoffs_total", m2.sum("rate_backoffs_total"), doc.RateLimit.BackoffEvents)
 	tt := doc.TaskTotals
 	for _, kind := range taskKinds {
 		eq("tasks_started_total "+kind, m2.sum("tasks_started_total", "kind", kind), tt.Started[kind])

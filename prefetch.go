@@ -207,7 +207,7 @@ func (s *scheduler) queuePrefetch(k jobKey) {
 		s.stats.prefetchDropped++
 		return
 	}
-	if len(qs.queue) >= qs.max {
+	if qs.queued() >= qs.max {
 		s.stats.prefetchDropped++
 		return
 	}

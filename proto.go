@@ -55,6 +55,8 @@ type Request struct {
 	Seed       json.RawMessage
 	// PrioritySet says the client gave a priority (a task's default is seed_priority).
 	PrioritySet bool
+	// Rate of a seed or expire task, metatiles per second; 0: unlimited (docs/design.md §17).
+	Rate float64
 
 	// Set by tasks only, never from the wire: render the metatile only when a tile of it is
 	// missing or stale (older than RefreshBefore, unix seconds, when that is not negative).
@@ -82,17 +84,20 @@ type Request struct {
 
 // Reply is the one final answer to a request.
 type Reply struct {
-	ID           *string         `json:"id,omitempty"`
-	Status       string          `json:"status"`
-	ErrorMessage string          `json:"error_message,omitempty"`
-	QueuedMS     *float64        `json:"queued_ms,omitempty"`
-	RenderMS     *float64        `json:"render_ms,omitempty"`
-	Merged       bool            `json:"merged,omitempty"`
-	Skipped      bool            `json:"skipped,omitempty"` // the renderer found every tile fresh
-	Stats        json.RawMessage `json:"stats,omitempty"`
-	Task         json.RawMessage `json:"task,omitempty"`
-	Tasks        json.RawMessage `json:"tasks,omitempty"`
-	Schedules    json.RawMessage `json:"schedules,omitempty"`
+	ID           *string  `json:"id,omitempty"`
+	Status       string   `json:"status"`
+	ErrorMessage string   `json:"error_message,omitempty"`
+	QueuedMS     *float64 `json:"queued_ms,omitempty"`
+	RenderMS     *float64 `json:"render_ms,omitempty"`
+	Merged       bool     `json:"merged,omitempty"`
+	Skipped      bool     `json:"skipped,omitempty"` // the renderer found every tile fresh
+	// Backoff: the render failed on an overloaded upstream (429, 503, timeout) and the
+	// cache's rate limiter backs off (docs/design.md §17); retrying later is expected to work.
+	Backoff   bool            `json:"backoff,omitempty"`
+	Stats     json.RawMessage `json:"stats,omitempty"`
+	Task      json.RawMessage `json:"task,omitempty"`
+	Tasks     json.RawMessage `json:"tasks,omitempty"`
+	Schedules json.RawMessage `json:"schedules,omitempty"`
 	// Degraded: health is ok (live requests are served) but something is wrong: the journal
 	// cannot write, so durable work is refused (journalfail.go).
 	Degraded string `json:"degraded,omitempty"`
@@ -125,6 +130,7 @@ type wireRequest struct {
 	MaxZoom         json.RawMessage `json:"max_zoom"`
 	DeleteFrom      json.RawMessage `json:"delete_from"`
 	OnlyCached      json.RawMessage `json:"only_cached"`
+	Rate            json.RawMessage `json:"rate"`
 }
 
 var errEmptyLine = errors.New("empty line")
@@ -243,6 +249,9 @@ func parseTaskFields(req *Request, w *wireRequest) error {
 	if err := parsePriority(req, w); err != nil {
 		return err
 	}
+	if err := parseRate(req, w); err != nil {
+		return err
+	}
 	switch req.Command {
 	case "seed":
 		if (req.Task == "") == (req.Seed == nil) {
@@ -314,6 +323,19 @@ func parseExpireFields(req *Request, w *wireRequest) error {
 	if err := parsePriority(req, w); err != nil {
 		return err
 	}
+	return parseRate(req, w)
+}
+
+// parseRate reads a task's rate when the request has one (a positive number).
+func parseRate(req *Request, w *wireRequest) error {
+	if len(w.Rate) == 0 || string(w.Rate) == "null" {
+		return nil
+	}
+	var r float64
+	if json.Unmarshal(w.Rate, &r) != nil || checkRate(r, false) != nil {
+		return fmt.Errorf("rate must be a positive number of metatiles per second (at most %g), got %s", float64(maxRate), truncate(string(w.Rate), 32))
+	}
+	req.Rate = r
 	return nil
 }
 

@@ -149,6 +149,10 @@ type pendingRequest struct {
 	// result still comes (a cancelled task counts the renders running at the cancel); a
 	// withdrawn request is told so with a statusWithdrawn reply (taskdrain.go).
 	keepRunning bool
+	// tag marks a task's request (ratelimit.go): never live, limited at the task's rate.
+	tag *rateTag
+	// backoff: a job failed on an overloaded upstream while its cache's limiter backs off.
+	backoff bool
 	// waitTimer runs out at wait_ms (live.go); stopped when the request is answered.
 	waitTimer *time.Timer
 }
@@ -224,6 +228,7 @@ type queueState struct {
 
 	levels  [maxPriority + 1]prioLevel // by priority
 	waiting int                        // waiter entries on queued jobs (a request counts once per job it waits for)
+	hold    heldJobs                   // queued jobs the rate limiter holds outside the heap (ratelimit.go)
 }
 
 func newQueueState(rule capacityRule, maxQueued int) *queueState {
@@ -380,13 +385,16 @@ func (qs *queueState) add(keys []jobKey, priority int, keep bool, waiter *pendin
 			fresh++
 		}
 	}
-	if fresh > 0 && len(qs.queue)+fresh > qs.max {
+	if fresh > 0 && qs.queued()+fresh > qs.max {
 		return 0, errQueueFull
 	}
 	for _, k := range keys {
 		j, ok := qs.jobs[k]
 		if ok {
 			merged++
+			if j.flags&heldJob != 0 {
+				qs.unhold(j) // a new waiter may be live, or raise it: back to the heap
+			}
 			if j.state == jobQueued && int(j.priority) < priority {
 				old := int(j.priority)
 				j.priority = int16(priority)
@@ -504,7 +512,11 @@ func (qs *queueState) insert(j *job) {
 // drop removes a queued job from the queue and the table without running it, keeping the
 // counts exact; its waiters (if any) are the caller's to answer.
 func (qs *queueState) drop(j *job) {
-	heap.Remove(&qs.queue, int(j.index))
+	if j.flags&heldJob != 0 {
+		qs.removeHeld(j)
+	} else {
+		heap.Remove(&qs.queue, int(j.index))
+	}
 	delete(qs.jobs, j.key)
 	j.state = jobDone
 	p := int(j.priority)
@@ -515,7 +527,7 @@ func (qs *queueState) drop(j *job) {
 
 // drain empties the queue (shutdown) and returns the jobs that were queued.
 func (qs *queueState) drain() []*job {
-	out := make([]*job, 0, len(qs.queue))
+	out := qs.drainHeld()
 	for len(qs.queue) > 0 {
 		j := heap.Pop(&qs.queue).(*job)
 		delete(qs.jobs, j.key)

@@ -10,7 +10,7 @@ package main
 // addReplayed is queueState.add for a replayed background job, over max_queued if need be.
 func (qs *queueState) addReplayed(keys []jobKey, priority int, now int64) (merged int, err error) {
 	limit := qs.max
-	qs.max = max(limit, len(qs.queue)+len(keys))
+	qs.max = max(limit, qs.queued()+len(keys))
 	defer func() { qs.max = limit }()
 	return qs.add(keys, priority, true, nil, now)
 }

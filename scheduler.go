@@ -134,6 +134,7 @@ type scheduler struct {
 	m         metricsState
 	renderRec durationRing
 	pf        *prefetcher // prefetch.go
+	rl        *limiter    // ratelimit.go
 	connStats func() connCounters
 	onTick    func(summary string) // STATUS= for systemd; may be nil
 	onWatch   func()               // WATCHDOG=1; may be nil
@@ -157,6 +158,7 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		connStats: func() connCounters { return connCounters{} },
 		m:         metricsState{restarts: make(map[string]uint64)},
 		pf:        newPrefetcher(cfg.Prefetch),
+		rl:        newLimiter(cfg.BackgroundRate),
 	}
 }
 
@@ -196,8 +198,11 @@ func (s *scheduler) run(ctx context.Context) {
 			s.onWatch()
 		case <-s.pf.quietC():
 			s.flushBursts()
+		case <-s.rateTimerC():
+			s.rateWoke()
 		case now := <-tick.C:
 			s.sample(now)
+			s.rateTick()
 			if s.onTick != nil {
 				if sum := s.summary(); sum != lastSummary {
 					lastSummary = sum
@@ -340,7 +345,7 @@ func (s *scheduler) handleSubmit(p *pendingRequest) {
 	}
 	if err != nil {
 		s.stats.busyRejected++
-		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", len(s.qs.queue))})
+		s.answer(p, Reply{Status: statusBusy, ErrorMessage: fmt.Sprintf("queue full (%d jobs queued)", s.qs.queued())})
 		return
 	}
 	s.noteRequest(keys, !p.req.Background && !s.qs.rule.isSeed(p.req.Priority))
@@ -462,10 +467,11 @@ func (s *scheduler) handleCancel(p *pendingRequest) {
 	}
 }
 
-// dispatch starts every job the capacity rule allows on idle renderers.
+// dispatch starts every job the capacity rule and the rate limiter allow on idle renderers.
 func (s *scheduler) dispatch() {
+	defer s.armRateTimer()
 	for len(s.idle) > 0 {
-		j := s.qs.next(s.busy, len(s.idle))
+		j := s.nextJob()
 		if j == nil {
 			return
 		}
@@ -615,6 +621,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 	queuedNS := slot.started - j.enqueued
 	c := s.cacheList[j.key.cacheIdx()]
 	s.countRender(slot, c, j, ev, renderNS)
+	backoff := ev.status != statusOK && s.rateFinished(j, slot.started, ev.overload)
 	if ev.status == statusOK {
 		s.stats.rendered++
 		c.rendered++
@@ -649,6 +656,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		w.renderNS = max(w.renderNS, renderNS)
 		if ev.status != statusOK && w.errMsg == "" {
 			w.errMsg = ev.msg
+			w.backoff = backoff
 		}
 		if w.jobsLeft > 0 {
 			continue
@@ -658,6 +666,7 @@ func (s *scheduler) finishJob(slot *rendererSlot, ev rendererEvent) {
 		if w.errMsg != "" {
 			reply.Status = statusError
 			reply.ErrorMessage = w.errMsg
+			reply.Backoff = w.backoff
 		}
 		s.answer(w, reply)
 	}
@@ -731,6 +740,7 @@ func (s *scheduler) applyConfig(cfg Config) error {
 	s.qs.rule = capacityRule{maxSeed: cfg.maxSeed, seedBelow: cfg.SeedPriorityBelow}
 	s.qs.max = cfg.MaxQueued
 	s.pf.reconfigure(cfg.Prefetch)
+	s.rl.reconfigure(cfg.BackgroundRate, s.cacheList)
 	newR := rendererConfigFrom(cfg, old.workerScript)
 	s.rcfg = newR
 	if !slices.Equal(old.argv, newR.argv) || !slices.Equal(old.env, newR.env) {
@@ -815,7 +825,7 @@ func (s *scheduler) countRenderers() rendererCounts {
 func (s *scheduler) summary() string {
 	rc := s.countRenderers()
 	sum := "renderers " + strconv.Itoa(s.busy) + "/" + strconv.Itoa(rc.total) + " busy (" + strconv.Itoa(rc.ready()) +
-		" ready), " + strconv.Itoa(len(s.qs.queue)) + " queued, " + strconv.FormatUint(s.stats.rendered, 10) + " rendered, " +
+		" ready), " + strconv.Itoa(s.qs.queued()) + " queued, " + strconv.FormatUint(s.stats.rendered, 10) + " rendered, " +
 		strconv.FormatUint(s.stats.failed, 10) + " failed"
 	if rc.failing > 0 {
 		sum += "; " + strconv.Itoa(rc.failing) + " renderers fail to start: " + truncate(s.lastStartErr, 200)

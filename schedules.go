@@ -12,7 +12,7 @@ import (
 // skipped, and counted, while a task of the same name still runs (start reports that).
 // One goroutine (run) owns the timer; set and the readers take mu.
 type scheduleLoop struct {
-	start func(name string) bool
+	start func(s Schedule) bool
 
 	mu      sync.Mutex
 	entries []*scheduleEntry
@@ -27,15 +27,16 @@ type scheduleEntry struct {
 
 // scheduleDoc is one schedule in the `tasks` reply.
 type scheduleDoc struct {
-	Task    string `json:"task"`
-	Every   string `json:"every,omitempty"`
-	At      string `json:"at,omitempty"`
-	NextRun string `json:"next_run"`
-	Runs    uint64 `json:"runs"`
-	Skipped uint64 `json:"skipped"`
+	Task    string  `json:"task"`
+	Every   string  `json:"every,omitempty"`
+	At      string  `json:"at,omitempty"`
+	NextRun string  `json:"next_run"`
+	Runs    uint64  `json:"runs"`
+	Skipped uint64  `json:"skipped"`
+	Rate    float64 `json:"rate,omitempty"`
 }
 
-func newScheduleLoop(start func(name string) bool) *scheduleLoop {
+func newScheduleLoop(start func(s Schedule) bool) *scheduleLoop {
 	return &scheduleLoop{start: start, wake: make(chan struct{}, 1)}
 }
 
@@ -131,7 +132,7 @@ func (l *scheduleLoop) fireDue() {
 	}
 	l.mu.Unlock()
 	for _, e := range due {
-		started := l.start(e.Task)
+		started := l.start(e.Schedule)
 		l.mu.Lock()
 		if started {
 			e.runs++
@@ -166,7 +167,7 @@ func (l *scheduleLoop) docs() []scheduleDoc {
 	defer l.mu.Unlock()
 	out := make([]scheduleDoc, 0, len(l.entries))
 	for _, e := range l.entries {
-		d := scheduleDoc{Task: e.Task, At: e.At, NextRun: e.next.Format(time.RFC3339), Runs: e.runs, Skipped: e.skipped}
+		d := scheduleDoc{Task: e.Task, At: e.At, NextRun: e.next.Format(time.RFC3339), Runs: e.runs, Skipped: e.skipped, Rate: e.Rate}
 		if e.Every > 0 {
 			d.Every = e.Every.String()
 		}

@@ -147,6 +147,9 @@ type statusDoc struct {
 	LastErrors []renderErrorDoc `json:"last_errors"`
 	// Rates are renders (any result) per second over the last 10 s, minute and 15 minutes.
 	Rates map[string]float64 `json:"rates"`
+	// RateLimit is the background rate limiter (docs/design.md §17): caches' effective rates, held
+	// jobs, backoffs.
+	RateLimit rateDoc `json:"rate_limit"`
 }
 
 // rendererDoc is one renderer in the status document's renderer_list.
@@ -226,6 +229,7 @@ func (s *scheduler) statusDoc() statusDoc {
 			"render_timeout":      s.cfg.RenderTimeout.String(),
 		},
 		LastStartError: s.lastStartErr,
+		RateLimit:      s.rateStatus(),
 	}
 	d.Requests = make(map[string]map[string]map[string]uint64)
 	for p := range nProtos {
@@ -282,7 +286,7 @@ func (s *scheduler) statusDoc() statusDoc {
 	d.Renderers.BusyLive, d.Renderers.BusySeed = rc.busy[classLive], rc.busy[classSeed]
 	d.Renderers.Busy = rc.busy[classLive] + rc.busy[classSeed]
 	q := &d.Queue
-	q.Length = len(s.qs.queue)
+	q.Length = s.qs.queued()
 	q.Running = s.busy
 	q.MaxQueued = s.qs.max
 	q.TrackedJobs = len(s.qs.jobs)

@@ -77,7 +77,7 @@ func (s *server) serveCancelTask(w http.ResponseWriter, r *http.Request) {
 
 // runTaskClient implements `seed`, `tasks`, `task` and `cancel`.
 //
-//	seed [-s NAME] [--priority P] [--wait] NAME…       start seed.yaml entries (seeds: or cleanups:)
+//	seed [-s NAME|seed.yaml] [--priority P] [--rate R] [--wait] NAME…   start seed.yaml entries (seeds: or cleanups:)
 //	tasks [--json]                                        list tasks and schedules
 //	task ID                                               one task's document
 //	cancel ID                                             cancel a task
@@ -94,6 +94,7 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 	}
 	seedPath := ""
 	priority := -1
+	rate := 0.0
 	wait, asJSON := false, false
 	switch cmd {
 	case "seed":
@@ -102,6 +103,7 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 			return nil
 		})
 		fs.IntVar(&priority, "priority", -1, "priority of the task's jobs (default: the daemon's seed_priority)")
+		fs.Float64Var(&rate, "rate", 0, "metatiles per second at most (default: unlimited)")
 		fs.BoolVar(&wait, "wait", false, "wait until the tasks end, showing progress")
 	case "tasks":
 		fs.BoolVar(&asJSON, "json", false, "print the JSON reply")
@@ -166,6 +168,9 @@ func runTaskClient(ctx context.Context, cmd string, args []string, stdout, stder
 		}
 		if priority >= 0 {
 			msg["priority"] = priority
+		}
+		if rate != 0 {
+			msg["rate"] = rate
 		}
 		line, _ := json.Marshal(msg)
 		rep, raw, err := call(line)

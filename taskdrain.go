@@ -8,7 +8,7 @@ import (
 
 // A task cancelled by request ends at once (its document says cancelled, the cancel
 // command returns), but the renders running at that moment still finish (a running job is
-// never killed for a client that leaves, DESIGN §4) and are counted in the document when
+// never killed for a client that leaves, docs/design.md §4) and are counted in the document when
 // they end: its queued metatiles are withdrawn, its running ones kept (keepRunning), and
 // the task goroutine takes their results before it returns. That wait is bounded by
 // render_timeout and ends at shutdown.

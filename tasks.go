@@ -60,6 +60,7 @@ type taskSpec struct {
 	resumed      bool
 	resumeCounts *taskCounted
 	created      string
+	rate         float64 // metatiles per second; 0: unlimited (docs/design.md §17)
 }
 
 // taskError is one failed metatile (or a task-level error without a tile).
@@ -76,6 +77,9 @@ type taskDoc struct {
 	Kind          string      `json:"kind"`
 	State         string      `json:"state"`
 	Priority      int         `json:"priority"`
+	Rate          float64     `json:"rate,omitempty"`           // metatiles per second; absent: unlimited
+	EffectiveRate float64     `json:"effective_rate,omitempty"` // what the limiter allows now (backoff, background_rate)
+	HeldJobs      int64       `json:"held_jobs,omitempty"`      // jobs the limiter holds in the queue
 	Planned       uint64      `json:"planned"`
 	Done          uint64      `json:"done"`
 	Skipped       uint64      `json:"skipped"`
@@ -218,6 +222,7 @@ func (m *taskManager) specFor(req Request) (taskSpec, error) {
 	if req.PrioritySet {
 		spec.priority = req.Priority
 	}
+	spec.rate = req.Rate
 	if req.Seed != nil {
 		var inline struct {
 			Cache string `json:"cache"`
@@ -421,7 +426,8 @@ func (m *taskManager) forgetOld() {
 
 // startScheduled runs a scheduled name unless a task of that name is still running; it
 // reports whether it started one.
-func (m *taskManager) startScheduled(name string) bool {
+func (m *taskManager) startScheduled(s Schedule) bool {
+	name := s.Task
 	m.mu.Lock()
 	for _, t := range m.order {
 		if t.spec.Name == name && t.spec.Inline == nil && !t.isFinished() {
@@ -431,7 +437,7 @@ func (m *taskManager) startScheduled(name string) bool {
 		}
 	}
 	m.mu.Unlock()
-	spec, err := m.specFor(Request{Task: name})
+	spec, err := m.specFor(Request{Task: name, Rate: s.Rate})
 	if err != nil {
 		m.log.Error("scheduled task could not start", "name", name, "error", err)
 		return false
@@ -550,6 +556,7 @@ func mustJSON(v any) json.RawMessage {
 type task struct {
 	m       *taskManager
 	route   requestRoute  // the scheduler, or cluster
+	tag     *rateTag      // marks the task's requests for the rate limiter (ratelimit.go)
 	cluster *clusterRoute // with cluster: set, closed when run returns
 	id      string
 	spec    taskSpec
@@ -607,10 +614,10 @@ type taskReply struct {
 
 func newTask(m *taskManager, id string, spec taskSpec, set taskSettings) *task {
 	now := time.Now()
-	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set,
+	t := &task{m: m, route: m.sched, id: id, spec: spec, set: set, tag: &rateTag{rate: spec.rate},
 		replies: newTaskReplyQueue(), stopCh: make(chan string, 1), ended: make(chan struct{}), stopped: make(chan struct{}),
 		created: now, outstanding: make(map[*pendingRequest]*taskJob), outcomes: make([]bool, failureWindow)}
-	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority,
+	t.doc = taskDoc{TaskID: id, Name: spec.Name, Kind: spec.Kind, State: taskStateQueued, Priority: spec.priority, Rate: spec.rate,
 		Created: now.Format(time.RFC3339), Errors: []taskError{}, Scheduled: spec.scheduled}
 	if spec.resumed {
 		t.restoreCounts(spec.resumeCounts, spec.created)
@@ -793,7 +800,7 @@ func (t *task) take(it taskItem) {
 // submit sends one metatile to the scheduler.
 func (t *task) submit(tj *taskJob) {
 	tj.attempts++
-	p := &pendingRequest{sink: t, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
+	p := &pendingRequest{sink: t, tag: t.tag, req: Request{Command: "tile", CacheIdentifier: tj.item.cache,
 		Tiles: []tileCoord{tj.item.tile}, Priority: t.spec.priority,
 		NoForce: !tj.item.force, RefreshBefore: tj.item.refreshBefore, Delete: tj.item.delete, OnlyCached: tj.item.onlyCached},
 		keepRunning: t.cluster == nil}
@@ -831,25 +838,40 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 	case statusShuttingDown:
 		// The daemon stops; the task ends through ctx. Nothing to count.
 	default:
-		if tj.attempts <= t.set.retries {
+		if rep.r.Backoff {
+			// The upstream is overloaded and the cache's limiter backs off (docs/design.md §17):
+			// retry, uncounted; the limiter paces the retry.
+			tj.attempts--
 			t.mu.Lock()
 			t.doc.Retried++
 			t.mu.Unlock()
-			backoff := min(t.set.backoff<<(tj.attempts-1), maxRetryBackoff)
-			t.later(tj, backoff, retryTimer)
+			t.later(tj, t.set.backoff, retryTimer)
 			return
 		}
-		t.mu.Lock()
-		t.doc.Failed++
-		t.noteFinished(tj.seq, finishedFailed)
-		if len(t.doc.Errors) < maxTaskErrors {
-			tile := tj.item.tile
-			t.doc.Errors = append(t.doc.Errors, taskError{Tile: []int32{tile.X, tile.Y, tile.Z},
-				CacheIdentifier: tj.item.cache, Message: rep.r.ErrorMessage})
-		}
-		t.mu.Unlock()
-		t.outcome(true)
+		t.failed(tj, rep, retryTimer)
 	}
+}
+
+// failed takes a failed metatile: retried with backoff, or counted as failed.
+func (t *task) failed(tj *taskJob, rep taskReply, retryTimer *time.Timer) {
+	if tj.attempts <= t.set.retries {
+		t.mu.Lock()
+		t.doc.Retried++
+		t.mu.Unlock()
+		backoff := min(t.set.backoff<<(tj.attempts-1), maxRetryBackoff)
+		t.later(tj, backoff, retryTimer)
+		return
+	}
+	t.mu.Lock()
+	t.doc.Failed++
+	t.noteFinished(tj.seq, finishedFailed)
+	if len(t.doc.Errors) < maxTaskErrors {
+		tile := tj.item.tile
+		t.doc.Errors = append(t.doc.Errors, taskError{Tile: []int32{tile.X, tile.Y, tile.Z},
+			CacheIdentifier: tj.item.cache, Message: rep.r.ErrorMessage})
+	}
+	t.mu.Unlock()
+	t.outcome(true)
 }
 
 // later queues tj for another submission after d.
@@ -975,6 +997,10 @@ func (t *task) publish() {
 		total = max(total, uint64(float64(t.doc.Planned)/t.walkProgress))
 	}
 	t.doc.TotalEstimate = total
+	if eff := t.tag.effective(); eff > 0 || t.spec.rate > 0 {
+		t.doc.EffectiveRate = minRate(t.spec.rate, eff)
+	}
+	t.doc.HeldJobs = t.tag.held.Load()
 	t.doc.EtaS = nil
 	if rate > 0 && (t.sourceDone || t.walkProgress > 0) {
 		left := float64(total) - float64(t.totalFinished)

@@ -406,7 +406,7 @@ func TestScheduleLoop(t *testing.T) {
 		var mu sync.Mutex
 		var started []time.Time
 		running := false
-		l := newScheduleLoop(func(name string) bool {
+		l := newScheduleLoop(func(Schedule) bool {
 			mu.Lock()
 			defer mu.Unlock()
 			if running {

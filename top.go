@@ -170,6 +170,9 @@ func topView(d statusDoc, now time.Time, ansi bool) string {
 	if d.LastStartError != "" {
 		fmt.Fprintf(&b, "%s %s\n", head("start err "), truncate(d.LastStartError, 200))
 	}
+	if rl := rateLine(d.RateLimit); rl != "" {
+		fmt.Fprintf(&b, "%s %s\n", head("rate      "), rl)
+	}
 
 	b.WriteString("\n" + head(fmt.Sprintf("%3s %-8s %-9s %-5s %5s %9s  %-32s %s", "#", "PID", "STATE", "CLASS", "PRIO", "RUNNING", "CACHE", "TILE z/x/y")) + "\n")
 	for _, rd := range d.RendererList {
@@ -200,15 +203,19 @@ func topView(d statusDoc, now time.Time, ansi bool) string {
 		}
 	}
 	if active > 0 {
-		b.WriteString("\n" + head(fmt.Sprintf("%-6s %-16s %-7s %-8s %-24s %15s %9s %9s", "TASK", "NAME", "KIND", "STATE", "PROGRESS", "METATILES", "RATE", "ETA")) + "\n")
+		b.WriteString("\n" + head(fmt.Sprintf("%-6s %-16s %-7s %-8s %-24s %15s %9s %9s %9s", "TASK", "NAME", "KIND", "STATE", "PROGRESS", "METATILES", "RATE", "ETA", "LIMIT")) + "\n")
 		for _, t := range d.Tasks {
 			if t.finished() {
 				continue
 			}
 			f := taskFraction(t)
 			bar := strings.Repeat("#", int(f*16)) + strings.Repeat(".", 16-int(f*16))
-			fmt.Fprintf(&b, "%-6s %-16s %-7s %-8s [%s] %5.1f%% %15s %8.1f/s %9s\n", t.TaskID, truncate(t.Name, 16), t.Kind, t.State, bar, 100*f,
-				strconv.FormatUint(t.Done+t.Skipped+t.Failed, 10)+"/"+strconv.FormatUint(t.TotalEstimate, 10), t.RatePerS, etaText(t))
+			limit := "-"
+			if t.EffectiveRate > 0 {
+				limit = strconv.FormatFloat(t.EffectiveRate, 'f', 1, 64) + "/s"
+			}
+			fmt.Fprintf(&b, "%-6s %-16s %-7s %-8s [%s] %5.1f%% %15s %8.1f/s %9s %9s\n", t.TaskID, truncate(t.Name, 16), t.Kind, t.State, bar, 100*f,
+				strconv.FormatUint(t.Done+t.Skipped+t.Failed, 10)+"/"+strconv.FormatUint(t.TotalEstimate, 10), t.RatePerS, etaText(t), limit)
 		}
 	}
 	if len(q.ByPriority) > 0 {

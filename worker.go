@@ -104,6 +104,7 @@ type rendererEvent struct {
 	pid      int            // evReady: the process's pid
 	reason   string         // evRestart: one of restartReasons
 	prio     renderPriority // evDone: what the process runs at now
+	overload overloadInfo   // evDone: what an error reply said about the upstream (ratelimit.go)
 }
 
 // renderer owns one render subprocess at a time and replaces it when it dies, with backoff.
@@ -275,7 +276,7 @@ func (r *renderer) serve(p *rendererProcess, held **renderJob) (retired, proven 
 			p.stop(r.log)
 			healthy, reason = false, restartRecycle
 		}
-		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped, prio: p.prio})
+		r.send(rendererEvent{kind: evDone, job: j.job, status: status, msg: msg, healthy: healthy, timedOut: timedOut, skipped: p.skipped, prio: p.prio, overload: p.overload})
 		if !healthy {
 			return false, false, reason
 		}
@@ -298,8 +299,9 @@ type rendererProcess struct {
 	// exited with status 0 without answering (renderers exit cleanly only between jobs,
 	// e.g. to recycle themselves, so it left before reading the job).
 	notTaken bool
-	skipped  bool   // the last reply said "skipped": true
-	lineBuf  []byte // reused for job lines
+	skipped  bool         // the last reply said "skipped": true
+	overload overloadInfo // what the last error reply said about the upstream
+	lineBuf  []byte       // reused for job lines
 	// stderrTail keeps the last stderr lines: when a renderer fails to start, its reason
 	// (a MapProxy configuration error, say) goes into the start error, not only the log.
 	stderrTail *stderrTail
@@ -469,11 +471,17 @@ type jobReply struct {
 	Status       string  `json:"status"`
 	ErrorMessage string  `json:"error_message"`
 	Skipped      bool    `json:"skipped"`
+	// docs/design.md §17: the upstream's HTTP status when it refused (429, 503), a timeout, and its
+	// Retry-After in seconds.
+	UpstreamStatus  int     `json:"upstream_status"`
+	UpstreamTimeout bool    `json:"upstream_timeout"`
+	RetryAfter      float64 `json:"retry_after"`
 }
 
 // render sends one job and waits for its reply, at most j.timeout. healthy is false when the
 // process must be replaced: it exited, wrote garbage, timed out, or the daemon is stopping hard.
 func (p *rendererProcess) render(j renderJob, hardStop <-chan struct{}) (status, msg string, healthy, timedOut bool) {
+	p.overload = overloadInfo{}
 	id := strconv.FormatUint(j.seq, 10)
 	line := appendJobLine(p.lineBuf[:0], id, j)
 	p.lineBuf = line
@@ -532,6 +540,7 @@ func (p *rendererProcess) parseReply(out []byte, id string) (status, msg string,
 		if m == "" {
 			m = "renderer reported an error without a message"
 		}
+		p.overload = overloadInfo{status: rep.UpstreamStatus, timeout: rep.UpstreamTimeout, retryAfter: min(max(rep.RetryAfter, 0), 3600)}
 		return statusError, m, true, false
 	default:
 		return statusError, fmt.Sprintf("renderer (pid %d) answered unknown status %q", p.pid, truncate(rep.Status, 40)), false, false

@@ -410,7 +410,8 @@ log "writing $OUT"
 # bench/seed.sh's section and the task benchmarks' section are not ours to regenerate: keep them.
 SEED_SECTION=$BASE/seed-section.md
 sed -n -e '/^<!-- bench\/seed.sh: begin -->$/,/^<!-- bench\/seed.sh: end -->$/p' \
-	-e '/^<!-- tasks: begin -->$/,/^<!-- tasks: end -->$/p' "$OUT" 2>/dev/null >"$SEED_SECTION" || true
+	-e '/^<!-- tasks: begin -->$/,/^<!-- tasks: end -->$/p' \
+	-e '/^<!-- bench\/ratelimit.sh: begin -->$/,/^<!-- bench\/ratelimit.sh: end -->$/p' "$OUT" 2>/dev/null >"$SEED_SECTION" || true
 "$LG" report -in "$RESULTS" -out "$OUT" -elapsed "${SECONDS}s" -loadavg "$LOADAVG_START" \
 	-ours-ran="$OURS" -reps "$REPS" -tirex-enqueue "$TIREX_ENQUEUE" -quiet-spent "${QUIET_SPENT}s"
 # The observability figures come from Go benchmarks (bench/observability.sh), kept beside.

@@ -58,7 +58,11 @@ replies on stdout. stdout carries nothing else; logs go to stderr.
 * Reply: exactly one line per job, after the tiles are stored:
   ``{"id": ..., "status": "ok"}`` (with ``"skipped": true`` when "refresh"
   was false and no metatile of the job needed a render), or
-  ``{"id": ..., "status": "error", "error_message": "..."}``.
+  ``{"id": ..., "status": "error", "error_message": "..."}``; when the
+  source's upstream refused with 429 or 503 the error also has
+  ``"upstream_status": 503`` (and ``"retry_after": <seconds>`` from its
+  Retry-After), and ``"upstream_timeout": true`` when it timed out, so that
+  the daemon backs off (docs/design.md §17).
   "ok" also when the source is legitimately blank (no sources, outside its
   coverage, a response that may not be cached): nothing is stored then and the
   reply lists the tiles that are not in the cache as ``"missing": [[x, y, z], ...]``.
@@ -302,10 +306,10 @@ class Worker(object):
                     creator.create_tiles([Tile(coord)])
                     missing.extend(c for c in members if not tm.cache.is_cached(Tile(c)))
         except SourceError as e:
-            return error(str(e) or type(e).__name__)
+            return upstream_error(error(str(e) or type(e).__name__), e)
         except Exception as e:
             log.exception('rendering %s %s failed', tm.identifier, coords)
-            return error('%s: %s' % (type(e).__name__, e))
+            return upstream_error(error('%s: %s' % (type(e).__name__, e)), e)
         reply = {'status': 'ok'}
         if skipped == len(metatiles):
             reply['skipped'] = True
@@ -396,6 +400,39 @@ def parse_tiles(tiles, grid):
 
 def error(message):
     return {'status': 'error', 'error_message': message}
+
+
+def upstream_error(reply, exc):
+    """Add what exc says about the upstream to an error reply (docs/design.md §17).
+
+    MapProxy's sources turn an HTTPClientError (with response_code) into a
+    SourceError raised while handling it, and HTTPClient raises the
+    HTTPClientError while handling urllib's HTTPError (with the response's
+    headers) or the timeout: the chain of __cause__/__context__ keeps them.
+    A 429 or 503 gives "upstream_status" (and "retry_after" in seconds from a
+    Retry-After in seconds); a timeout gives "upstream_timeout": true.
+    """
+    import socket
+    seen = set()
+    e = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, 'response_code', None) or getattr(e, 'code', None)
+        if code in (429, 503) and 'upstream_status' not in reply:
+            reply['upstream_status'] = code
+        headers = getattr(e, 'headers', None)
+        if code in (429, 503) and headers is not None and 'retry_after' not in reply:
+            try:
+                value = headers.get('Retry-After')
+                if value is not None and 0 <= float(value) <= 3600:
+                    reply['retry_after'] = float(value)
+            except (TypeError, ValueError):
+                pass  # an HTTP date: the daemon's own backoff applies
+        if (isinstance(e, (socket.timeout, TimeoutError))
+                or isinstance(getattr(e, 'reason', None), (socket.timeout, TimeoutError))):
+            reply['upstream_timeout'] = True
+        e = e.__cause__ or e.__context__
+    return reply
 
 
 def serve(worker, lines, out):
