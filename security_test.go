@@ -125,7 +125,7 @@ func TestSeedRequestCannotNameAFile(t *testing.T) {
 			line, _ := json.Marshal(map[string]any{"command": "seed", "task": "all", "seed_config": h[name]})
 			rep := r.call(string(line))
 			attempts++
-			if rep.Status != statusError || !strings.Contains(rep.ErrorMessage, "a request names one, not a path") || strings.Contains(rep.ErrorMessage, "root:") {
+			if rep.Status != statusError || !strings.Contains(rep.ErrorMessage, "a request names one by its name or by the path renderd.yaml gives it") || strings.Contains(rep.ErrorMessage, "root:") {
 				t.Fatalf("%s: got %+v, want a refusal naming seed_configs", name, rep)
 			}
 			body, _ := json.Marshal(map[string]any{"task": "all", "seed_config": h[name]})
@@ -136,7 +136,7 @@ func TestSeedRequestCannotNameAFile(t *testing.T) {
 			b, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			attempts++
-			if resp.StatusCode != http.StatusBadRequest || !bytes.Contains(b, []byte("not a path")) {
+			if resp.StatusCode != http.StatusBadRequest || !bytes.Contains(b, []byte("by the path renderd.yaml gives it")) {
 				t.Fatalf("POST /tasks %s: HTTP %d %s", name, resp.StatusCode, b)
 			}
 		}

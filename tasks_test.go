@@ -286,7 +286,7 @@ func TestTaskCommandErrors(t *testing.T) {
 		{`{"command":"seed","seed":{"levels":[1]}}`, `"cache" (a cache name of mapproxy.yaml) is required`},
 		{`{"command":"seed","seed":[1]}`, `seed must be an object`},
 		{`{"command":"seed","task":"all","priority":5000}`, `priority must be an integer`},
-		{`{"command":"seed","task":"all","seed_config":"/nonexistent/seed.yaml"}`, `a request names one, not a path`},
+		{`{"command":"seed","task":"all","seed_config":"/nonexistent/seed.yaml"}`, `a request names one by its name or by the path renderd.yaml gives it`},
 		{`{"command":"task"}`, `task needs task_id`},
 		{`{"command":"task","task_id":"t99"}`, `no task "t99"`},
 		{`{"command":"cancel","task_id":"t99"}`, `no task "t99"`},
