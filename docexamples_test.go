@@ -49,8 +49,10 @@ var documentedCommands = map[string]docCommand{
 	"mapproxy-renderd check-config -f /etc/mapproxy/mapproxy.yaml -c /etc/mapproxy-renderd/renderd.yaml":                     {want: "ok: socket"},
 	"mapproxy-renderd expire --cache osm_cache_GLOBAL_WEBMERCATOR --min-zoom 10 --max-zoom 18 --delete-from 17 < dirty.list": {want: `"kind":"expire"`},
 	// The default socket /run/mapproxy-renderd.sock is machine state: the test's instead.
-	"mapproxy-renderd -f /etc/mapproxy/mapproxy.yaml -s /etc/mapproxy/seed.yaml":         {daemon: true, extra: []string{"--socket", "SOCK2", "--renderer", "1"}},
-	"mapproxy-renderd -f mapproxy.yaml --socket /tmp/renderd.sock --renderer 4":          {daemon: true},
+	// Without -c a daemon journals into the default state_dir, machine state: -c gives it a
+	// renderd.yaml that says only journal: false.
+	"mapproxy-renderd -f /etc/mapproxy/mapproxy.yaml -s /etc/mapproxy/seed.yaml":         {daemon: true, extra: []string{"--socket", "SOCK2", "--renderer", "1", "-c", "NOJOURNAL"}},
+	"mapproxy-renderd -f mapproxy.yaml --socket /tmp/renderd.sock --renderer 4":          {daemon: true, extra: []string{"-c", "NOJOURNAL"}},
 	"mapproxy-renderd seed initial --wait":                                               {want: "initial seed done"},
 	"mapproxy-renderd seed -s other refresh drop_high":                                   {want: `"name":"drop_high"`},
 	"mapproxy-renderd tasks":                                                             {want: "STATE"},
@@ -189,7 +191,7 @@ cleanups:
 	renderdYAML := fmt.Sprintf("socket: %s\nhttp: \"\"\nrenderers: 2\nmax_seed_renderers: 2\nrenderer_command: %s\nplanner_command: %s\nseed_config: %s/seed.yaml\nseed_configs: {other: %s/other-seed.yaml}\nstate_dir: %s/state\n",
 		sock, rend, planner, dir, dir, dir)
 	files := map[string]string{"mapproxy.yaml": string(mp), "seed.yaml": seedYAML, "other-seed.yaml": seedYAML,
-		"renderd.yaml": renderdYAML, "dirty.list": "15/17000/11000\n15/17001/11000\n"}
+		"renderd.yaml": renderdYAML, "nojournal.yaml": "journal: false\n", "dirty.list": "15/17000/11000\n15/17001/11000\n"}
 	for name, content := range files {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
 			t.Fatal(err)
@@ -207,6 +209,9 @@ cleanups:
 		}
 		if _, ok := files[w]; ok {
 			return filepath.Join(dir, w)
+		}
+		if w == "NOJOURNAL" {
+			return filepath.Join(dir, "nojournal.yaml")
 		}
 		return strings.ReplaceAll(w, "SOCK2", dir+"/daemon2.sock")
 	}
