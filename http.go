@@ -90,6 +90,9 @@ func (s *server) servePost(w http.ResponseWriter, r *http.Request) {
 	case "expire":
 		writeJSON(w, http.StatusOK, s.tasks.handleExpire(req))
 		return
+	case "views":
+		writeJSON(w, http.StatusOK, s.viewsReply(req))
+		return
 	}
 	// http_wait is for live requests: mapproxy-seed (priority 10) takes any answer but error
 	// for done and would move on while its tiles are still queued.

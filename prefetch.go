@@ -152,6 +152,7 @@ func (s *scheduler) prefetchStarted(j *job) {
 // hits; a live job that rendered queues its next-zoom metatiles.
 func (s *scheduler) afterRender(j *job, ok bool) {
 	pf := s.pf
+	s.noteRender(j, ok) // views.go
 	if !ok {
 		return
 	}
@@ -164,6 +165,9 @@ func (s *scheduler) afterRender(j *job, ok bool) {
 	}
 	c := s.cacheList[j.key.cacheIdx()]
 	if s.qs.rule.isSeed(int(j.priority)) || !pf.on(c) {
+		return
+	}
+	if pf.cfg.Area == "views" { // prefetchFromViews chooses
 		return
 	}
 	if pf.cfg.Area == "centre" {

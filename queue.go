@@ -64,10 +64,10 @@ func (j *job) waiting() []*pendingRequest {
 type jobFlags uint8
 
 const (
-	keepJob  jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
-	seedJob                       // a seed-class request asked for it: render it as mapproxy-seed would
-	forceJob                      // someone asked for a forced render (every request but a task's)
-	prefetchJob                   // prefetch queued it and no request has joined it since (prefetch.go)
+	keepJob     jobFlags = 1 << iota // a background request asked for it: render even if nobody waits
+	seedJob                          // a seed-class request asked for it: render it as mapproxy-seed would
+	forceJob                         // someone asked for a forced render (every request but a task's)
+	prefetchJob                      // prefetch queued it and no request has joined it since (prefetch.go)
 )
 
 // jobQueue is a max-heap of queued jobs: higher priority first, then lower seq (FIFO).

@@ -107,6 +107,10 @@ type scheduler struct {
 	onTick    func(summary string) // STATUS= for systemd; may be nil
 	onWatch   func()               // WATCHDOG=1; may be nil
 	watchdog  time.Duration
+
+	// Views (views.go): batches from connections, never waited for; the tables.
+	viewsIn chan viewBatch
+	views   *viewState
 }
 
 func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler {
@@ -126,6 +130,8 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		connStats: func() connCounters { return connCounters{} },
 		m:         metricsState{restarts: make(map[string]uint64)},
 		pf:        newPrefetcher(cfg.Prefetch),
+		viewsIn:   make(chan viewBatch, viewsBacklog),
+		views:     newViewState(),
 	}
 }
 
@@ -165,6 +171,8 @@ func (s *scheduler) run(ctx context.Context) {
 			s.onWatch()
 		case <-s.pf.quietC():
 			s.flushBursts()
+		case b := <-s.viewsIn:
+			s.takeViews(b)
 		case now := <-tick.C:
 			s.sample(now)
 			if s.onTick != nil {
@@ -448,7 +456,7 @@ func (s *scheduler) dispatch() {
 	for len(s.idle) > 0 {
 		j := s.qs.next(s.busy, len(s.idle))
 		if j == nil {
-			return
+			break
 		}
 		s.prefetchStarted(j)
 		seedClass := s.qs.rule.isSeed(int(j.priority))
@@ -476,6 +484,9 @@ func (s *scheduler) dispatch() {
 			rj.refreshBefore = j.refreshBefore()
 		}
 		r.jobs <- rj
+	}
+	if s.prefetchFromViews() { // views.go: only when nothing above was left to start
+		s.dispatch()
 	}
 }
 

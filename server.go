@@ -592,6 +592,8 @@ func (nc *ndjsonConn) handleLine(line []byte) {
 		nc.push(nc.s.tasks.handle(req))
 	case "expire":
 		nc.push(nc.s.tasks.handleExpire(req))
+	case "views":
+		nc.push(nc.s.viewsReply(req))
 	case "tile":
 		p := &pendingRequest{req: req, sink: nc, proto: protoNative}
 		nc.mu.Lock()
