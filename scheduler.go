@@ -111,6 +111,7 @@ type scheduler struct {
 	// Views (views.go): batches from connections, never waited for; the tables.
 	viewsIn chan viewBatch
 	views   *viewState
+	heatIn  chan heatQuery // picture.go: the status page's heat map
 }
 
 func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler {
@@ -132,6 +133,7 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		pf:        newPrefetcher(cfg.Prefetch),
 		viewsIn:   make(chan viewBatch, viewsBacklog),
 		views:     newViewState(),
+		heatIn:    make(chan heatQuery),
 	}
 }
 
@@ -173,6 +175,8 @@ func (s *scheduler) run(ctx context.Context) {
 			s.flushBursts()
 		case b := <-s.viewsIn:
 			s.takeViews(b)
+		case q := <-s.heatIn:
+			q.reply <- s.heatOf(q.cache)
 		case now := <-tick.C:
 			s.sample(now)
 			if s.onTick != nil {

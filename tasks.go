@@ -498,6 +498,7 @@ type task struct {
 	walkProgress  float64
 	lastCursor    json.RawMessage
 	totalFinished uint64
+	pic           taskPicture // its metatiles at the zoom it is on, for the status page (picture.go)
 	// Checkpoints (issue 9, journal.go): items taken, cursors not yet journaled, last one.
 	taken          uint64
 	cursors        []pendingCursor
@@ -680,6 +681,7 @@ func (t *task) take(it taskItem) {
 	t.mu.Lock()
 	t.doc.Planned++
 	t.mu.Unlock()
+	t.pic.mark(it.tile, metaPlanned)
 	t.taken++
 	t.submit(&taskJob{item: it, seq: t.taken})
 }
@@ -713,6 +715,7 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 			t.doc.Done++
 		}
 		t.mu.Unlock()
+		t.pic.mark(tj.item.tile, metaDone)
 		t.outcome(false)
 	case statusBusy:
 		// The queue is full: not the metatile's fault. Try again shortly, uncounted.
@@ -737,6 +740,7 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 				CacheIdentifier: tj.item.cache, Message: rep.r.ErrorMessage})
 		}
 		t.mu.Unlock()
+		t.pic.mark(tj.item.tile, metaFailed)
 		t.outcome(true)
 	}
 }
