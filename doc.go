@@ -37,8 +37,13 @@
 //   - top.go: the top subcommand, a live terminal view of the status document.
 //   - live.go, nice.go, prefetch.go (DESIGN §13): wait_ms and pending, the live keys of
 //     renderd.yaml; renderer CPU and I/O priority for seed jobs; next-zoom prefetch.
+//   - views.go (DESIGN §18): the views command, the recent-views table per cache, and
+//     prefetch.area views (next-zoom metatiles chosen from views within prefetch.budget).
+//   - picture.go: the status page's pictures: per running task its metatiles at its zoom,
+//     and a heat map of views and live renders (SVG, drawn on the server).
 //   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
-//     install-module subcommand that writes it out.
+//     install-module subcommand that writes it out (enable_views(): a reporter thread per
+//     process that sends the served tiles as views commands).
 //   - systemd.go, peercred.go: socket activation, sd_notify, peer credentials.
 //   - check.go: check-config's MapProxy check (the bundled worker's check mode).
 //   - packaging/: the Debian package (build-deb.sh, the man page mapproxy-renderd.8, the
@@ -61,7 +66,8 @@
 // owns the expire_dir spool watcher; each task owns its source's goroutine (a planner's
 // reader, an expiry list's expander). run owns the journal, whose writer goroutine it closes
 // after the scheduler has stopped. A wait_ms timer is a time.AfterFunc whose goroutine ends
-// when its message is sent or the scheduler exits. Tasks never touch the queue: they submit
+// when its message is sent or the scheduler exits. Views (views.go) start no goroutine: a connection hands
+// a batch to the scheduler's viewsIn without waiting (dropped when it is full). Tasks never touch the queue: they submit
 // requests and take replies like any client. Every wait on a child process is bounded
 // (SIGTERM, then SIGKILL).
 package main

@@ -201,3 +201,35 @@ func TestPrefetchFromViewsBudget(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkTakeViews: the scheduler's cost of one views batch of 256 tiles into a full
+// table (new tiles, so every one evicts).
+func BenchmarkTakeViews(b *testing.B) {
+	s := newScheduler(Config{SeedPriorityBelow: 50, MaxQueued: 10, Renderers: 1}, nil, rendererConfig{})
+	s.newCache("c")
+	batch := viewBatch{cache: "c", tiles: make([]tileCoord, 256)}
+	n := int32(0)
+	b.ReportAllocs()
+	for b.Loop() {
+		for i := range batch.tiles {
+			n++
+			batch.tiles[i] = tileCoord{n % 100000, n / 100000, 14}
+		}
+		s.takeViews(batch)
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*256), "ns/tile")
+}
+
+// BenchmarkViewCandidates: one choice of prefetch candidates from a full table.
+func BenchmarkViewCandidates(b *testing.B) {
+	pf := newPrefetcher(&PrefetchConfig{Caches: []string{"c"}, Levels: 1, Priority: new(int), MaxQueued: 10, Area: "views"})
+	c := &cacheInfo{id: "c", metaX: 4, metaY: 4}
+	vt := newViewTable()
+	for i := range viewsPerCache {
+		vt.add(tileCoord{int32(8000 + i%64), int32(5000 + i/64), 14}, 0)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		pf.viewCandidates(c, vt, 0, nil)
+	}
+}

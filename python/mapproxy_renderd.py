@@ -27,6 +27,9 @@ render through ``globals.renderd.address`` (every cache but those with
   requests_unixsocket; ``http://host:port/`` addresses too. MapProxy itself
   still needs python3-requests to load a renderd configuration.
 * mapproxy-seed (priority 10) is unchanged: it waits for every render.
+* enable_views() (a separate call) reports the tiles MapProxy served, hits
+  and renders, to the daemon from a background thread (ViewReporter), for
+  ``prefetch: {area: views}``. A request never waits for it.
 
 The max-age applies to MapProxy's tile services (WMTS, TMS, KML), where one
 request is one tile. A WMS GetMap that contains a waiting tile is sent with

@@ -47,6 +47,8 @@ import (
 	"time"
 )
 
+var seedNice int
+
 type mode struct {
 	Name     string
 	Prefetch string // renderd.yaml prefetch: value; "" = none
@@ -90,6 +92,7 @@ func main() {
 	delay := flag.Duration("delay", 150*time.Millisecond, "upstream delay per request")
 	seed := flag.Int64("seed", 1, "trace seed")
 	only := flag.String("modes", "", "comma-separated mode names to run (default all)")
+	flag.IntVar(&seedNice, "seed-nice", 0, "the daemons' seed_nice (prefetch jobs are in the seed class)")
 	jsonOut := flag.String("json", "", "write the results as JSON here")
 	flag.Parse()
 	if *bin == "" {
@@ -355,7 +358,9 @@ sources:
 	if err := os.WriteFile(filepath.Join(dir, "mapproxy.yaml"), []byte(conf), 0o644); err != nil {
 		return res, err
 	}
-	rcfg := fmt.Sprintf("socket: %s\nhttp: \"\"\nrenderers: 2\nrender_timeout: 60s\njournal: false\nstate_dir: %s/state\nlog_level: warn\n", sock, dir)
+	// seed_nice 0: on a machine shared with other work, niced prefetch renders would measure
+	// the other work, not prefetch (bench/live's nice run measures seed_nice itself).
+	rcfg := fmt.Sprintf("socket: %s\nhttp: \"\"\nrenderers: 2\nseed_nice: %d\nrender_timeout: 60s\njournal: false\nstate_dir: %s/state\nlog_level: warn\n", sock, seedNice, dir)
 	if m.Prefetch != "" {
 		rcfg += "prefetch: " + m.Prefetch + "\n"
 	}
