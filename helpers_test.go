@@ -550,6 +550,7 @@ func fakePlanner(args []string) int {
 	errMsg := fs.String("error", "", "answer this error")
 	refreshBefore := fs.Float64("refresh-before", 0, "refresh_before of every metatile")
 	cursorEvery := fs.Int("cursor-every", 0, `write {"cursor": {"next": i}} before every K-th metatile; resume from such a cursor`)
+	width := fs.Int("width", 0, "plan 4×4 metatiles in rows of this many (docs/picture.sh); 0: tiles [i, 0, z]")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -603,7 +604,11 @@ func fakePlanner(args []string) int {
 			fmt.Fprintln(os.Stderr, "fake planner: Traceback: something broke on purpose")
 			return 3
 		}
-		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, 0, %d], \"progress\": %g%s}\n", *cache, i, *z, float64(i+1)/float64(*n), rb)
+		x, y := i, 0
+		if *width > 0 {
+			x, y = i%*width*4, i / *width * 4
+		}
+		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, %d, %d], \"progress\": %g%s}\n", *cache, x, y, *z, float64(i+1)/float64(*n), rb)
 	}
 	fmt.Fprintln(out, `{"done": true}`)
 	return 0

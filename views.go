@@ -27,15 +27,18 @@ import (
 // reads them and the ring of recent live renders.
 
 const (
-	viewsPerCache   = 4096             // tiles in a cache's recent-views table
-	viewHalfLife    = 60 * time.Second // a view's weight halves in this time
+	viewsPerCache = 4096 // tiles in a cache's recent-views table
+	// viewHalfLife: a view's weight halves in this time. Short next to the minute of the
+	// budget, so that where users look now outweighs where they looked a minute ago,
+	// unless many looked there.
+	viewHalfLife    = 15 * time.Second
 	viewEvictSample = 8                // entries compared to pick the one to replace
 	viewsBacklog    = 256              // batches a connection may hand over before they are dropped
 	recentRenders   = 4096             // live renders remembered for the heat map
 	heatWindow      = 15 * time.Minute // what the heat map shows
-	// viewMinWeight: a parent tile whose decayed count fell below this (about 4.3 half-lives
+	// viewMinWeight: a parent tile whose decayed count fell below this (3.3 half-lives, 50 s,
 	// after one view) no longer makes its children candidates.
-	viewMinWeight = 0.05
+	viewMinWeight = 0.1
 	// viewsPickEvery: prefetchFromViews looks for candidates at most this often; a look
 	// walks every table (about 1.5 ms for a full one on a loaded 2-CPU machine).
 	viewsPickEvery = 50 * time.Millisecond

@@ -47,7 +47,10 @@ import (
 	"time"
 )
 
-var seedNice int
+var (
+	seedNice  int
+	thinkText string
+)
 
 type mode struct {
 	Name     string
@@ -86,9 +89,9 @@ type result struct {
 func main() {
 	bin := flag.String("daemon", "", "mapproxy-renderd binary")
 	users := flag.Int("users", 3, "concurrent users")
-	sessions := flag.Int("sessions", 12, "sessions in the trace")
+	sessions := flag.Int("sessions", 9, "sessions in the trace")
 	steps := flag.Int("steps", 10, "views per session")
-	think := flag.Duration("think", 400*time.Millisecond, "time a user looks at a view")
+	think := flag.Duration("think", 2*time.Second, "mean time a user looks at a view (uniform, ±50 %)")
 	delay := flag.Duration("delay", 150*time.Millisecond, "upstream delay per request")
 	seed := flag.Int64("seed", 1, "trace seed")
 	only := flag.String("modes", "", "comma-separated mode names to run (default all)")
@@ -100,6 +103,7 @@ func main() {
 		os.Exit(2)
 	}
 	trace := makeTrace(rand.New(rand.NewSource(*seed)), *sessions, *steps, *think)
+	thinkText = fmt.Sprintf("%s–%s", *think/2, *think*3/2)
 	if err := run(*bin, trace, *users, *delay, *only, *jsonOut); err != nil {
 		fmt.Fprintln(os.Stderr, "trace:", err)
 		os.Exit(1)
@@ -284,7 +288,7 @@ def application(environ, start_response):
 		return fmt.Errorf("install-module: %v: %s", err, out)
 	}
 	fmt.Printf("trace: %d sessions × %d views (5×4 tiles), %d users at once, think %s, metatiles 4×4, upstream delay %s, 2 renderers; %d CPUs, load %s\n",
-		len(trace), len(trace[0]), users, "0.2–0.6s", delay, nproc(), loadavg())
+		len(trace), len(trace[0]), users, thinkText, delay, nproc(), loadavg())
 	var results []result
 	for _, m := range modes {
 		if only != "" && !slices.Contains(strings.Split(only, ","), m.Name) {
