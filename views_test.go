@@ -67,7 +67,7 @@ func TestViewCandidates(t *testing.T) {
 			[]view{{tileCoord{30, 30, 5}, 1, 0}, {tileCoord{17, 10, 5}, 3, 0}}, nil, nil,
 			"32,20,6:3.00 60,60,6:1.00"},
 		{"nw 4x4 by recency", [2]int32{4, 4}, mercator, nil,
-			[]view{{tileCoord{30, 30, 5}, 2, 0}, {tileCoord{17, 10, 5}, 3, 15}}, nil, nil,
+			[]view{{tileCoord{30, 30, 5}, 2, 0}, {tileCoord{17, 10, 5}, 3, 5}}, nil, nil,
 			"60,60,6:2.00 32,20,6:1.50"},
 		{"nw 4x4 two parents in one metatile", [2]int32{4, 4}, mercator, nil,
 			[]view{{tileCoord{16, 8, 5}, 1, 0}, {tileCoord{17, 9, 5}, 1, 0}, {tileCoord{20, 20, 5}, 1, 0}}, nil, nil,

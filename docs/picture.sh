@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes docs/status-picture.png: the status page's pictures of the work (picture.go). A daemon
-# with fake renderers (50 ms each; metatiles whose x is 52 fail) runs a seed task of 30×30
+# with fake renderers (50 ms each; metatiles whose x is 52 fail) runs a seed task of 40×40
 # metatiles at z14 (the test binary's fake planner) while users look around three places at
 # z12: views commands as the MapProxy-side module sends them, and live requests for the
 # metatiles they miss. After DURATION seconds headless Chromium takes the page. Needs go,
@@ -31,8 +31,9 @@ http: 127.0.0.1:$port
 renderers: 3
 max_seed_renderers: 2
 renderer_command: [$bin, fake-renderer, -delay, 50ms, -fail, "52", -caches, '{"$cache": {"meta_size": [4, 4]}}']
-planner_command: [$bin, fake-planner, -n, "900", -width, "30", -cache, $cache, -z, "14"]
+planner_command: [$bin, fake-planner, -n, "1600", -width, "40", -cache, $cache, -z, "14"]
 seed_config: $dir/seed.yaml
+seed_retries: 0
 journal: false
 log_level: warn
 YAML

@@ -94,7 +94,7 @@ func main() {
 	think := flag.Duration("think", 2*time.Second, "mean time a user looks at a view (uniform, ±50 %)")
 	delay := flag.Duration("delay", 150*time.Millisecond, "upstream delay per request")
 	seed := flag.Int64("seed", 1, "trace seed")
-	only := flag.String("modes", "", "comma-separated mode names to run (default all)")
+	only := flag.String("modes", "", "mode names to run, separated by semicolons (default all)")
 	flag.IntVar(&seedNice, "seed-nice", 0, "the daemons' seed_nice (prefetch jobs are in the seed class)")
 	jsonOut := flag.String("json", "", "write the results as JSON here")
 	flag.Parse()
@@ -291,7 +291,7 @@ def application(environ, start_response):
 		len(trace), len(trace[0]), users, thinkText, delay, nproc(), loadavg())
 	var results []result
 	for _, m := range modes {
-		if only != "" && !slices.Contains(strings.Split(only, ","), m.Name) {
+		if only != "" && !slices.Contains(strings.Split(only, ";"), m.Name) {
 			continue
 		}
 		res, err := runMode(p, bin, repo, tmp, upstream, counter, m, trace, users, logf)
