@@ -319,7 +319,7 @@ func (h heatMap) svg() template.HTML {
 	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="#f4f4f4"/>`, w, hgt)
 	for _, k := range cellKeys(views) {
 		op := 0.15 + 0.85*math.Sqrt(views[k]/top)
-		fmt.Fprintf(&b, `<rect class="view" x="%g" y="%g" width="%g" height="%g" fill-opacity="%.2f"><title>%.1f views</title></rect>`,
+		fmt.Fprintf(&b, `<rect class="view" x="%g" y="%g" width="%g" height="%g" fill-opacity="%.2f"><title>%.1f views (decayed count)</title></rect>`,
 			float64(k[0])*cell, float64(k[1])*cell, cell, cell, op, views[k])
 	}
 	for _, k := range cellKeys(h.Renders) {
