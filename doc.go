@@ -50,8 +50,13 @@
 //   - top.go: the top subcommand, a live terminal view of the status document.
 //   - live.go, nice.go, prefetch.go (docs/design.md §13): wait_ms and pending, the live keys of
 //     renderd.yaml; renderer CPU and I/O priority for seed jobs; next-zoom prefetch.
+//   - views.go (docs/design.md §18): the views command, the recent-views table per cache, and
+//     prefetch.area views (next-zoom metatiles chosen from views within prefetch.budget).
+//   - picture.go: the status page's pictures: per running task its metatiles at its zoom,
+//     and a heat map of views and live renders (SVG, drawn on the server).
 //   - module.go, python/mapproxy_renderd.py: the MapProxy-side module, embedded, and the
-//     install-module subcommand that writes it out.
+//     install-module subcommand that writes it out (enable_views(): a reporter thread per
+//     process that sends the served tiles as views commands).
 //   - systemd.go, peercred.go, peercred_diag.go: socket activation, sd_notify, peer
 //     credentials (sock_diag for loopback TCP) and who may connect (README "Security").
 //   - safefile.go: the one way the daemon reads a file its configuration names: regular
@@ -106,7 +111,8 @@
 // reader, an expiry list's expander). run owns the journal, whose writer goroutine it closes
 // after the scheduler has stopped. A wait_ms timer is a time.AfterFunc whose goroutine ends
 // when its message is sent or the scheduler exits. The rate limiter's wake-up is one time.Timer the
-// scheduler owns and selects on (no goroutine). Tasks never touch the queue: they submit
+// scheduler owns and selects on (no goroutine). Views (views.go) start no goroutine: a connection hands a batch to the
+// scheduler's viewsIn without waiting (dropped when it is full). Tasks never touch the queue: they submit
 // requests and take replies like any client. Every wait on a child process is bounded
 // (SIGTERM, then SIGKILL). Two goroutines live as long as the process, by design (proc.go):
 // the spawner, whose locked thread forks every child so that Pdeathsig fires only when the

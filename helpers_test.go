@@ -588,6 +588,7 @@ func fakePlanner(args []string) int {
 	xStep := fs.Int("x-step", 1, "metatile i is at x = i·step (one metatile per tile of a 4×4 metatile cache: 4)")
 	offsets := fs.String("x-offset", "", "NAME=N,…: the task named NAME plans from x = N (two tasks, different tiles)")
 	cursorEvery := fs.Int("cursor-every", 0, `write {"cursor": {"next": i}} before every K-th metatile; resume from such a cursor`)
+	width := fs.Int("width", 0, "plan 4×4 metatiles in rows of this many (docs/picture.sh); 0: tiles [i, 0, z]")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -647,7 +648,11 @@ func fakePlanner(args []string) int {
 			fmt.Fprintln(os.Stderr, "fake planner: Traceback: something broke on purpose")
 			return 3
 		}
-		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, 0, %d], \"progress\": %g%s}\n", *cache, x0+i**xStep, *z, float64(i+1)/float64(*n), rb)
+		x, y := x0+i**xStep, 0
+		if *width > 0 {
+			x, y = i%*width*4, i / *width * 4
+		}
+		fmt.Fprintf(out, "{\"cache_identifier\": %q, \"tile\": [%d, %d, %d], \"progress\": %g%s}\n", *cache, x, y, *z, float64(i+1)/float64(*n), rb)
 	}
 	fmt.Fprintln(out, `{"done": true}`)
 	return 0

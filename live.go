@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -47,13 +48,18 @@ type PrefetchConfig struct {
 	MaxQueued int      `yaml:"max_queued"` // queued prefetch jobs; beyond it the oldest is dropped. Default 10,000
 	// Area: "all" (default): the whole area of every live-rendered metatile; "centre": once
 	// live renders of a cache pause, only the centre of what they covered (prefetch.go).
+	// "views": from the tiles MapProxy served (views.go), while renderers would idle.
 	Area string `yaml:"area"`
+	// Budget: prefetch jobs over a minute at most budget × the live renders over it;
+	// 0 = no limit. Default 0.5 with area views, 0 (none) otherwise.
+	Budget float64 `yaml:"budget"`
 }
 
 const (
 	defaultPrefetchPriority  = 5
 	defaultPrefetchMaxQueued = 10000
 	maxPrefetchLevels        = 8
+	defaultViewsBudget       = 0.5
 )
 
 // validateLive checks the live helpers' keys and fills the prefetch defaults.
@@ -104,9 +110,15 @@ func (c *Config) validateLive() error {
 	switch p.Area {
 	case "":
 		p.Area = "all"
-	case "all", "centre":
+	case "all", "centre", "views":
 	default:
-		return fmt.Errorf("prefetch.area: want all or centre, got %q", p.Area)
+		return fmt.Errorf("prefetch.area: want all, centre or views, got %q", p.Area)
+	}
+	if p.Budget < 0 || math.IsNaN(p.Budget) || p.Budget > 100 {
+		return fmt.Errorf("prefetch.budget: want 0 (no limit) to 100, got %v", p.Budget)
+	}
+	if p.Budget == 0 && p.Area == "views" {
+		p.Budget = defaultViewsBudget
 	}
 	return nil
 }

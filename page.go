@@ -54,6 +54,7 @@ type pageData struct {
 	UptimeText   string
 	RequestTotal uint64
 	Tasks        []pageTask
+	Picture      pagePicture // picture.go
 }
 
 // pageTask is a task with its progress bar.
@@ -165,8 +166,10 @@ func (s *server) servePage(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "mapproxy-renderd is shutting down", http.StatusServiceUnavailable)
 		return
 	}
+	pd := newPageData(doc, hist, time.Now())
+	pd.Picture = s.picture(r.URL.Query().Get("cache"))
 	var buf bytes.Buffer
-	if err := pageTemplate.Execute(&buf, newPageData(doc, hist, time.Now())); err != nil {
+	if err := pageTemplate.Execute(&buf, pd); err != nil {
 		s.log.Error("status page", "error", err)
 		http.Error(w, "status page: "+err.Error(), http.StatusInternalServerError)
 		return

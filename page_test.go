@@ -108,6 +108,7 @@ func TestStatusPageHTML(t *testing.T) {
 			`<td>seed</td><td class="n">76</td>`,
 			`<tr id="task-` + task.TaskID + `"><td>` + task.TaskID + `</td><td>all</td><td>seed</td><td class="running">running</td>`,
 			`aria-valuenow="5.0"`, `2 of 40`, // 2 of 40 metatiles done
+			`<svg class="taskmap" id="taskmap-` + task.TaskID + `"`, `aria-label="metatiles at zoom 20: 2 done, 38 planned, 0 failed"`, // picture.go
 		} {
 			if !strings.Contains(page, want) {
 				t.Errorf("%s: page lacks %q", name, want)
@@ -147,7 +148,7 @@ func TestStatusPageChromium(t *testing.T) {
 	if !strings.Contains(row, `style="width: 5.0%"`) || !strings.Contains(row, "5.0 %") || !strings.Contains(row, "2 of 40") {
 		t.Errorf("DOM task row: got %q, want a 5.0 %% bar and 2 of 40", row)
 	}
-	if !strings.Contains(dom, "<polyline") || !strings.Contains(dom, "fake failure for x=9") {
+	if !strings.Contains(dom, "<polyline") || !strings.Contains(dom, "fake failure for x=9") || !strings.Contains(dom, `id="taskmap-`+task.TaskID+`"`) {
 		t.Errorf("DOM lacks the sparklines or the last error:\n%s", tail(dom, 3000))
 	}
 	shot := artifactPath(t, "status-page.png")

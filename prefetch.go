@@ -29,10 +29,6 @@ import (
 // size at that level (when the ready line gives the sizes). The origin is in the ready
 // line for the record and for clients; the computation does not need it.
 
-// prefetchJob marks a job that prefetch queued and that no request has joined since.
-// It is the highest bit so that jobFlags added elsewhere do not collide with it.
-const prefetchJob jobFlags = 1 << 7
-
 // recentPrefetched bounds the set of prefetched metatiles remembered after their render,
 // for counting a later request as a hit.
 const recentPrefetched = 16384
@@ -158,6 +154,7 @@ func (s *scheduler) prefetchStarted(j *job) {
 // hits; a live job that rendered queues its next-zoom metatiles.
 func (s *scheduler) afterRender(j *job, ok bool) {
 	pf := s.pf
+	s.noteRender(j, ok) // views.go
 	if !ok {
 		return
 	}
@@ -170,6 +167,9 @@ func (s *scheduler) afterRender(j *job, ok bool) {
 	}
 	c := s.cacheList[j.key.cacheIdx()]
 	if s.qs.rule.isSeed(int(j.priority)) || !pf.on(c) {
+		return
+	}
+	if pf.cfg.Area == "views" { // prefetchFromViews chooses
 		return
 	}
 	if pf.cfg.Area == "centre" {
@@ -207,13 +207,11 @@ func (s *scheduler) queuePrefetch(k jobKey) {
 		s.stats.prefetchDropped++
 		return
 	}
-	if qs.queued() >= qs.max {
+	j := qs.addUnasked(k, *pf.cfg.Priority, prefetchJob, s.now())
+	if j == nil { // the queue is full (k is not in it: checked above)
 		s.stats.prefetchDropped++
 		return
 	}
-	qs.nextSeq++
-	j := &job{key: k, seq: qs.nextSeq, enqueued: s.now(), priority: int16(*pf.cfg.Priority), index: -1, flags: prefetchJob}
-	qs.insert(j)
 	pf.queued++
 	pf.fifo = append(pf.fifo, j)
 	s.stats.prefetched++
@@ -231,10 +229,9 @@ func (s *scheduler) dropOldestPrefetch() bool {
 		j := pf.fifo[0]
 		pf.fifo[0] = nil
 		pf.fifo = pf.fifo[1:]
-		if !droppable(j) {
+		if !droppable(j) || !s.qs.dropUnasked(j) {
 			continue
 		}
-		s.qs.drop(j)
 		pf.queued--
 		s.stats.prefetchDropped++
 		return true

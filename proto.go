@@ -211,8 +211,12 @@ func slowParseAs(line []byte, command string) (Request, error) {
 		ferr = parseTaskFields(&req, &w)
 	case "expire":
 		ferr = parseExpireFields(&req, &w)
+	case "views": // views.go
+		if ferr = parseCacheIdentifier(&req, &w); ferr == nil {
+			req.Tiles, ferr = parseTiles(w.Tiles)
+		}
 	default:
-		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, health, ping, seed, tasks, task, cancel or expire)", truncate(req.Command, 64))}
+		return req, &requestError{id: req.ID, msg: fmt.Sprintf("unknown command %q (want tile, status, health, ping, seed, tasks, task, cancel, expire or views)", truncate(req.Command, 64))}
 	}
 	if ferr != nil {
 		return req, &requestError{id: req.ID, msg: "invalid request: " + ferr.Error()}

@@ -70,6 +70,8 @@ const (
 	seedJob                          // a seed-class request asked for it: render it as mapproxy-seed would
 	forceJob                         // someone asked for a forced render (every request but a task's)
 	anyCacheJob                      // someone asked for a render cached or not (all but an expiry run's only_cached)
+	prefetchJob                      // prefetch queued it and no request has joined it since (prefetch.go)
+	heldJob                          // the rate limiter holds it in a bucket's heap, not the queue's (ratelimit.go)
 )
 
 // jobQueue is a max-heap of queued jobs: higher priority first, then lower seq (FIFO).
@@ -493,6 +495,29 @@ func (qs *queueState) removeWaiter(j *job, w *pendingRequest) (dropped bool) {
 		}
 	}
 	if j.state != jobQueued || len(j.waiting()) > 0 || j.flags&keepJob != 0 {
+		return false
+	}
+	qs.drop(j)
+	return true
+}
+
+// addUnasked queues a job that no request asked for (prefetch): a new job of key k with the
+// given priority and flags and nobody waiting. It returns nil, changing nothing, when k is
+// queued or running already or the queue is full (max_queued).
+func (qs *queueState) addUnasked(k jobKey, priority int, flags jobFlags, now int64) *job {
+	if _, ok := qs.jobs[k]; ok || qs.queued() >= qs.max {
+		return nil
+	}
+	qs.nextSeq++
+	j := &job{key: k, seq: qs.nextSeq, enqueued: now, priority: int16(priority), index: -1, flags: flags}
+	qs.insert(j)
+	return j
+}
+
+// dropUnasked drops j when it is still queued and no request asked for it (nobody waits, no
+// background request keeps it); it reports whether it did.
+func (qs *queueState) dropUnasked(j *job) bool {
+	if j.state != jobQueued || j.flags&keepJob != 0 || len(j.waiting()) > 0 {
 		return false
 	}
 	qs.drop(j)

@@ -33,8 +33,6 @@ const (
 	minEffectiveRate = 0.1 // floor of the AIMD decrease, metatiles per second
 	rateRecoverStep  = 1.1 // growth per clean recovery period
 	rateObserveSecs  = 10  // the rate observed before a first backoff is taken over this window
-	// heldJob marks a job that is held in a bucket's heap rather than in the queue's heap.
-	heldJob jobFlags = 1 << 6
 	// taskBucketIdle: a task's bucket with no held job, unused this long, is forgotten.
 	taskBucketIdle = 2 * time.Minute
 )

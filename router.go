@@ -37,6 +37,8 @@ func (s *server) route(req Request, proto reqProto, done <-chan struct{}) (Reply
 		return s.tasks.handle(req), nil
 	case "expire":
 		return s.tasks.handleExpire(req), nil
+	case "views":
+		return s.viewsReply(req), nil
 	case "tile":
 		// http_wait is for MapProxy's live requests: mapproxy-seed (priority 10) takes any
 		// answer but error for done and would move on while its tiles are still queued.

@@ -139,6 +139,10 @@ type scheduler struct {
 	onTick    func(summary string) // STATUS= for systemd; may be nil
 	onWatch   func()               // WATCHDOG=1; may be nil
 	watchdog  time.Duration
+
+	// Views (views.go): batches from connections, never waited for; the tables.
+	viewsIn chan viewBatch
+	views   *viewState
 }
 
 func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler {
@@ -159,6 +163,8 @@ func newScheduler(cfg Config, log *slog.Logger, rcfg rendererConfig) *scheduler 
 		m:         metricsState{restarts: make(map[string]uint64)},
 		pf:        newPrefetcher(cfg.Prefetch),
 		rl:        newLimiter(cfg.BackgroundRate),
+		viewsIn:   make(chan viewBatch, viewsBacklog),
+		views:     newViewState(),
 	}
 }
 
@@ -200,6 +206,8 @@ func (s *scheduler) run(ctx context.Context) {
 			s.flushBursts()
 		case <-s.rateTimerC():
 			s.rateWoke()
+		case b := <-s.viewsIn:
+			s.takeViews(b)
 		case now := <-tick.C:
 			s.sample(now)
 			s.rateTick()
@@ -473,7 +481,7 @@ func (s *scheduler) dispatch() {
 	for len(s.idle) > 0 {
 		j := s.nextJob()
 		if j == nil {
-			return
+			break
 		}
 		s.prefetchStarted(j)
 		seedClass := s.qs.rule.isSeed(int(j.priority))
@@ -504,6 +512,9 @@ func (s *scheduler) dispatch() {
 			rj.refreshBefore = j.refreshBefore()
 		}
 		r.jobs <- rj
+	}
+	if s.prefetchFromViews() { // views.go: only when nothing above was left to start
+		s.dispatch()
 	}
 }
 

@@ -586,6 +586,7 @@ type task struct {
 	walkProgress  float64
 	lastCursor    json.RawMessage
 	totalFinished uint64
+	pic           taskPicture // its metatiles at the zoom it is on, for the status page (picture.go)
 	// Checkpoints (docs/design.md §12, journaltask.go): items taken, cursors not yet journaled, last one.
 	taken          uint64
 	cursors        []pendingCursor
@@ -793,6 +794,7 @@ func (t *task) take(it taskItem) {
 	t.mu.Lock()
 	t.doc.Planned++
 	t.mu.Unlock()
+	t.pic.mark(it.tile, metaPlanned)
 	t.taken++
 	t.submit(&taskJob{item: it, seq: t.taken})
 }
@@ -830,6 +832,7 @@ func (t *task) answer(rep taskReply, retryTimer *time.Timer) {
 			t.noteFinished(tj.seq, finishedDone)
 		}
 		t.mu.Unlock()
+		t.pic.mark(tj.item.tile, metaDone)
 		t.outcome(false)
 	case statusBusy:
 		// The queue is full: not the metatile's fault. Try again shortly, uncounted.
@@ -871,6 +874,7 @@ func (t *task) failed(tj *taskJob, rep taskReply, retryTimer *time.Timer) {
 			CacheIdentifier: tj.item.cache, Message: rep.r.ErrorMessage})
 	}
 	t.mu.Unlock()
+	t.pic.mark(tj.item.tile, metaFailed)
 	t.outcome(true)
 }
 

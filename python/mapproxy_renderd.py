@@ -35,6 +35,9 @@ render through ``globals.renderd.address`` (every cache but those with
   requests_unixsocket; ``http://host:port/`` addresses too. MapProxy itself
   still needs python3-requests to load a renderd configuration.
 * mapproxy-seed (priority 10) is unchanged: it waits for every render.
+* enable_views() (a separate call) reports the tiles MapProxy served, hits
+  and renders, to the daemon from a background thread (ViewReporter), for
+  ``prefetch: {area: views}``. A request never waits for it.
 
 The max-age applies to MapProxy's tile services (WMTS, TMS, KML), where one
 request is one tile. A WMS GetMap that contains a waiting tile is sent with
@@ -46,11 +49,13 @@ MapProxy's files: enable() replaces attributes in memory, in the process that
 calls it, as requests_unixsocket.monkeypatch() does.
 """
 
+import functools
 import hashlib
 import http.client
 import inspect
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -436,3 +441,164 @@ class LiveRenderdTileCreator(_renderd.RenderdTileCreator):
         elif self._live():
             message['wait_ms'] = _settings['wait_ms'] if wait_ms is None else wait_ms
         return post(self.renderd_address, message)
+
+
+# Views (the daemon's views command): the tiles MapProxy served, cache hits and renders, so
+# that the daemon's prefetch (prefetch.area: views) knows where users look even where
+# MapProxy never asks it to render. Kept apart from the tile creator above: one hook on
+# TileManager.load_tile_coords and a reporter thread.
+
+VIEWS_EVERY = 0.1      # seconds: a batch goes out at most this often ...
+VIEWS_BATCH = 256      # ... or as soon as this many tiles wait
+VIEWS_BUFFER = 4096    # tiles waiting at most; more are dropped (and counted)
+VIEWS_RETRY = 5.0      # seconds without reporting after the daemon could not be reached
+VIEWS_TIMEOUT = 1.0    # seconds one batch may take to send
+
+
+class ViewReporter(object):
+    """Reports served tiles to the daemon from a background thread, fire and forget.
+
+    add() never waits for the daemon: it appends to a buffer of at most `buffer` tiles
+    (beyond it tiles are dropped and counted in `dropped`) and returns. The thread sends a
+    batch per (address, cache) at most every `every` seconds, or as soon as `batch` tiles
+    wait, in views commands of at most `batch` tiles. When the daemon cannot be reached, the
+    batch is dropped and add() drops everything for `retry` seconds, so a daemon that is down
+    costs a request one lock and a clock read. The thread is a daemon thread started on the
+    first add() in each process (after a fork, the child starts its own).
+    """
+
+    def __init__(self, every=VIEWS_EVERY, batch=VIEWS_BATCH, buffer=VIEWS_BUFFER,
+                 retry=VIEWS_RETRY, send=None):
+        self.every, self.batch, self.buffer, self.retry = every, batch, buffer, retry
+        self._send = send or _send_views
+        self._cond = threading.Condition(threading.Lock())
+        self._pending = {}   # (address, cache identifier) -> [[x, y, z], ...]
+        self._n = 0
+        self._down_until = 0.0
+        self._pid = None
+        self._thread = None
+        self.sent = 0        # tiles the daemon took
+        self.dropped = 0     # tiles dropped: buffer full, daemon down
+        self.batches = 0     # views commands sent
+
+    def add(self, address, cache, coords):
+        """Queue the tile coordinates (x, y, z) served from cache for a report."""
+        now = time.monotonic()
+        with self._cond:
+            if os.getpid() != self._pid:
+                self._pid, self._thread = os.getpid(), None
+                self._pending, self._n = {}, 0
+            if now < self._down_until:
+                self.dropped += len(coords)
+                return
+            room = self.buffer - self._n
+            if room < len(coords):
+                self.dropped += len(coords) - max(room, 0)
+                coords = coords[:max(room, 0)]
+            if not coords:
+                return
+            self._pending.setdefault((address, cache), []).extend([list(c) for c in coords])
+            self._n += len(coords)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name='mapproxy_renderd views',
+                                                daemon=True)
+                self._thread.start()
+            if self._n >= self.batch:
+                self._cond.notify()
+
+    def _run(self):
+        pid = os.getpid()
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.every
+                while self._n < self.batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._pid != pid:
+                    return
+                pending, self._pending, self._n = self._pending, {}, 0
+            for (address, cache), tiles in pending.items():
+                for i in range(0, len(tiles), self.batch):
+                    chunk = tiles[i:i + self.batch]
+                    try:
+                        self._send(address, {'command': 'views', 'cache_identifier': cache, 'tiles': chunk})
+                    except Exception as e:  # noqa: BLE001 - a hint; never let the thread die
+                        log.debug('views not reported (%s); next try in %ss', e, self.retry)
+                        with self._cond:
+                            self._down_until = time.monotonic() + self.retry
+                            self.dropped += len(tiles) - i
+                        break
+                    with self._cond:
+                        self.sent += len(chunk)
+                        self.batches += 1
+                else:
+                    continue
+                break
+
+
+def _send_views(address, message):
+    conn, path = _connection(address)
+    conn.timeout = VIEWS_TIMEOUT
+    try:
+        conn.request('POST', path, body=json.dumps(message).encode('ascii'),
+                     headers={'Content-Type': 'application/json'})
+        resp = conn.getresponse()
+        resp.read()
+    finally:
+        conn.close()
+
+
+_views = {}
+
+
+def enable_views(reporter=None):
+    """Report the tiles MapProxy serves to the daemon (views command). Call it once in the
+    WSGI script, next to enable(); it applies to caches that render through renderd at a live
+    priority (live_priority_from, 50). reporter: a ViewReporter (tests)."""
+    from mapproxy.cache.tile import TileManager
+    _views['reporter'] = reporter or ViewReporter()
+    if 'load' not in _views:
+        _views['load'] = TileManager.load_tile_coords
+        TileManager.load_tile_coords = _load_tile_coords_reporting
+    return _views['reporter']
+
+
+def disable_views():
+    """Undo enable_views() (for tests)."""
+    from mapproxy.cache.tile import TileManager
+    if 'load' in _views:
+        TileManager.load_tile_coords = _views.pop('load')
+    _views.pop('reporter', None)
+
+
+def _load_tile_coords_reporting(self, tile_coords, dimensions=None, with_metadata=False):
+    tiles = _views['load'](self, tile_coords, dimensions=dimensions, with_metadata=with_metadata)
+    reporter = _views.get('reporter')
+    if reporter is not None:
+        try:
+            target = _views_target(self)
+            if target:
+                coords = [t.coord for t in tiles.tiles if t.coord is not None and t.source is not None]
+                if coords:
+                    reporter.add(target[0], target[1], coords)
+        except Exception as e:  # noqa: BLE001 - reporting must never fail a request
+            log.debug('views: %s', e)
+    return tiles
+
+
+def _views_target(mgr):
+    """(renderd address, cache identifier) when mgr renders through renderd at a live priority."""
+    target = getattr(mgr, '_mapproxy_renderd_views', None)
+    if target is None:
+        target = False
+        creator = mgr.tile_creator_class
+        if isinstance(creator, functools.partial) and isinstance(creator.func, type) \
+                and issubclass(creator.func, _original.get('creator', _renderd.RenderdTileCreator)) \
+                and creator.args:
+            priority = creator.keywords.get('priority', 100)
+            if priority >= _settings.get('live_priority_from', 50):
+                target = (creator.args[0], mgr.identifier)
+        mgr._mapproxy_renderd_views = target
+    return target
