@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Slow clients (issue 17): a request body must arrive in bounded time, whatever its size

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // The owner of a loopback TCP client socket by one sock_diag query (NETLINK_SOCK_DIAG,

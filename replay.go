@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Journal replay and the queue's limit (issue 17): the jobs a journal replay queues again

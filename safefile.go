@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Files the daemon opens by a name from its configuration or its state (renderd.yaml,

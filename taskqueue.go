@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package main
 
 // Bounded task work (issue 17): at most max_tasks tasks run at once, the rest wait in

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # bench/ratelimit.sh — what a fragile upstream sees while the daemon seeds (docs/design.md §17,
 # README "Protecting the upstream"): requests per second at the upstream over time for a
 # seed task at rate 2, 5 and 20, and for an unlimited seed against an upstream that answers

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0
 """bench/ratelimit.sh's report: the upstream's requests per second over time.
 
 Usage: ratelimit_report.py BASE SVG [BENCHMARKS.md] DESCRIPTION

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # Trace benchmark (issue 20): simulated users browsing through real MapProxy with the
 # MapProxy-side module (views on) and a slow upstream, for no prefetch, today's modes and
 # views-driven prefetch at budgets 0.25 / 0.5 / 1.0; then bench/live's seed_nice run (live

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Makes docs/status-picture.png: the status page's pictures of the work (picture.go). A daemon
 # with fake renderers (50 ms each; metatiles whose x is 52 fail) runs a seed task of 40×40
 # metatiles at z14 (the test binary's fake planner) while users look around three places at

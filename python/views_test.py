@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Tests of mapproxy_renderd.ViewReporter (batching and bounds); run by TestModuleViewsPython.
 
 python3 python/views_test.py [-v]  (MapProxy 1.15 must be importable: the module checks it.)

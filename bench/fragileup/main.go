@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command fragileup is a fragile upstream WMS for bench/ratelimit.sh: it answers GetMap
 // with an opaque PNG of the asked size and, with -limit N, 503 to any request beyond N
 // answered in the last second (the upstream of MapProxy issues #89 and #529). On SIGTERM

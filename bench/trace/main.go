@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Command trace benchmarks next-zoom prefetch with simulated users browsing through real
 // MapProxy (issue 20):
 //

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Plot the trace benchmark: z+1 tiles ready against renders (× no prefetch).
 
     /usr/bin/python3 bench/trace/plot.py RESULTS.json OUT.svg [TITLE]

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # The deployment test inside a booted Debian container (see run.sh): run by the oneshot unit
 # deploy-test.service as root, with the test's files in /ci (README.md, the two packages in
 # /ci/debs/old and /ci/debs/new, upstream.yaml, tiles.py). It follows README's "Production on

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
 # The deployment test (README "Production on Debian 12 or 13"), as root:
 #
 #   packaging/deploy-test/run.sh [SUITE…]        default: bookworm trixie

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0
 """Helpers of the deployment test (inside the container, as root).
 
   tiles.py background N ZOOM OUT.json   send N background tile requests (whole 4x4
