@@ -2,7 +2,7 @@
 
 package main
 
-// Slow clients (issue 17): a request body must arrive in bounded time, whatever its size
+// Slow clients (docs/design.md §8): a request body must arrive in bounded time, whatever its size
 // cap, so that a client sending a byte now and then cannot hold a connection, a goroutine
 // and a half-written list for ever.
 

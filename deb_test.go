@@ -211,7 +211,7 @@ func TestDebianPackage(t *testing.T) {
 			t.Errorf("after dpkg -i: %v", err)
 		}
 	}
-	// A first install enables nothing (issue 16): deb-systemd-helper's was-enabled answers
+	// A first install enables nothing (docs/design.md §16): deb-systemd-helper's was-enabled answers
 	// true for units it has never seen, which the postinst must not take for the admin's choice.
 	for _, link := range []string{"/etc/systemd/system/sockets.target.wants/mapproxy-renderd.socket",
 		"/etc/systemd/system/multi-user.target.wants/mapproxy-renderd.service"} {

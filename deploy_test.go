@@ -53,7 +53,7 @@ func TestDebianPackageDeployment(t *testing.T) {
 
 // TestRenderersLockInTheDaemonsDirectory: the bundled renderers take MapProxy's tile locks
 // in the daemon's own directory, not in <cache base_dir>/tile_locks, which MapProxy's web
-// processes create with their own umask (issue 16; README "Tile locks"). Here tile_locks is
+// processes create with their own umask (README "Tile locks"). Here tile_locks is
 // a regular file, which no process (root included) can lock in: a render that locks there
 // fails.
 func TestRenderersLockInTheDaemonsDirectory(t *testing.T) {

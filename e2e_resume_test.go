@@ -98,7 +98,7 @@ func (w *countingWMS) counts() (map[string]int, int) {
 	return m, w.total
 }
 
-// TestSeedResumesAfterSIGKILLWithMapProxy (issue 21, item 2): a refresh seed
+// TestSeedResumesAfterSIGKILLWithMapProxy (README): a refresh seed
 // (refresh_before: {seconds: 0}) with the bundled planner and renderers and real MapProxy,
 // SIGKILLed in the middle, resumes after the restart from its journaled checkpoint: no
 // metatile rendered before the checkpoint is rendered again, so the repeats are at most the

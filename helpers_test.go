@@ -48,7 +48,7 @@ func TestMain(m *testing.M) {
 }
 
 // guardDefaultStateDir fails a CI run in which some test created the daemon's default
-// state_dir (issue 17: tests keep their state in their own temp dirs; the demo too). Only
+// state_dir (tests keep their state in their own temp dirs; the demo too). Only
 // under CI=true: on a shared machine another process may create it meanwhile.
 func guardDefaultStateDir(run func() int) int {
 	_, err := os.Lstat(defaultStateDir)

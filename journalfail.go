@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-// A journal that cannot write (issue 17). A full state_dir (ENOSPC, EDQUOT) or a failing
+// A journal that cannot write (docs/design.md §12). A full state_dir (ENOSPC, EDQUOT) or a failing
 // disk (EIO) must not stop the daemon: live rendering needs no journal. So the journal
 // fails instead of the daemon: at open (the snapshot, the lock file or the directory cannot
 // be written) or when a batch's write or fdatasync fails. While failed:

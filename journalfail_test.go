@@ -79,7 +79,7 @@ func waitJournalWritable(t *testing.T, j *journal, from time.Time) time.Duration
 	return time.Since(from)
 }
 
-// TestJournalFullStateDir (issue 17 item 8): a journal on a full file system opens failed
+// TestJournalFullStateDir (docs/design.md §8, §12): a journal on a full file system opens failed
 // instead of failing the start, keeps its replayed state, refuses durable work, tracks
 // retirements in memory, leaves no 0-byte journal.corrupt, and is writable again without a
 // restart once space returns; reopened, it holds exactly the live state.
@@ -193,7 +193,7 @@ func TestJournalCorruptTailOnFullDisk(t *testing.T) {
 	}
 }
 
-// TestDaemonFullStateDir (issue 17 items 8 and 6): the daemon starts on a full state_dir,
+// TestDaemonFullStateDir (docs/design.md §8, §12): the daemon starts on a full state_dir,
 // replays its journal, serves live tiles, refuses durable work clearly (background jobs,
 // a spooled list, which stays in the spool), shows the failure in /healthz (200, degraded),
 // /metrics and the status document, and recovers without a restart once space returns:

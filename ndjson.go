@@ -32,7 +32,7 @@ type ndjsonConn struct {
 
 	// Replies not yet written (in out or being written), and their size: they count
 	// against max_in_flight_per_connection, so that a client pipelining requests without
-	// reading its replies stops being read instead of growing the daemon (issue 17).
+	// reading its replies stops being read instead of growing the daemon (docs/design.md §8).
 	unwritten, unwrittenBytes int
 }
 

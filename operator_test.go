@@ -300,7 +300,7 @@ func TestCheckConfigLoadsMapProxy(t *testing.T) {
 	}
 
 	// An http+unix:// address: a warning naming the clients that need the monkeypatch or
-	// the module (issue 16).
+	// the module (docs/design.md §16).
 	example, err := os.ReadFile("examples/mapproxy.yaml")
 	if err != nil {
 		t.Fatal(err)

@@ -336,7 +336,7 @@ func systemGroupsOf(uid int) ([]int, error) {
 // socketRule is who the Unix socket admits by its mode and group: root, the daemon's uid,
 // members of its group (socket_group, else the daemon's group) when the mode lets the
 // group in, everyone when it lets others in. Loopback TCP peers are held to it when no
-// allow-list is set (issue 17): otherwise the TCP port would admit every local user that
+// allow-list is set (docs/design.md §8): otherwise the TCP port would admit every local user that
 // the socket's permissions keep out.
 type socketRule struct {
 	mode     os.FileMode

@@ -5,7 +5,7 @@ package main
 // The owner of a loopback TCP client socket by one sock_diag query (NETLINK_SOCK_DIAG,
 // an exact lookup by the 4-tuple): constant time, where reading /proc/net/tcp costs ~50 ms
 // on a host with 3,000 sockets. Without an allow-list every loopback TCP connection is
-// checked (issue 17), so HAProxy's 100 ms health checks must not wait for a table scan.
+// checked (docs/design.md §8), so HAProxy's 100 ms health checks must not wait for a table scan.
 
 import (
 	"encoding/binary"

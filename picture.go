@@ -12,7 +12,7 @@ import (
 	"sync"
 )
 
-// A picture of the work on the status page (issue 20), drawn on the server as SVG with the
+// A picture of the work on the status page (docs/design.md §14), drawn on the server as SVG with the
 // standard library, no JavaScript:
 //   - per running task, a map of its metatiles at the zoom it is on: done, planned (taken
 //     from its source, not finished yet) and failed;

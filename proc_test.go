@@ -42,7 +42,7 @@ func markedProcesses(t *testing.T, marker string) []string {
 	return out
 }
 
-// TestSIGKILLLeavesNoProcess (issue 17 item 5): the real daemon is SIGKILLed while a
+// TestSIGKILLLeavesNoProcess (docs/design.md §8, §12): the real daemon is SIGKILLed while a
 // renderer hangs on a render and a planner runs with a child of its own; within a deadline
 // no process the daemon started, or that they started, is left.
 func TestSIGKILLLeavesNoProcess(t *testing.T) {

@@ -2,7 +2,7 @@
 
 package main
 
-// Journal replay and the queue's limit (issue 17): the jobs a journal replay queues again
+// Journal replay and the queue's limit (docs/design.md §12): the jobs a journal replay queues again
 // were accepted before the restart. max_queued limits what the daemon accepts, not what it
 // already owes, so replayed jobs are queued whatever the limit: a configuration with a
 // smaller max_queued, or more journaled jobs than the queue held (jobs that were running),

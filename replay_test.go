@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-// TestJournalReplayOverMaxQueued (issue 17 item 7): 200 background jobs are acknowledged
+// TestJournalReplayOverMaxQueued (docs/design.md §8, §12): 200 background jobs are acknowledged
 // while the one renderer hangs, the daemon is SIGKILLed and restarted with max_queued 10.
 // Every acknowledged job is rendered after the restart: none is dropped as busy.
 func TestJournalReplayOverMaxQueued(t *testing.T) {

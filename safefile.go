@@ -3,7 +3,7 @@
 package main
 
 // Files the daemon opens by a name from its configuration or its state (renderd.yaml,
-// mapproxy.yaml, seed configurations, expiry lists): never a name a client chose (issue 17).
+// mapproxy.yaml, seed configurations, expiry lists): never a name a client chose (docs/design.md §8).
 // Whatever sits at that name, opening it does not block (a FIFO), reading it does not
 // exhaust memory (/dev/zero, a huge sparse file), and a parse error does not show the
 // file's bytes to a client.

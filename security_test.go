@@ -22,7 +22,7 @@ import (
 	"time"
 )
 
-// Issue 17: what a local user can send must not hurt the daemon or read files through it.
+// what a local user can send must not hurt the daemon or read files through it.
 
 // vmRSS is this process's resident set in KiB (the test daemons run in it).
 func vmRSS(t *testing.T) int {

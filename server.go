@@ -187,7 +187,7 @@ func sniff(br *bufio.Reader) (isHTTP bool, err error) {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			// client_timeout passed mid-line: the connection is closed, not handed on as
-			// a native one without a deadline (issue 17).
+			// a native one without a deadline (docs/design.md §8).
 			return false, err
 		}
 		if err != nil {

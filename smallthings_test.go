@@ -13,7 +13,7 @@ import (
 )
 
 // The tasks table: DONE, DELETED (a cleanup's removed tiles) and columns that a long name
-// does not shift (issue 21, item 10).
+// does not shift (README).
 func TestTaskTableColumns(t *testing.T) {
 	docs := []taskDoc{
 		{TaskID: "t12", Name: "drop_high", Kind: "cleanup", State: taskStateDone, Deleted: 96, Progress: 1},

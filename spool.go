@@ -11,7 +11,7 @@ import (
 	"syscall"
 )
 
-// What becomes of a list taken from expire_dir (issue 17): it is removed only when its task
+// What becomes of a list taken from expire_dir (docs/design.md §11): it is removed only when its task
 // ends done or cancelled. When its task cannot start (the journal cannot write, the daemon
 // is stopping) it is put back in the spool under its own name, to be taken again; when its
 // task fails, it comes back to the spool as <file>.rejected. Each with a warning that says

@@ -39,7 +39,7 @@ func waitLog(t *testing.T, d *testDaemon, s string) {
 
 const spoolList = "3/0/0\n4/2/2\n3/1/1\n"
 
-// TestSpoolFailedTaskRejected (issue 17 item 6): a spooled list whose task fails (here: it
+// TestSpoolFailedTaskRejected (docs/design.md §8, §12): a spooled list whose task fails (here: it
 // resumes after a restart whose renderers no longer give the cache an XYZ grid) comes back
 // to the spool as <file>.rejected, whole, with a warning naming why.
 func TestSpoolFailedTaskRejected(t *testing.T) {

@@ -2,7 +2,7 @@
 
 package main
 
-// Bounded task work (issue 17): at most max_tasks tasks run at once, the rest wait in
+// Bounded task work (docs/design.md §10): at most max_tasks tasks run at once, the rest wait in
 // state queued; a task's replies take memory for the replies actually waiting, not a
 // channel sized for its whole window.
 

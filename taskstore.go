@@ -11,7 +11,7 @@ import (
 )
 
 // What the journal keeps of tasks beyond specs and cursors, so that a restart forgets
-// nothing an operator looks at (issue 21):
+// nothing an operator looks at (docs/design.md §10):
 //   - the highest task number handed out: ids are never reused, even when every task that
 //     had one is gone from the journal. It is a task-end record of the pseudo task
 //     taskNumberID, which a daemon that does not know it takes for the end of a task it does

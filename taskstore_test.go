@@ -47,7 +47,7 @@ func TestJournalKeepsTaskNumberAndFinishedTasks(t *testing.T) {
 	}
 }
 
-// TestTasksSurviveRestarts (issue 21, item 7): finished tasks are listed after a restart,
+// TestTasksSurviveRestarts (README): finished tasks are listed after a restart,
 // ids are never reused, and a task stopped by the restart keeps its id, its created and
 // started times, and its counts, which go on from its checkpoint.
 func TestTasksSurviveRestarts(t *testing.T) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Measures what observability costs (issue 11) with the Go benchmarks in metrics_bench_test.go
+# Measures what observability costs (docs/design.md §14) with the Go benchmarks in metrics_bench_test.go
 # and writes bench/observability.md, which bench/run.sh appends to BENCHMARKS.md.
 #   COUNT=3   repetitions of every benchmark (the table shows min, median, max)
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/bin/bash
 # SPDX-License-Identifier: Apache-2.0
-# Trace benchmark (issue 20): simulated users browsing through real MapProxy with the
+# Trace benchmark (docs/design.md §18): simulated users browsing through real MapProxy with the
 # MapProxy-side module (views on) and a slow upstream, for no prefetch, today's modes and
 # views-driven prefetch at budgets 0.25 / 0.5 / 1.0; then bench/live's seed_nice run (live
 # latency behind a seed whose renders burn CPU). Builds into a temp dir, prints the figures,

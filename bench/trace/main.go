@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 
 // Command trace benchmarks next-zoom prefetch with simulated users browsing through real
-// MapProxy (issue 20):
+// MapProxy (docs/design.md §18):
 //
 //	trace -daemon BIN [-users 3] [-sessions 12] [-steps 10] [-think 400ms] [-delay 150ms] [-json FILE]
 //
