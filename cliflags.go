@@ -14,7 +14,7 @@ import (
 	"strings"
 )
 
-// Command-line conventions shared by every subcommand :
+// Command-line conventions shared by every subcommand:
 //   - flags go before, between and after positional arguments (parseArgs): `seed initial
 //     --wait` and `task t3 --socket S` mean what they say; "--" ends the flags;
 //   - the flags mean one thing everywhere, as for mapproxy-seed and the old renderd:

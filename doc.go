@@ -22,11 +22,17 @@
 //   - scheduler.go: the scheduler goroutine, the one owner of queue.go's state, the renderers'
 //     states and the counters. Everyone else talks to it through its channel: typed messages
 //     where order matters (submit, cancel, due, reload) and ask[T] for every query.
+//   - slots.go: the scheduler's side of the renderers (run by its goroutine alone): a slot
+//     per renderer, renderer events, a finished job, and countRenderers, the one count of
+//     renderer states that the summary line, health, the status document and metrics read.
 //   - worker.go: the renderer pool: one goroutine per renderer slot owns its subprocess.
 //   - proc.go: the one way children are started and stopped (renderers, planners, the
 //     MapProxy check): own process group, Pdeathsig from the spawner's locked thread, the
 //     reaper process that ends their groups when the daemon dies, SIGTERM → SIGKILL, stderr tail.
-//   - server.go: listeners, HTTP/NDJSON sniffing, one goroutine pair per NDJSON connection.
+//   - server.go: listeners, admission (peer rule, connection slots), HTTP/NDJSON sniffing
+//     with a first-line deadline, ordered shutdown.
+//   - ndjson.go: one NDJSON connection: its reader and writer goroutines, replies counted
+//     against the in-flight limit, a client that vanishes.
 //   - router.go: the command router: one function answers a parsed request for both
 //     protocols (NDJSON and HTTP POST), and one turns a request error into its reply.
 //   - http.go: the HTTP routes, MapProxy 1.15's renderd protocol among them.
@@ -34,8 +40,10 @@
 //   - cluster.go: MapProxy's request id (sha1 of a Python repr), the key HAProxy hashes to
 //     split metatiles across hosts (examples/cluster, docs/design.md §15).
 //   - client.go: the client subcommands (request, status) and how they reach the daemon.
-//   - tasks.go: tasks (docs/design.md §10): the task manager (task table, API) and one goroutine per
-//     task that reads its source with back-pressure and feeds the scheduler as a client does.
+//   - tasks.go: tasks (docs/design.md §10): the task manager (task table, start, max_tasks,
+//     cancel, the seed command), which owns one goroutine per task.
+//   - task.go: one task's goroutine: reads its source with back-pressure, feeds the scheduler
+//     as a client does, retries, counts, ends.
 //   - planner.go: a task's source when it is a planner subprocess (MapProxy's seed code in the
 //     bundled worker's plan mode).
 //   - schedules.go: the schedule loop (renderd.yaml schedules:), owned by the task manager.
