@@ -116,6 +116,28 @@ type jkey struct {
 // above jobPrioBits bits of priority: one map entry per job, no list to keep in order.
 const jobPrioBits = 16
 
+// jmkey is a jkey as journal.jobs keeps it, 12 bytes: the cache number above 8 bits of z
+// (z is at most maxZoom; a journal never numbers 1<<24 caches). With a jval of 4-byte
+// words an entry takes 20 bytes, where jkey and a uint64 would take 24.
+type jmkey struct{ cz, x, y uint32 }
+
+// jval is a live job's value (sequence << jobPrioBits | priority) in two 4-byte words.
+type jval struct{ lo, hi uint32 }
+
+const maxJournalCaches = 1 << 24
+
+func (k jkey) packed() jmkey {
+	return jmkey{cz: k.cache<<8 | uint32(k.z), x: uint32(k.x), y: uint32(k.y)}
+}
+
+func (k jmkey) unpacked() jkey {
+	return jkey{cache: k.cz >> 8, z: int32(k.cz & 0xff), x: int32(k.x), y: int32(k.y)}
+}
+
+func packJval(v uint64) jval { return jval{lo: uint32(v), hi: uint32(v >> 32)} }
+
+func (v jval) u64() uint64 { return uint64(v.hi)<<32 | uint64(v.lo) }
+
 // jentry is a live job as a snapshot copies it: its key and its value in journal.jobs.
 type jentry struct {
 	key jkey
@@ -160,8 +182,8 @@ type journal struct {
 	closed  bool
 	failed  error // the journal cannot write: durable work is refused until it recovers (journalfail.go)
 	caches  map[string]uint32
-	names   []string        // by cache number
-	jobs    map[jkey]uint64 // live jobs: acceptance sequence << jobPrioBits | priority
+	names   []string       // by cache number
+	jobs    map[jmkey]jval // live jobs: acceptance sequence << jobPrioBits | priority
 	tasks   map[string]*jtask
 	ended   []journalTask // finished task documents, oldest first, at most keptFinishedTasks
 	taskNum uint64
@@ -269,7 +291,7 @@ func openJournalRetry(dir string, log *slog.Logger, retry time.Duration) (*journ
 func newJournalState(dir string, log *slog.Logger) *journal {
 	return &journal{
 		dir: dir, log: log, compactMin: defaultCompactMin, retryEvery: journalRetry,
-		caches: make(map[string]uint32), jobs: make(map[jkey]uint64), tasks: make(map[string]*jtask),
+		caches: make(map[string]uint32), jobs: make(map[jmkey]jval), tasks: make(map[string]*jtask),
 		group: &commitGroup{done: make(chan struct{})},
 		wake:  make(chan struct{}, 1), quit: make(chan struct{}), exited: make(chan struct{}),
 	}
@@ -362,7 +384,7 @@ func (j *journal) apply(body []byte) error {
 	switch body[0] {
 	case recCache:
 		num, name := d.uvarint(), d.rest()
-		if d.bad || num != uint64(len(j.names)) {
+		if d.bad || num != uint64(len(j.names)) || num >= maxJournalCaches {
 			return errors.New("bad cache record")
 		}
 		j.names = append(j.names, string(name))
@@ -373,21 +395,22 @@ func (j *journal) apply(body []byte) error {
 		if body[0] == recJob {
 			prio = int(d.uvarint())
 		}
-		if d.bad || int(k.cache) >= len(j.names) || !d.done() {
+		if d.bad || int(k.cache) >= len(j.names) || k.z > maxZoom || !d.done() {
 			return errors.New("bad job record")
 		}
 		prio = min(prio, 1<<jobPrioBits-1) // requests hold it to maxPriority
-		v, ok := j.jobs[k]
+		mk := k.packed()
+		jv, ok := j.jobs[mk]
 		switch {
 		case body[0] == recDone:
-			delete(j.jobs, k)
+			delete(j.jobs, mk)
 		case ok:
-			if prio > (jentry{v: v}).priority() {
-				j.jobs[k] = v&^(1<<jobPrioBits-1) | uint64(prio)
+			if v := jv.u64(); prio > (jentry{v: v}).priority() {
+				j.jobs[mk] = packJval(v&^(1<<jobPrioBits-1) | uint64(prio))
 			}
 		default:
 			j.seq++
-			j.jobs[k] = j.seq<<jobPrioBits | uint64(prio)
+			j.jobs[mk] = packJval(j.seq<<jobPrioBits | uint64(prio))
 		}
 	case recTaskSpec, recTaskCursor, recTaskEnd:
 		id, rest := string(d.str()), d.rest()
@@ -432,7 +455,7 @@ func (j *journal) liveState() ([]journalJob, []journalTask, journalSnapshot) {
 func (j *journal) jobEntriesLocked() []jentry {
 	es := make([]jentry, 0, len(j.jobs))
 	for k, v := range j.jobs {
-		es = append(es, jentry{key: k, v: v})
+		es = append(es, jentry{key: k.unpacked(), v: v.u64()})
 	}
 	return es
 }
@@ -757,7 +780,7 @@ func (j *journal) addJobsLocked(cache string, tiles []tileCoord, priority int) {
 	var scratch [48]byte
 	for _, t := range tiles {
 		k := jkey{cache: c, z: t.Z, x: t.X, y: t.Y}
-		if v, ok := j.jobs[k]; ok && (jentry{v: v}).priority() >= priority {
+		if v, ok := j.jobs[k.packed()]; ok && (jentry{v: v.u64()}).priority() >= priority {
 			continue
 		}
 		j.appendLocked(encodeJob(scratch[:0], recJob, k, priority))
@@ -789,11 +812,11 @@ func (j *journal) recordDonesLocked() {
 	var scratch [48]byte
 	for _, d := range dones {
 		c, ok := j.caches[d.cache]
-		if !ok {
+		if !ok || d.tile.Z < 0 || d.tile.Z > maxZoom { // not journaled: apply holds z to maxZoom
 			continue
 		}
 		k := jkey{cache: c, z: d.tile.Z, x: d.tile.X, y: d.tile.Y}
-		if _, live := j.jobs[k]; live {
+		if _, live := j.jobs[k.packed()]; live {
 			j.appendLocked(encodeJob(scratch[:0], recDone, k, 0))
 		}
 	}
