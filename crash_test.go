@@ -164,7 +164,7 @@ func journaledTasks(t *testing.T, stateDir string) []journalTask {
 	if _, err := j.replayFile(tmp); err != nil {
 		t.Fatal(err)
 	}
-	_, tasks := j.liveState()
+	_, tasks, _ := j.liveState()
 	return tasks
 }
 

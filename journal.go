@@ -112,12 +112,43 @@ type jkey struct {
 	z, x, y int32
 }
 
-// jentry is a journaled job in acceptance order (FIFO on replay); retired entries stay
-// until the next snapshot drops them.
+// A live job's value in journal.jobs packs its acceptance sequence number (FIFO on replay)
+// above jobPrioBits bits of priority: one map entry per job, no list to keep in order.
+const jobPrioBits = 16
+
+// jmkey is a jkey as journal.jobs keeps it, 12 bytes: the cache number above 8 bits of z
+// (z is at most maxZoom; a journal never numbers 1<<24 caches). With a jval of 4-byte
+// words an entry takes 20 bytes, where jkey and a uint64 would take 24.
+type jmkey struct{ cz, x, y uint32 }
+
+// jval is a live job's value (sequence << jobPrioBits | priority) in two 4-byte words.
+type jval struct{ lo, hi uint32 }
+
+const maxJournalCaches = 1 << 24
+
+func (k jkey) packed() jmkey {
+	return jmkey{cz: k.cache<<8 | uint32(k.z), x: uint32(k.x), y: uint32(k.y)}
+}
+
+func (k jmkey) unpacked() jkey {
+	return jkey{cache: k.cz >> 8, z: int32(k.cz & 0xff), x: int32(k.x), y: int32(k.y)}
+}
+
+func packJval(v uint64) jval { return jval{lo: uint32(v), hi: uint32(v >> 32)} }
+
+func (v jval) u64() uint64 { return uint64(v.hi)<<32 | uint64(v.lo) }
+
+// jentry is a live job as a snapshot copies it: its key and its value in journal.jobs.
 type jentry struct {
-	key      jkey
-	priority int16
-	live     bool
+	key jkey
+	v   uint64
+}
+
+func (e jentry) priority() int { return int(e.v & (1<<jobPrioBits - 1)) }
+
+// sortJobs puts snapshot entries in acceptance order.
+func sortJobs(es []jentry) {
+	slices.SortFunc(es, func(a, b jentry) int { return cmpU64(a.v>>jobPrioBits, b.v>>jobPrioBits) })
 }
 
 type jtask struct {
@@ -152,13 +183,12 @@ type journal struct {
 	failed  error // the journal cannot write: durable work is refused until it recovers (journalfail.go)
 	caches  map[string]uint32
 	names   []string       // by cache number
-	jobs    map[jkey]int32 // live jobs: index in order
-	order   []jentry
+	jobs    map[jmkey]jval // live jobs: acceptance sequence << jobPrioBits | priority
 	tasks   map[string]*jtask
 	ended   []journalTask // finished task documents, oldest first, at most keptFinishedTasks
 	taskNum uint64
-	seq     uint64
-	size    int64 // bytes in the file, written or in buf
+	seq     uint64 // acceptance sequence of tasks and jobs
+	size    int64  // bytes in the file, written or in buf
 
 	// doneMu guards dones: jobs done that are not yet recorded. jobDone (the scheduler,
 	// once per finished background job) takes only doneMu, never mu; the next append or
@@ -237,10 +267,11 @@ func openJournalRetry(dir string, log *slog.Logger, retry time.Duration) (*journ
 			log.Warn("journal: could not keep the corrupt file", "error", err)
 		}
 	}
-	rep.Jobs, rep.Tasks = j.liveState()
+	var snap journalSnapshot
+	rep.Jobs, rep.Tasks, snap = j.liveState()
 	rep.Finished, rep.TaskNumber = slices.Clone(j.ended), j.taskNum
 	if j.failed == nil {
-		f, size, err := j.writeSnapshot()
+		f, size, err := j.installFile(encodeSnapshot(snap))
 		if err != nil {
 			if !storageError(err) {
 				j.closeLock()
@@ -260,7 +291,7 @@ func openJournalRetry(dir string, log *slog.Logger, retry time.Duration) (*journ
 func newJournalState(dir string, log *slog.Logger) *journal {
 	return &journal{
 		dir: dir, log: log, compactMin: defaultCompactMin, retryEvery: journalRetry,
-		caches: make(map[string]uint32), jobs: make(map[jkey]int32), tasks: make(map[string]*jtask),
+		caches: make(map[string]uint32), jobs: make(map[jmkey]jval), tasks: make(map[string]*jtask),
 		group: &commitGroup{done: make(chan struct{})},
 		wake:  make(chan struct{}, 1), quit: make(chan struct{}), exited: make(chan struct{}),
 	}
@@ -353,7 +384,7 @@ func (j *journal) apply(body []byte) error {
 	switch body[0] {
 	case recCache:
 		num, name := d.uvarint(), d.rest()
-		if d.bad || num != uint64(len(j.names)) {
+		if d.bad || num != uint64(len(j.names)) || num >= maxJournalCaches {
 			return errors.New("bad cache record")
 		}
 		j.names = append(j.names, string(name))
@@ -364,21 +395,22 @@ func (j *journal) apply(body []byte) error {
 		if body[0] == recJob {
 			prio = int(d.uvarint())
 		}
-		if d.bad || int(k.cache) >= len(j.names) || !d.done() {
+		if d.bad || int(k.cache) >= len(j.names) || k.z > maxZoom || !d.done() {
 			return errors.New("bad job record")
 		}
-		i, ok := j.jobs[k]
+		prio = min(prio, 1<<jobPrioBits-1) // requests hold it to maxPriority
+		mk := k.packed()
+		jv, ok := j.jobs[mk]
 		switch {
 		case body[0] == recDone:
-			if ok {
-				j.order[i].live = false
-				delete(j.jobs, k)
-			}
+			delete(j.jobs, mk)
 		case ok:
-			j.order[i].priority = int16(max(int(j.order[i].priority), prio))
+			if v := jv.u64(); prio > (jentry{v: v}).priority() {
+				j.jobs[mk] = packJval(v&^(1<<jobPrioBits-1) | uint64(prio))
+			}
 		default:
-			j.jobs[k] = int32(len(j.order))
-			j.order = append(j.order, jentry{key: k, priority: int16(prio), live: true})
+			j.seq++
+			j.jobs[mk] = packJval(j.seq<<jobPrioBits | uint64(prio))
 		}
 	case recTaskSpec, recTaskCursor, recTaskEnd:
 		id, rest := string(d.str()), d.rest()
@@ -411,23 +443,34 @@ func (j *journal) apply(body []byte) error {
 	return nil
 }
 
-// liveState lists the live jobs and tasks in acceptance order, and drops retired jobs
-// from the order (their records are gone from the next snapshot). Caller holds mu.
-func (j *journal) liveState() ([]journalJob, []journalTask) {
-	jobs := make([]journalJob, 0, len(j.jobs))
-	kept := j.order[:0]
-	for i, e := range j.order {
-		if !e.live {
-			continue
-		}
-		if len(kept) != i { // an entry before moved out: this one moves down
-			j.jobs[e.key] = int32(len(kept))
-		}
-		kept = append(kept, e)
-		jobs = append(jobs, journalJob{Cache: j.names[e.key.cache], Tile: tileCoord{X: e.key.x, Y: e.key.y, Z: e.key.z}, Priority: int(e.priority)})
+// liveState lists the live jobs and tasks in acceptance order, with the snapshot they come
+// from (sorted once for both) for the compacting rewrite. Caller holds mu (or owns j).
+func (j *journal) liveState() ([]journalJob, []journalTask, journalSnapshot) {
+	snap := j.snapshotLocked()
+	sortJobs(snap.jobs)
+	return j.journalJobs(snap.jobs), snap.tasks, snap
+}
+
+// jobEntriesLocked copies the live jobs, in no particular order. Caller holds mu.
+func (j *journal) jobEntriesLocked() []jentry {
+	es := make([]jentry, 0, len(j.jobs))
+	for k, v := range j.jobs {
+		es = append(es, jentry{key: k.unpacked(), v: v.u64()})
 	}
-	clear(j.order[len(kept):])
-	j.order = kept
+	return es
+}
+
+// journalJobs names the jobs of es for the replay. Caller holds mu (or owns j): names.
+func (j *journal) journalJobs(es []jentry) []journalJob {
+	jobs := make([]journalJob, len(es))
+	for i, e := range es {
+		jobs[i] = journalJob{Cache: j.names[e.key.cache], Tile: tileCoord{X: e.key.x, Y: e.key.y, Z: e.key.z}, Priority: e.priority()}
+	}
+	return jobs
+}
+
+// liveTasksLocked lists the live tasks in acceptance order. Caller holds mu (or owns j).
+func (j *journal) liveTasksLocked() []journalTask {
 	tasks := make([]journalTask, 0, len(j.tasks))
 	seqs := make(map[string]uint64, len(j.tasks))
 	for id, t := range j.tasks {
@@ -435,7 +478,7 @@ func (j *journal) liveState() ([]journalJob, []journalTask) {
 		seqs[id] = t.seq
 	}
 	slices.SortFunc(tasks, func(a, b journalTask) int { return cmpU64(seqs[a.ID], seqs[b.ID]) })
-	return jobs, tasks
+	return tasks
 }
 
 func cmpU64(a, b uint64) int {
@@ -451,21 +494,22 @@ func cmpU64(a, b uint64) int {
 // journalSnapshot is a copy of the live state, taken under mu and encoded without it.
 type journalSnapshot struct {
 	names   []string
-	jobs    []jentry
+	jobs    []jentry // in no particular order until encodeSnapshot sorts them
 	tasks   []journalTask
 	ended   []journalTask
 	taskNum uint64
 }
 
 // snapshotLocked copies the live state for encodeSnapshot. Caller holds mu (or owns j).
-// It copies the entries (O(jobs), no encoding): the encoding is done outside mu.
+// It copies the entries (O(jobs), no encoding, no sorting): both are done outside mu.
 func (j *journal) snapshotLocked() journalSnapshot {
-	_, tasks := j.liveState()
-	return journalSnapshot{names: slices.Clone(j.names), jobs: slices.Clone(j.order), tasks: tasks, ended: slices.Clone(j.ended), taskNum: j.taskNum}
+	return journalSnapshot{names: slices.Clone(j.names), jobs: j.jobEntriesLocked(), tasks: j.liveTasksLocked(), ended: slices.Clone(j.ended), taskNum: j.taskNum}
 }
 
-// encodeSnapshot encodes a copy of the live state as a journal file.
+// encodeSnapshot encodes a copy of the live state as a journal file, the jobs in
+// acceptance order (it sorts snap.jobs).
 func encodeSnapshot(snap journalSnapshot) []byte {
+	sortJobs(snap.jobs)
 	out := make([]byte, 0, len(journalMagic)+len(snap.jobs)*16+1024)
 	out = append(out, journalMagic...)
 	var body []byte
@@ -474,9 +518,7 @@ func encodeSnapshot(snap journalSnapshot) []byte {
 		out = appendRecord(out, append(body, name...))
 	}
 	for _, e := range snap.jobs {
-		if e.live {
-			out = appendRecord(out, encodeJob(body[:0], recJob, e.key, int(e.priority)))
-		}
+		out = appendRecord(out, encodeJob(body[:0], recJob, e.key, e.priority()))
 	}
 	if snap.taskNum > 0 {
 		out = appendRecord(out, encodeTask(body[:0], recTaskEnd, taskNumberID, strconv.AppendUint(nil, snap.taskNum, 10)))
@@ -491,15 +533,6 @@ func encodeSnapshot(snap journalSnapshot) []byte {
 		}
 	}
 	return out
-}
-
-// writeSnapshot writes the live state to journal.new, syncs it, renames it over journal
-// and syncs the directory. It returns the new file, open for appending, and its size.
-func (j *journal) writeSnapshot() (*os.File, int64, error) {
-	j.mu.Lock()
-	snap := j.snapshotLocked()
-	j.mu.Unlock()
-	return j.installFile(encodeSnapshot(snap))
 }
 
 // installFile makes data the journal, durably (write, fdatasync, rename, fsync the directory).
@@ -747,7 +780,7 @@ func (j *journal) addJobsLocked(cache string, tiles []tileCoord, priority int) {
 	var scratch [48]byte
 	for _, t := range tiles {
 		k := jkey{cache: c, z: t.Z, x: t.X, y: t.Y}
-		if i, ok := j.jobs[k]; ok && int(j.order[i].priority) >= priority {
+		if v, ok := j.jobs[k.packed()]; ok && (jentry{v: v.u64()}).priority() >= priority {
 			continue
 		}
 		j.appendLocked(encodeJob(scratch[:0], recJob, k, priority))
@@ -779,11 +812,11 @@ func (j *journal) recordDonesLocked() {
 	var scratch [48]byte
 	for _, d := range dones {
 		c, ok := j.caches[d.cache]
-		if !ok {
+		if !ok || d.tile.Z < 0 || d.tile.Z > maxZoom { // not journaled: apply holds z to maxZoom
 			continue
 		}
 		k := jkey{cache: c, z: d.tile.Z, x: d.tile.X, y: d.tile.Y}
-		if _, live := j.jobs[k]; live {
+		if _, live := j.jobs[k.packed()]; live {
 			j.appendLocked(encodeJob(scratch[:0], recDone, k, 0))
 		}
 	}

@@ -457,3 +457,59 @@ func TestJournalMetricsAndStatus(t *testing.T) {
 		t.Errorf("metrics lack journal_jobs 0 after the render")
 	}
 }
+
+// TestJournalJobKeyRange: the live set packs a job's cache number and z into one word and
+// its acceptance sequence and priority into its value; coordinates at their limits, cache
+// numbers past 8 bits, a job done and queued again (it moves to the end) and a raised
+// priority (it keeps its place) replay as they were accepted, and a record with z past
+// maxZoom ends the valid prefix.
+func TestJournalJobKeyRange(t *testing.T) {
+	dir := t.TempDir()
+	j, _ := mustOpenJournal(t, dir)
+	var want []journalJob
+	for c := 0; c < 300; c++ { // cache numbers 0..299: they share no bits with z
+		name := fmt.Sprintf("c%d_GRID", c)
+		tile := tileCoord{X: int32(c), Y: maxCoordinate, Z: int32(c % (maxZoom + 1))}
+		if err := j.addJobs(name, []tileCoord{tile}, c%(maxPriority+1)); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, journalJob{name, tile, c % (maxPriority + 1)})
+	}
+	edge := []tileCoord{{0, 0, 0}, {maxCoordinate, maxCoordinate, maxZoom}}
+	if err := j.addJobs("c1_GRID", edge, 7); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.addJobs("c1_GRID", edge[1:], maxPriority); err != nil { // raised: keeps its place
+		t.Fatal(err)
+	}
+	j.jobDone("c0_GRID", want[0].Tile)
+	if err := j.addJobs("c0_GRID", []tileCoord{want[0].Tile}, 3); err != nil { // again: last
+		t.Fatal(err)
+	}
+	want = append(want[1:], journalJob{"c1_GRID", edge[0], 7}, journalJob{"c1_GRID", edge[1], maxPriority},
+		journalJob{"c0_GRID", want[0].Tile, 3})
+	j.close()
+	for round := 0; round < 2; round++ { // the second open replays the snapshot the first wrote
+		j2, rep := mustOpenJournal(t, dir)
+		if !slices.Equal(rep.Jobs, want) {
+			t.Fatalf("round %d: replayed %d jobs, want %d in acceptance order:\n got %v\nwant %v", round, len(rep.Jobs), len(want), rep.Jobs, want)
+		}
+		j2.close()
+	}
+
+	data := appendRecord([]byte(journalMagic), append([]byte{recCache, 0}, "a_GRID"...))
+	data = appendRecord(data, encodeJob(nil, recJob, jkey{cache: 0, z: 3, x: 1, y: 1}, 10))
+	data = appendRecord(data, encodeJob(nil, recJob, jkey{cache: 0, z: maxZoom + 1, x: 1, y: 1}, 10))
+	path := t.TempDir() + "/journal"
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j3 := newJournalState("", quietLog())
+	rep, err := j3.replayFile(path)
+	if err != nil || !strings.Contains(rep.Corrupt, "bad job record") || rep.Records != 2 {
+		t.Errorf("z past maxZoom: %d records, corrupt %q, err %v; want 2 records and a bad job record", rep.Records, rep.Corrupt, err)
+	}
+	if jobs, _, _ := j3.liveState(); len(jobs) != 1 {
+		t.Errorf("z past maxZoom: %d live jobs, want the 1 before it", len(jobs))
+	}
+}
