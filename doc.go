@@ -88,9 +88,14 @@
 //     the expire_dir spool, the list store and the task source reading a stored list.
 //   - spool.go: what becomes of a spooled list: removed only when its task is done or
 //     cancelled; put back when its task cannot start, <file>.rejected when it fails.
-//   - journal.go: the append-only journal (group commit, CRC-framed records, compaction,
-//     replay) and the re-queueing of journaled background jobs at start.
-//   - replay.go: replayed jobs are queued whatever max_queued (accepted work is owed).
+//   - journal.go: the append-only journal's writer: open, group commit (one write and one
+//     fdatasync per batch, run by its writer goroutine), compaction, the append API.
+//   - journalrec.go: the record format: framing (length, CRC-32C), record types, encoder and
+//     decoder. No state.
+//   - journalstate.go: the live state (jobs not done, tasks not ended), replay of a file into
+//     it, apply (the one place that changes it), snapshots copied under the lock.
+//   - replay.go: opening the journal the configuration asks for, and re-queueing journaled
+//     background jobs at start, whatever max_queued (accepted work is owed).
 //   - journalfail.go: a journal that cannot write (full or failing state_dir): it fails
 //     instead of the daemon, refuses durable work, retries a snapshot until it recovers;
 //     a damaged file is set aside whatever the damage.
