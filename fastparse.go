@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"strconv"
+	"unicode/utf8"
 )
 
 // fastParse parses the common shape of a request (what MapProxy and our clients send)
@@ -140,21 +141,28 @@ func (p *fastParser) literal(s string) bool {
 	return false
 }
 
-// plainString reads a string with no escapes and no control characters.
+// plainString reads a string with no escapes, no control characters and valid UTF-8
+// (encoding/json replaces invalid bytes with U+FFFD: such a string takes the slow path).
 func (p *fastParser) plainString() (string, bool) {
 	if !p.byte('"') {
 		return "", false
 	}
 	start := p.i
+	ascii := true
 	for p.i < len(p.b) {
 		c := p.b[p.i]
 		switch {
 		case c == '"':
+			if !ascii && !utf8.Valid(p.b[start:p.i]) {
+				return "", false
+			}
 			s := string(p.b[start:p.i])
 			p.i++
 			return s, true
 		case c == '\\' || c < 0x20:
 			return "", false
+		case c >= utf8.RuneSelf:
+			ascii = false
 		}
 		p.i++
 	}
