@@ -3,6 +3,8 @@
 package main
 
 import (
+	"io"
+	"log/slog"
 	"math"
 	"testing"
 	"time"
@@ -178,4 +180,62 @@ func TestQueueHeldJobs(t *testing.T) {
 	if out := qs.drain(); len(out) != 2 || qs.queued() != 0 || len(b.held) != 0 {
 		t.Fatalf("drain: %d jobs, %d queued", len(out), qs.queued())
 	}
+}
+
+// BenchmarkNextJob: a job queued and started through the limiter's dispatch path (add,
+// nextJob, finish), against queueState.next alone; and a live job started while 100,000
+// background jobs of the cache are held (the held backlog costs the live job one look at
+// its bucket, not a walk).
+func BenchmarkNextJob(b *testing.B) {
+	setup := func(b *testing.B, rate float64) (*scheduler, *cacheInfo) {
+		cfg := defaultConfig()
+		cfg.RendererCommand = []string{"unused"}
+		cfg.MaxQueued = 1 << 20
+		if rate > 0 {
+			cfg.BackgroundRate = map[string]float64{"c": rate}
+		}
+		if err := cfg.Validate(); err != nil {
+			b.Fatal(err)
+		}
+		s := newScheduler(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), rendererConfig{})
+		s.idle = []*renderer{nil} // one idle renderer: nextJob only counts them
+		c := s.newCache("c")
+		return s, c
+	}
+	key := func(c *cacheInfo, i int) []jobKey {
+		return []jobKey{keyFor(c, tileCoord{int32(i % 65536), int32(i / 65536), 20})}
+	}
+	b.Run("queueState.next", func(b *testing.B) {
+		s, c := setup(b, 0)
+		for i := 0; b.Loop(); i++ {
+			s.qs.add(key(c, i), 10, true, nil, 0)
+			s.qs.finish(s.qs.next(0, 1))
+		}
+	})
+	b.Run("nextJob unlimited", func(b *testing.B) {
+		s, c := setup(b, 0)
+		for i := 0; b.Loop(); i++ {
+			s.qs.add(key(c, i), 10, true, nil, 0)
+			s.qs.finish(s.nextJob())
+		}
+	})
+	b.Run("nextJob live over 100k held", func(b *testing.B) {
+		s, c := setup(b, 0.001)
+		for i := range 100000 {
+			s.qs.add(key(c, 1<<24+i), 10, true, nil, 0)
+		}
+		s.qs.finish(s.nextJob()) // the one token; then every background job is held
+		if j := s.nextJob(); j != nil || s.qs.held() != 100000-1 {
+			b.Fatalf("held %d, next %v", s.qs.held(), j)
+		}
+		for i := 0; b.Loop(); i++ {
+			w := &pendingRequest{req: Request{Priority: 100}}
+			s.qs.add(key(c, i), 100, false, w, 0)
+			j := s.nextJob()
+			if j == nil {
+				b.Fatal("the live job was held")
+			}
+			s.qs.finish(j)
+		}
+	})
 }
