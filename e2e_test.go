@@ -17,7 +17,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -133,30 +132,13 @@ func (r *mapproxyRig) serveWSGI(app string, env []string) string {
 	cmd := exec.Command("/usr/bin/python3", filepath.Join(repo, "examples/serve_wsgi.py"), app, "0")
 	cmd.Dir = r.dir
 	cmd.Env = append(os.Environ(), env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stderr := &syncBuffer{}
 	cmd.Stderr = stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("%s log (tail):\n%s", filepath.Base(app), tail(stderr.String(), 3000))
-		}
-	})
+	startTestGroup(t, cmd, 10*time.Second, func() { t.Logf("%s log (tail):\n%s", filepath.Base(app), tail(stderr.String(), 3000)) })
 	line := make(chan string, 1)
 	go func() {
 		s, _ := bufio.NewReader(out).ReadString('\n')

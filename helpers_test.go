@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -684,4 +685,33 @@ func runConfiguredDaemon(t *testing.T, socket string, log *syncBuffer, args ...s
 	d := &testDaemon{t: t, socket: socket, done: done, stderr: log, cancel: cancel}
 	d.waitUp()
 	return d
+}
+
+// startTestGroup starts cmd in a process group of its own and ends the group when the test
+// ends: SIGTERM, then SIGKILL after grace, the wait bounded; onFailure runs after that when
+// the test failed (logs to show). The channel it returns is closed when cmd has exited.
+func startTestGroup(t *testing.T, cmd *exec.Cmd, grace time.Duration, onFailure func()) <-chan struct{} {
+	t.Helper()
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(grace):
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
+		}
+		if t.Failed() && onFailure != nil {
+			onFailure()
+		}
+	})
+	return exited
 }

@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -36,26 +35,9 @@ func (r *moduleRig) serveGunicorn(gunicorn, dir, app string, workers, threads in
 	t := r.t
 	addr := freeTCPAddr(t)
 	cmd := exec.Command(gunicorn, "--workers", fmt.Sprint(workers), "--threads", fmt.Sprint(threads), "--bind", addr, "--chdir", dir, app)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("gunicorn log (tail):\n%s", tail(logs.String(), 3000))
-		}
-	})
+	exited := startTestGroup(t, cmd, 30*time.Second, func() { t.Logf("gunicorn log (tail):\n%s", tail(logs.String(), 3000)) })
 	base := "http://" + addr + "/"
 	c := &http.Client{Timeout: 5 * time.Second}
 	deadline := time.Now().Add(60 * time.Second)
@@ -235,26 +217,11 @@ WSGIScriptAlias / %[1]s/mapproxy_wsgi.py process-group=mapproxy application-grou
 `, site, addr)
 	os.WriteFile(filepath.Join(site, "apache.conf"), []byte(apacheConf), 0o644)
 	cmd := exec.Command("/usr/sbin/apache2", "-f", filepath.Join(site, "apache.conf"), "-DFOREGROUND")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	logs := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
-		if t.Failed() {
-			errLog, _ := os.ReadFile(filepath.Join(site, "apache_error.log"))
-			t.Logf("apache output:\n%s\nerror log (tail):\n%s", logs.String(), tail(string(errLog), 4000))
-		}
+	exited := startTestGroup(t, cmd, 30*time.Second, func() {
+		errLog, _ := os.ReadFile(filepath.Join(site, "apache_error.log"))
+		t.Logf("apache output:\n%s\nerror log (tail):\n%s", logs.String(), tail(string(errLog), 4000))
 	})
 	base := "http://" + addr + "/"
 	c := &http.Client{Timeout: 10 * time.Second}
