@@ -715,3 +715,15 @@ func startTestGroup(t *testing.T, cmd *exec.Cmd, grace time.Duration, onFailure 
 	})
 	return exited
 }
+
+// pollUntil polls cond until it holds, failing after a generous deadline.
+func pollUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond) // polling, bounded by the deadline
+	}
+}

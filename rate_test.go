@@ -62,17 +62,7 @@ func windowFigures(ss []stamp) (max2s int, span time.Duration) {
 // waitTaskLong is waitTask with room for slow rates on a loaded machine.
 func (r *taskRig) waitTaskLong(id, what string, cond func(taskDoc) bool) taskDoc {
 	r.t.Helper()
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		d := taskOf(r.t, r.call(`{"command":"task","task_id":"`+id+`"}`))
-		if cond(d) {
-			return d
-		}
-		if time.Now().After(deadline) {
-			r.t.Fatalf("timed out waiting for task %s to be %s; it is %+v", id, what, d)
-		}
-		time.Sleep(20 * time.Millisecond) // polling the daemon's state, bounded by the deadline
-	}
+	return r.waitTaskWithin(3*time.Minute, id, what, cond)
 }
 
 // waitStatusLong polls the status document until cond holds (3-minute deadline).
@@ -337,13 +327,7 @@ func TestRateConfigAndJournal(t *testing.T) {
 		{"background_rate: {c: -2}", "background_rate.c"},
 		{"seed_config: /x\nschedules: [{task: a, every: 1h, rate: -1}]", "schedules[0].rate"},
 	} {
-		c := defaultConfig()
-		c.RendererCommand = []string{"/bin/true"}
-		c.MapProxyConfig = "/etc/mapproxy/mapproxy.yaml"
-		err := parseConfig(&c, strings.NewReader(tc.yaml))
-		if err == nil {
-			err = c.Validate()
-		}
+		err := taskConfigError(tc.yaml)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: got %v, want an error naming %s", tc.yaml, err, tc.want)
 		}

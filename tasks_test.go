@@ -77,10 +77,16 @@ func taskOf(t testing.TB, rep Reply) taskDoc {
 	return d
 }
 
-// waitTask polls the task until cond holds, failing at a deadline.
+// waitTask polls the task until cond holds, failing after 30 s.
 func (r *taskRig) waitTask(id, what string, cond func(taskDoc) bool) taskDoc {
 	r.t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	return r.waitTaskWithin(30*time.Second, id, what, cond)
+}
+
+// waitTaskWithin polls the task until cond holds, failing after within.
+func (r *taskRig) waitTaskWithin(within time.Duration, id, what string, cond func(taskDoc) bool) taskDoc {
+	r.t.Helper()
+	deadline := time.Now().Add(within)
 	for {
 		rep := r.call(`{"command":"task","task_id":"` + id + `"}`)
 		if rep.Status != statusOK {
@@ -491,13 +497,7 @@ func TestTaskConfigValidation(t *testing.T) {
 		{"seed_config: /x\nschedules: [{task: a, every: 10ms}]", "schedules[0].every"},
 		{"seed_config: /x\nschedules: [{task: a, evry: 1h}]", "evry"},
 	} {
-		c := defaultConfig()
-		c.RendererCommand = []string{"/bin/true"}
-		c.MapProxyConfig = "/etc/mapproxy/mapproxy.yaml"
-		err := parseConfig(&c, strings.NewReader(tc.yaml))
-		if err == nil {
-			err = c.Validate()
-		}
+		err := taskConfigError(tc.yaml)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: got %v, want an error naming %s", tc.yaml, err, tc.want)
 		}
@@ -614,4 +614,16 @@ func TestSeedWaitOutlastsTheTimeoutOfOneExchange(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("seed --wait did not return")
 	}
+}
+
+// taskConfigError parses yaml over the defaults (with a renderer and a MapProxy
+// configuration set) and validates it: the error a renderd.yaml with these keys gets.
+func taskConfigError(yaml string) error {
+	c := defaultConfig()
+	c.RendererCommand = []string{"/bin/true"}
+	c.MapProxyConfig = "/etc/mapproxy/mapproxy.yaml"
+	if err := parseConfig(&c, strings.NewReader(yaml)); err != nil {
+		return err
+	}
+	return c.Validate()
 }
