@@ -111,6 +111,11 @@ func topStatus(c net.Conn, br *bufio.Reader, timeout time.Duration) (statusDoc, 
 	if err := json.Unmarshal(line, &r); err != nil {
 		return statusDoc{}, fmt.Errorf("invalid reply: %s", truncate(string(line), 200))
 	}
+	return statusFromReply(r)
+}
+
+// statusFromReply is the status document a status reply carries, or why there is none.
+func statusFromReply(r Reply) (statusDoc, error) {
 	if r.Status != statusOK {
 		return statusDoc{}, fmt.Errorf("status: %s %s", r.Status, r.ErrorMessage)
 	}
@@ -129,14 +134,7 @@ func topStatusHTTP(ctx context.Context, target daemonTarget, timeout time.Durati
 	if err != nil {
 		return statusDoc{}, err
 	}
-	if r.Status != statusOK {
-		return statusDoc{}, fmt.Errorf("status: %s %s", r.Status, r.ErrorMessage)
-	}
-	var doc statusDoc
-	if err := json.Unmarshal(r.Stats, &doc); err != nil {
-		return statusDoc{}, fmt.Errorf("status document: %w", err)
-	}
-	return doc, nil
+	return statusFromReply(r)
 }
 
 // topView formats one screen. With ansi, headings are bold.
